@@ -1,0 +1,200 @@
+"""The node's TOML configuration, validated by pydantic v2.
+
+Unknown keys are refused (a typo must never silently disable something), and
+every error names the file, the TOML key path and what is wrong, e.g.
+``/etc/replicator/replicator.toml: mirrors.media.push_to[1]: unknown peer 'c'``.
+``load`` is the only entry point; it also reads and checks the key files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, KeyFileError
+from .net import parse_address
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _address(v: str) -> str:
+    try:
+        parse_address(v)
+    except ValueError as e:
+        raise ValueError(f"{e} (e.g. '198.18.0.2:7301')") from None
+    return v
+
+
+class NodeConfig(_Strict):
+    name: Name
+    listen: str
+    state_dir: str = "/var/lib/replicator"
+    control_socket: str = "/run/replicator/control.sock"
+    #: Seconds between pings on an idle link.
+    heartbeat_interval: float = Field(1.0, gt=0, le=60)
+    #: A peer silent for this long is declared dead and reconnected.
+    dead_after: float = Field(6.0, gt=0, le=600)
+    #: Reconnect backoff: first and longest wait, in seconds.
+    backoff_initial: float = Field(0.2, gt=0, le=60)
+    backoff_max: float = Field(30.0, gt=0, le=3600)
+    #: Payloads up to this many bytes are received with the frame that
+    #: announces them (one recv) instead of two splices; 0 splices everything.
+    inline_max: int = Field(16384, ge=0, le=1 << 20)
+    #: Optional Prometheus endpoint, HOST:PORT.
+    metrics_listen: str | None = None
+
+    _listen = field_validator("listen")(_address)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, v: str | None) -> str | None:
+        return None if v is None else _address(v)
+
+
+class PeerConfig(_Strict):
+    address: str
+    key_file: str
+
+    _address = field_validator("address")(_address)
+
+
+class MirrorConfig(_Strict):
+    path: str
+    push_to: list[Name] = []
+    accept_from: list[Name] = []
+    delete: bool = True
+    exclude: list[str] = []
+    #: Seconds between full reconciliations with each target.
+    rescan_interval: float = Field(3600.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError(f"mirror path {v!r} must be absolute")
+        return os.path.normpath(v)
+
+
+class Config(_Strict):
+    node: NodeConfig
+    peers: dict[Name, PeerConfig] = {}
+    mirrors: dict[Name, MirrorConfig] = {}
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        for name, m in self.mirrors.items():
+            for field in ("push_to", "accept_from"):
+                for i, peer in enumerate(getattr(m, field)):
+                    if peer not in self.peers:
+                        raise _At(("mirrors", name, field, i), f"unknown peer {peer!r}")
+                    if peer == self.node.name:
+                        raise _At(("mirrors", name, field, i), "a node cannot replicate to itself")
+        return self
+
+
+class _At(ValueError):
+    """A cross-field error that knows its own key path."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+def key_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _message(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    exc = ctx.get("error")
+    if isinstance(exc, _At):
+        return f"{key_path(exc.loc)}: {exc}"
+    loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see docs/configuration.md)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    return f"{key_path(loc) or '(top level)'}: {msg}"
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Validate TOML ``text``; ConfigError lists every problem, one a line."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        return Config.model_validate(doc)
+    except ValidationError as e:
+        lines = [f"{source}: {_message(err)}" for err in e.errors()]  # type: ignore[arg-type]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config: {e.strerror}") from None
+    return parse(text, str(p))
+
+
+def read_key(path: str) -> bytes:
+    """The shared secret in ``path``; refused if others may read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise KeyFileError(f"key file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read "
+                f"it; run: chmod 600 {path}"
+            )
+        key = os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+    if len(key) < 16:
+        raise KeyFileError(
+            f"key file {path}: the key is {len(key)} bytes; use at least 16 "
+            f"(e.g. head -c 32 /dev/urandom | base64 > {path})"
+        )
+    return key
+
+
+def read_keys(cfg: Config) -> dict[str, bytes]:
+    """Every peer's key; KeyFileError naming the peer if one is unusable."""
+    keys = {}
+    for name, peer in cfg.peers.items():
+        try:
+            keys[name] = read_key(peer.key_file)
+        except KeyFileError as e:
+            raise KeyFileError(f"peers.{name}.key_file: {e}") from None
+    return keys

@@ -1,0 +1,477 @@
+"""Frames of the replicator wire protocol: events, limits and their byte codec.
+
+Every frame is an 8-byte header followed by a body::
+
+    kind: u8 | flags: u8 (0) | reserved: u16 (0) | body_length: u32
+
+all big-endian. A ``Chunk`` frame is followed by ``length`` raw payload bytes
+that are *not* part of its body: the transfer layer moves them with
+sendfile/splice, so they never enter Python. See docs/protocol.md.
+
+This module is pure: it imports no socket and no os. It knows nothing about
+connection state; that is ``protocol.Connection``'s job.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+#: Protocol versions this implementation speaks.
+VERSION_MIN = 1
+VERSION_MAX = 1
+MAGIC = b"RPLC"
+
+HEADER = struct.Struct("!BBHI")
+HEADER_SIZE = HEADER.size
+#: Largest frame body (a path and a symlink target fit with room to spare).
+MAX_BODY = 16 * 1024
+#: Longest path on the wire, in bytes (Linux PATH_MAX).
+MAX_PATH = 4096
+#: Longest name of one path component (Linux NAME_MAX).
+MAX_NAME = 255
+#: Largest payload one Chunk may declare.
+MAX_CHUNK = 16 * 1024 * 1024
+#: Files the sender may have begun (File) and not yet ended (End/Abort).
+MAX_OPEN_FILES = 64
+#: Operations the sender may have sent and not had acknowledged.
+MAX_UNACKED = 8192
+NONCE_SIZE = 32
+
+
+class ErrorCode(enum.IntEnum):
+    """Reason codes carried by ``Error`` frames."""
+
+    #: A frame could not be decoded.
+    MALFORMED = 1
+    #: A length field is larger than the protocol allows.
+    TOO_LARGE = 2
+    #: A frame arrived in a state where it is not allowed.
+    UNEXPECTED = 3
+    #: No protocol version in common.
+    VERSION = 4
+    #: Authentication failed (unknown peer or wrong key).
+    AUTH = 5
+    #: The peer may not push into this mirror here.
+    FORBIDDEN = 6
+    #: A path is not a safe relative path inside the mirror.
+    BAD_PATH = 7
+    #: The receiver's filesystem is full; retry later.
+    NO_SPACE = 8
+    #: The receiver hit an I/O error; retry later.
+    IO_ERROR = 9
+    #: A resume offset does not match the partial file the receiver holds.
+    RESUME_MISMATCH = 10
+    #: A limit (open files, unacked operations) was exceeded.
+    LIMIT = 11
+    #: The receiver is shutting down.
+    SHUTTING_DOWN = 12
+    #: The mirror is not configured on the receiver.
+    UNKNOWN_MIRROR = 13
+    #: The receiver failed for a reason of its own.
+    INTERNAL = 14
+    #: The operation conflicts with what the receiver holds (e.g. a file where
+    #: a directory is needed).
+    CONFLICT = 15
+    #: The peer sent nothing for too long.
+    TIMEOUT = 16
+
+
+#: Codes that describe a transient condition on the receiver: the sender keeps
+#: the change and retries later.
+RETRYABLE = frozenset(
+    {
+        ErrorCode.NO_SPACE,
+        ErrorCode.IO_ERROR,
+        ErrorCode.RESUME_MISMATCH,
+        ErrorCode.INTERNAL,
+        ErrorCode.CONFLICT,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+class EntryKind(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+
+
+class AbortReason(enum.IntEnum):
+    #: The source changed or shrank while it was being sent.
+    SOURCE_CHANGED = 1
+    #: The source vanished or could not be read.
+    SOURCE_GONE = 2
+    #: The sender is shutting down the transfer.
+    CANCELLED = 3
+
+
+class FrameError(Exception):
+    """A frame is malformed or violates a limit; ``code`` says which."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- field codecs -----------------------------------------------------------
+
+_FIXED = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i64": "q"}
+# Variable-length fields: (length prefix format, maximum length, decoded type)
+_VAR: dict[str, tuple[str, int, str]] = {
+    "name": ("B", 255, "str"),  # node / mirror names, UTF-8
+    "blob": ("B", 255, "bytes"),  # nonces, proofs, version tokens
+    "path": ("H", MAX_PATH, "bytes"),  # file system paths: bytes, as Linux has them
+    "text": ("H", 4096, "str"),  # human-readable messages, UTF-8
+}
+
+
+class Event:
+    """Base of all frames. Subclasses are frozen dataclasses with a LAYOUT."""
+
+    KIND: ClassVar[int]
+    #: "field:type" items; fixed-size fields first, then variable ones.
+    LAYOUT: ClassVar[str]
+    _fixed: ClassVar[struct.Struct]
+    _nfixed: ClassVar[int]
+    _var: ClassVar[tuple[tuple[str, str], ...]]
+
+
+EVENTS: dict[int, type[Event]] = {}
+
+
+def _frame(kind: int, layout: str) -> Any:
+    def register(cls: type[Event]) -> type[Event]:
+        items = [item.split(":") for item in layout.split()]
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        if [n for n, _ in items] != names:
+            raise TypeError(f"{cls.__name__}: layout {layout!r} does not match fields {names}")
+        fixed = [(n, t) for n, t in items if t in _FIXED]
+        var = [(n, t) for n, t in items if t not in _FIXED]
+        if items[: len(fixed)] != [list(x) for x in fixed]:
+            raise TypeError(f"{cls.__name__}: fixed fields must come first")
+        cls.KIND = kind
+        cls.LAYOUT = layout
+        cls._fixed = struct.Struct("!" + "".join(_FIXED[t] for _, t in fixed))
+        cls._nfixed = len(fixed)
+        cls._var = tuple((n, t) for n, t in var)
+        EVENTS[kind] = cls
+        return cls
+
+    return register
+
+
+# --- the frames -------------------------------------------------------------
+# Handshake
+
+
+@_frame(1, "version_min:u16 version_max:u16 magic:blob name:name nonce:blob")
+@dataclass(frozen=True)
+class Hello(Event):
+    version_min: int
+    version_max: int
+    magic: bytes
+    name: str
+    nonce: bytes
+
+
+@_frame(2, "proof:blob")
+@dataclass(frozen=True)
+class Auth(Event):
+    proof: bytes
+
+
+# Mirrors and manifests
+
+
+@_frame(3, "mirror:u16 name:name")
+@dataclass(frozen=True)
+class Open(Event):
+    """Sender → receiver: the sender will push mirror ``name`` as ``mirror``."""
+
+    mirror: int
+    name: str
+
+
+@_frame(4, "mirror:u16 code:u16 message:text")
+@dataclass(frozen=True)
+class Opened(Event):
+    """Receiver → sender: mirror accepted (``code`` 0) or refused (an ErrorCode)."""
+
+    mirror: int
+    code: int
+    message: str
+
+
+@_frame(5, "mirror:u16 list_id:u32")
+@dataclass(frozen=True)
+class List(Event):
+    """Sender → receiver: report what you hold in this mirror."""
+
+    mirror: int
+    list_id: int
+
+
+@_frame(
+    6, "mirror:u16 kind:u8 mode:u32 size:u64 mtime_ns:i64 uid:u32 gid:u32 path:path target:path"
+)
+@dataclass(frozen=True)
+class Entry(Event):
+    """Receiver → sender: one item of a manifest."""
+
+    mirror: int
+    kind: int
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    path: bytes
+    target: bytes
+
+
+@_frame(7, "mirror:u16 held:u64 version:blob path:path")
+@dataclass(frozen=True)
+class Partial(Event):
+    """Receiver → sender: a partial file it holds, ``held`` bytes of ``version``."""
+
+    mirror: int
+    held: int
+    version: bytes
+    path: bytes
+
+
+@_frame(8, "mirror:u16 list_id:u32 count:u32")
+@dataclass(frozen=True)
+class ListEnd(Event):
+    mirror: int
+    list_id: int
+    count: int
+
+
+# File data
+
+
+@_frame(
+    9,
+    "op:u32 mirror:u16 offset:u64 size:u64 mode:u32 mtime_ns:i64 uid:u32 gid:u32 "
+    "version:blob path:path",
+)
+@dataclass(frozen=True)
+class File(Event):
+    """Begin (offset 0) or resume (offset > 0) sending a regular file of ``size`` bytes."""
+
+    op: int
+    mirror: int
+    offset: int
+    size: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    version: bytes
+    path: bytes
+
+
+@_frame(10, "op:u32 offset:u64 length:u32")
+@dataclass(frozen=True)
+class Chunk(Event):
+    """``length`` raw payload bytes of file ``op`` at ``offset`` follow this frame."""
+
+    op: int
+    offset: int
+    length: int
+
+
+@_frame(11, "op:u32")
+@dataclass(frozen=True)
+class End(Event):
+    """All bytes of file ``op`` were sent and the source did not change: publish it."""
+
+    op: int
+
+
+@_frame(12, "op:u32 reason:u16")
+@dataclass(frozen=True)
+class Abort(Event):
+    """Discard file ``op``: its source changed (``AbortReason``)."""
+
+    op: int
+    reason: int
+
+
+# Namespace operations
+
+
+@_frame(13, "op:u32 mirror:u16 mode:u32 mtime_ns:i64 uid:u32 gid:u32 path:path")
+@dataclass(frozen=True)
+class Mkdir(Event):
+    op: int
+    mirror: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    path: bytes
+
+
+@_frame(14, "op:u32 mirror:u16 mtime_ns:i64 uid:u32 gid:u32 path:path target:path")
+@dataclass(frozen=True)
+class Symlink(Event):
+    op: int
+    mirror: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    path: bytes
+    target: bytes
+
+
+@_frame(15, "op:u32 mirror:u16 path:path")
+@dataclass(frozen=True)
+class Delete(Event):
+    """Remove ``path`` (recursively, if it is a directory)."""
+
+    op: int
+    mirror: int
+    path: bytes
+
+
+@_frame(16, "op:u32 mirror:u16 src:path dst:path")
+@dataclass(frozen=True)
+class Rename(Event):
+    op: int
+    mirror: int
+    src: bytes
+    dst: bytes
+
+
+@_frame(17, "op:u32 mirror:u16 mode:u32 mtime_ns:i64 uid:u32 gid:u32 path:path")
+@dataclass(frozen=True)
+class Meta(Event):
+    """Set mode, mtime and (as root) owner of an existing entry; no data."""
+
+    op: int
+    mirror: int
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    path: bytes
+
+
+# Acknowledgements, liveness, errors
+
+
+@_frame(18, "op:u32")
+@dataclass(frozen=True)
+class Ack(Event):
+    """Operation ``op`` is durable on the receiver."""
+
+    op: int
+
+
+@_frame(19, "nonce:u64")
+@dataclass(frozen=True)
+class Ping(Event):
+    nonce: int
+
+
+@_frame(20, "nonce:u64")
+@dataclass(frozen=True)
+class Pong(Event):
+    nonce: int
+
+
+@_frame(21, "code:u16 op:u32 fatal:u8 message:text")
+@dataclass(frozen=True)
+class Error(Event):
+    """``fatal``: the connection closes after this frame. Otherwise it refuses
+    operation ``op`` (never 0) and the connection goes on; the sender keeps the
+    change and retries it if the code is in RETRYABLE."""
+
+    code: int
+    op: int
+    fatal: int
+    message: str
+
+
+#: Frames that carry an operation id acknowledged by Ack / refused by Error.
+OPERATIONS: tuple[type[Event], ...] = (File, Mkdir, Symlink, Delete, Rename, Meta)
+
+
+# --- codec ------------------------------------------------------------------
+
+
+def encode(event: Event) -> bytes:
+    """The whole frame (header + body) for ``event``; raises FrameError on limits."""
+    cls = type(event)
+    values = [getattr(event, f.name) for f in fields(event)]  # type: ignore[arg-type]
+    try:
+        parts = [cls._fixed.pack(*values[: cls._nfixed])]
+    except struct.error as e:
+        raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}: {e}") from None
+    for (name, typ), value in zip(cls._var, values[cls._nfixed :], strict=True):
+        prefix, limit, kind = _VAR[typ]
+        raw = value.encode("utf-8") if kind == "str" else bytes(value)
+        if len(raw) > limit:
+            raise FrameError(
+                ErrorCode.TOO_LARGE, f"{cls.__name__}.{name}: {len(raw)} bytes > {limit}"
+            )
+        parts.append(struct.pack("!" + prefix, len(raw)))
+        parts.append(raw)
+    body = b"".join(parts)
+    if len(body) > MAX_BODY:
+        raise FrameError(ErrorCode.TOO_LARGE, f"{cls.__name__}: body {len(body)} > {MAX_BODY}")
+    return HEADER.pack(cls.KIND, 0, 0, len(body)) + body
+
+
+def decode_header(header: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(kind, body length) of an 8-byte header; raises FrameError."""
+    kind, flags, reserved, length = HEADER.unpack(header)
+    if kind not in EVENTS:
+        raise FrameError(ErrorCode.MALFORMED, f"unknown frame kind {kind}")
+    if flags or reserved:
+        raise FrameError(
+            ErrorCode.MALFORMED, f"reserved header bits set ({flags:#x}, {reserved:#x})"
+        )
+    if length > MAX_BODY:
+        raise FrameError(ErrorCode.TOO_LARGE, f"frame body of {length} bytes > {MAX_BODY}")
+    return kind, length
+
+
+def decode_body(kind: int, body: bytes | bytearray | memoryview) -> Event:
+    """The event of frame ``kind`` whose body is exactly ``body``."""
+    cls = EVENTS[kind]
+    fixed = cls._fixed
+    if len(body) < fixed.size:
+        raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}: body too short")
+    values: list[Any] = list(fixed.unpack_from(body, 0))
+    pos = fixed.size
+    for name, typ in cls._var:
+        prefix, limit, kind_ = _VAR[typ]
+        psize = 1 if prefix == "B" else 2
+        if pos + psize > len(body):
+            raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}.{name}: truncated")
+        (n,) = struct.unpack_from("!" + prefix, body, pos)
+        pos += psize
+        if n > limit:
+            raise FrameError(ErrorCode.TOO_LARGE, f"{cls.__name__}.{name}: {n} bytes > {limit}")
+        if pos + n > len(body):
+            raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}.{name}: truncated")
+        raw = bytes(body[pos : pos + n])
+        pos += n
+        if kind_ == "str":
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}.{name}: not UTF-8") from None
+        else:
+            values.append(raw)
+    if pos != len(body):
+        raise FrameError(
+            ErrorCode.MALFORMED, f"{cls.__name__}: {len(body) - pos} stray bytes in body"
+        )
+    return cls(*values)

@@ -1,0 +1,153 @@
+"""What a mirror holds: entry states, tree scans, excludes, and how two states differ.
+
+The sender compares its own scan with the receiver's manifest (and, live,
+with what each target last acknowledged) to decide what to send. Both sides
+scan with ``scan``, which never descends into the daemon's own folder and
+never follows a symlink.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .frames import EntryKind
+from .paths import STATE_DIR
+
+
+@dataclass(frozen=True, slots=True)
+class EntryState:
+    """One file, directory or symlink as replication sees it."""
+
+    kind: EntryKind
+    mode: int  # permission bits only (07777)
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    target: bytes = b""  # symlinks only
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result, target: bytes = b"") -> EntryState | None:
+        """The state of ``st``; None for what is not replicated (devices, fifos, sockets)."""
+        m = st.st_mode
+        if stat.S_ISREG(m):
+            kind = EntryKind.FILE
+        elif stat.S_ISDIR(m):
+            kind = EntryKind.DIR
+        elif stat.S_ISLNK(m):
+            kind = EntryKind.SYMLINK
+        else:
+            return None
+        size = st.st_size if kind is EntryKind.FILE else 0
+        return cls(kind, stat.S_IMODE(m), size, st.st_mtime_ns, st.st_uid, st.st_gid, target)
+
+
+class Change(enum.Enum):
+    #: Nothing to send.
+    NONE = "none"
+    #: Content (or type, or symlink target) differs: send the entry whole.
+    DATA = "data"
+    #: Only mode, mtime or owner differ: send a Meta frame.
+    META = "meta"
+
+
+def compare(src: EntryState, dst: EntryState | None, owners: bool) -> Change:
+    """What must be sent to turn ``dst`` into ``src``.
+
+    Files are judged by size and mtime like rsync's quick check; directories'
+    mtimes are metadata. ``owners``: whether uid/gid count (we run as root).
+    """
+    if dst is None or dst.kind != src.kind:
+        return Change.DATA
+    if src.kind is EntryKind.FILE and (src.size != dst.size or src.mtime_ns != dst.mtime_ns):
+        return Change.DATA
+    if src.kind is EntryKind.SYMLINK and src.target != dst.target:
+        return Change.DATA
+    if src.kind is not EntryKind.SYMLINK and src.mode != dst.mode:
+        return Change.META
+    if src.mtime_ns != dst.mtime_ns:
+        return Change.META
+    if owners and (src.uid, src.gid) != (dst.uid, dst.gid):
+        return Change.META
+    return Change.NONE
+
+
+class Excludes:
+    """Glob patterns of a mirror. A pattern without ``/`` matches a name at
+    any depth (``*.tmp``); one with ``/`` matches the path from the mirror
+    root (``cache/*``). An excluded directory is skipped whole."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        names = [p for p in self.patterns if "/" not in p]
+        paths = [p.strip("/") for p in self.patterns if "/" in p]
+        self._name = self._compile(names)
+        self._path = self._compile(paths)
+
+    @staticmethod
+    def _compile(patterns: list[str]) -> re.Pattern[bytes] | None:
+        if not patterns:
+            return None
+        rx = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+        return re.compile(os.fsencode(rx), re.DOTALL)
+
+    def __call__(self, rel: bytes) -> bool:
+        """Whether ``rel`` (or one of its parent folders) is excluded."""
+        if rel == STATE_DIR or rel.startswith(STATE_DIR + b"/"):
+            return True
+        parts = rel.split(b"/")
+        if self._name is not None and any(self._name.match(p) for p in parts):
+            return True
+        if self._path is not None:
+            for i in range(1, len(parts) + 1):
+                if self._path.match(b"/".join(parts[:i])):
+                    return True
+        return False
+
+
+def lstat_entry(root: bytes, rel: bytes) -> EntryState | None:
+    """The state of ``root/rel`` now, or None if it is gone or not replicable."""
+    full = os.path.join(root, rel)
+    try:
+        st = os.lstat(full)
+        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else b""
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return EntryState.from_stat(st, target)
+
+
+def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[bytes, EntryState]]:
+    """Every entry below ``root/top`` (parents before children), as
+    (relative path, state). Vanishing entries are skipped; a missing ``top``
+    yields nothing."""
+    stack = [top]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        subdirs: list[bytes] = []
+        with it:
+            for de in it:
+                rel = rel_dir + b"/" + de.name if rel_dir else de.name
+                if excludes(rel):
+                    continue
+                try:
+                    st = de.stat(follow_symlinks=False)
+                    target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else b""
+                except FileNotFoundError:
+                    continue
+                state = EntryState.from_stat(st, target)
+                if state is None:
+                    continue
+                yield rel, state
+                if state.kind is EntryKind.DIR:
+                    subdirs.append(rel)
+        stack.extend(reversed(subdirs))

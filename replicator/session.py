@@ -1,0 +1,497 @@
+"""The receiving end of one connection: a peer pushing mirrors into this node.
+
+Frames are read by peeking at the socket and consuming exactly the bytes the
+protocol parsed, so a chunk's payload is still in the kernel when its header
+has been decoded and goes socket → pipe → file by splice. Small payloads that
+arrived in the same read are written from the buffer (``node.inline_max``).
+
+Completed files are published in groups (``Publisher.commit``) when the
+socket runs dry or a group is large, and acknowledged only then.
+
+A session never trusts the peer: every path goes through ``paths.check`` and
+``paths.Root``; a peer may only open mirrors that list it in ``accept_from``;
+any protocol violation gets a fatal Error frame and the connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import frames as F
+from . import net, paths, transfer
+from .config import Config
+from .errors import ApplyError, BadPath, LinkError, RemoteProtocolError
+from .manifest import EntryState, Excludes, scan
+from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
+from .publisher import Inbox, PartialFile, Publisher
+from .stats import SessionStats
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+#: Commit a group once it holds this many operations or bytes.
+GROUP_OPS = 1024
+GROUP_BYTES = 256 * 1024 * 1024
+#: Flush the outgoing buffer at this size.
+WBUF_MAX = 256 * 1024
+
+#: Called after a file or entry was published: (mirror, path, state, from peer).
+Published = Callable[[str, bytes, EntryState | None, str], None]
+
+
+@dataclass
+class _Mirror:
+    name: str
+    root: paths.Root
+    inbox: Inbox
+    publisher: Publisher
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.inbox.close()
+        self.root.close()
+
+
+class Session:
+    def __init__(
+        self,
+        sock: socket.socket,
+        addr: str,
+        config: Config,
+        keys: dict[str, bytes],
+        stop: threading.Event,
+        stats: SessionStats,
+        on_established: Callable[[Session], None] | None = None,
+        on_published: Published | None = None,
+    ) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.cfg = config
+        self.keys = keys
+        self.stop = stop
+        self.stats = stats
+        self.on_established = on_established
+        self.on_published = on_published
+        self.peer = ""
+        self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
+        self._wbuf = bytearray()
+        self._mirrors: dict[int, _Mirror] = {}
+        self._files: dict[int, PartialFile] = {}
+        #: Operations refused mid-flight: their chunks are drained, End ignored.
+        self._refused: set[int] = set()
+        self._target: PartialFile | None = None
+        self._chunk_offset = 0
+        self._splicer = transfer.Splicer(sock, config.node.dead_after)
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Make the session's thread leave (from another thread)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        who = self.addr
+        try:
+            net.tune(self.sock, self.cfg.node.dead_after)
+            self._handshake()
+            who = f"peer {self.peer!r} ({self.addr})"
+            log.info("%s connected", who, extra={"PEER": self.peer})
+            self.stats.state = "connected"
+            self._loop()
+        except RemoteProtocolError as e:
+            msg = f"{who}: protocol error ({e.code.name}): {e}; closing the connection"
+            log.warning(msg, extra={"PEER": self.peer, "CODE": e.code.name})
+            self.stats.last_error = msg
+            self._send_fatal(e.code, str(e))
+        except (LinkError, transfer.PeerClosed, transfer.PeerTimeout, ConnectionError) as e:
+            log.info("%s: connection ended: %s", who, e, extra={"PEER": self.peer})
+        except OSError as e:
+            log.warning("%s: connection failed: %s", who, e, extra={"PEER": self.peer})
+        except Exception:
+            log.exception("%s: internal error; closing the connection", who)
+            self._send_fatal(F.ErrorCode.INTERNAL, "internal error on the receiver")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stats.state = "closed"
+        # Complete files are still worth publishing: the sender will see them
+        # in the next manifest and not send them again.
+        for m in self._mirrors.values():
+            try:
+                self._commit(m, send=False)
+            except Exception:
+                log.exception("publishing complete files of %s after the connection ended", m.name)
+        for p in self._files.values():
+            if p.resumable:
+                try:
+                    p.checkpoint()
+                except OSError:
+                    pass
+                p.close()
+            else:
+                p.discard()
+        self._files.clear()
+        for m in self._mirrors.values():
+            m.close()
+        self._splicer.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _send_fatal(self, code: F.ErrorCode, message: str) -> None:
+        try:
+            self.sock.sendall(self._wbuf + self.conn.send(F.Error(code, 0, 1, message)))
+        except Exception:
+            pass
+
+    # -- reading -------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        while True:
+            ev = self.conn.next_event()
+            out = self.conn.data_to_send()
+            if out:
+                self.sock.sendall(out)
+            if isinstance(ev, Established):
+                self.peer = ev.peer
+                self.stats.peer = ev.peer
+                if self.on_established is not None:
+                    self.on_established(self)
+                return
+            if isinstance(ev, F.Error):
+                raise LinkError(f"peer refused the handshake: {ev.message}")
+            if ev is NEED_DATA:
+                self.conn.receive_data(net.recv_some(self.sock, deadline, 4096))
+            else:
+                raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"{ev} during handshake")
+
+    def _loop(self) -> None:
+        scratch = bytearray(net.PEEK_SIZE)
+        node = self.cfg.node
+        last_rx = time.monotonic()
+        sock, conn = self.sock, self.conn
+        while not self.stop.is_set():
+            if not net.wait_readable(sock, node.heartbeat_interval):
+                self._commit_all()
+                self._flush()
+                if time.monotonic() - last_rx > node.dead_after:
+                    raise LinkError(f"no frame from the peer for {node.dead_after:.0f} s")
+                continue
+            peek = sock.recv(net.PEEK_SIZE, socket.MSG_PEEK)
+            if not peek:
+                raise LinkError("connection closed by the peer")
+            last_rx = time.monotonic()
+            self.stats.bytes_received += len(peek)
+            conn.receive_data(peek)
+            consume = len(peek)
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    break
+                if ev is PAYLOAD:
+                    due = conn.payload_remaining
+                    if due <= node.inline_max and conn.buffered() >= due:
+                        self._payload_inline(conn.payload_from_buffer(due))
+                        continue
+                    consume -= conn.rewind()
+                    net.consume(sock, consume, scratch)
+                    consume = 0
+                    self._payload_splice(due)
+                    conn.payload_consumed(due)
+                    self.stats.bytes_received += due
+                    break
+                self._dispatch(ev)
+            if consume:
+                net.consume(sock, consume, scratch)
+            pending = sum(m.publisher.pending for m in self._mirrors.values())
+            if pending and (
+                pending >= GROUP_OPS
+                or not net.wait_readable(sock, 0)
+                or sum(m.publisher.pending_bytes for m in self._mirrors.values()) >= GROUP_BYTES
+            ):
+                self._commit_all()
+            self._flush()
+
+    # -- payload -------------------------------------------------------------
+
+    def _payload_inline(self, data: bytes) -> None:
+        p = self._target
+        if p is not None:
+            try:
+                transfer.write_inline(p.fd, data, self._chunk_offset)
+            except OSError as e:
+                self._fail_file(p, e)
+                return
+            self._wrote(p, len(data))
+        self._chunk_offset += len(data)
+
+    def _payload_splice(self, n: int) -> None:
+        p = self._target
+        if p is None:
+            self._splicer.discard(n)
+            return
+        try:
+            self._splicer.to_file(p.fd, self._chunk_offset, n)
+        except transfer.SinkError as e:
+            self._fail_file(p, e)
+            return
+        finally:
+            self.stats.mode = self._splicer.mode
+        self._wrote(p, n)
+
+    def _wrote(self, p: PartialFile, n: int) -> None:
+        p.written += n
+        self.stats.payload_bytes_received += n
+        if p.resumable and p.written - p.checkpointed >= 64 * 1024 * 1024:
+            try:
+                p.checkpoint()
+            except OSError as e:
+                self._fail_file(p, e)
+
+    def _fail_file(self, p: PartialFile, e: OSError) -> None:
+        from .publisher import apply_error
+
+        err = apply_error(e, paths.show(p.path))
+        self._files.pop(p.op, None)
+        self._refused.add(p.op)
+        self._target = None
+        p.discard()
+        self._refuse(p.op, err.code, f"{err}; the partial file was discarded", p.path)
+
+    # -- frames --------------------------------------------------------------
+
+    def _mirror(self, mid: int) -> _Mirror:
+        return self._mirrors[mid]  # the protocol checked the id is open
+
+    def _refuse(self, op: int, code: F.ErrorCode, message: str, path: bytes | None) -> None:
+        level = logging.WARNING if code not in F.RETRYABLE else logging.INFO
+        log.log(
+            level,
+            "refused operation from %s: %s",
+            self.peer,
+            message,
+            extra={"PEER": self.peer, "PATH": paths.show(path or b""), "CODE": code.name},
+        )
+        self.stats.errors_sent += 1
+        self.stats.last_error = message
+        self._queue(F.Error(code, op, 0, message))
+
+    def _queue(self, ev: F.Event) -> None:
+        self._wbuf += self.conn.send(ev)
+        if len(self._wbuf) >= WBUF_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._wbuf:
+            self.sock.sendall(self._wbuf)
+            self._wbuf.clear()
+
+    def _dispatch(self, ev: object) -> None:
+        t = type(ev)
+        if t is F.Chunk:
+            assert isinstance(ev, F.Chunk)
+            self._target = self._files.get(ev.op)
+            self._chunk_offset = ev.offset
+        elif t is F.File:
+            assert isinstance(ev, F.File)
+            self._on_file(ev)
+        elif t is F.End:
+            assert isinstance(ev, F.End)
+            p = self._files.pop(ev.op, None)
+            if p is not None:
+                m = self._mirrors_by_inbox(p)
+                try:
+                    m.publisher.add_file(p)
+                except OSError as e:
+                    self._fail_file(p, e)
+                    return
+                self.stats.files_received += 1
+            else:
+                self._refused.discard(ev.op)
+        elif t is F.Abort:
+            assert isinstance(ev, F.Abort)
+            p = self._files.pop(ev.op, None)
+            if p is not None:
+                p.discard()
+            self._refused.discard(ev.op)
+        elif t is F.Ping:
+            assert isinstance(ev, F.Ping)
+            self._queue(F.Pong(ev.nonce))
+        elif t is F.Pong:
+            pass
+        elif t is F.Open:
+            assert isinstance(ev, F.Open)
+            self._on_open(ev)
+        elif t is F.List:
+            assert isinstance(ev, F.List)
+            self._on_list(ev)
+        elif t is F.Error:
+            assert isinstance(ev, F.Error)
+            log.warning(
+                "peer %s reports: %s (%s)",
+                self.peer,
+                ev.message,
+                F.ErrorCode(ev.code).name if ev.code in F.ErrorCode._value2member_map_ else ev.code,
+                extra={"PEER": self.peer},
+            )
+            if ev.fatal:
+                raise LinkError(f"peer closed the connection: {ev.message}")
+        else:
+            self._on_namespace(ev)
+
+    def _mirrors_by_inbox(self, p: PartialFile) -> _Mirror:
+        for m in self._mirrors.values():
+            if m.inbox is p.inbox:
+                return m
+        raise AssertionError("partial file of an unknown mirror")
+
+    def _on_open(self, ev: F.Open) -> None:
+        mcfg = self.cfg.mirrors.get(ev.name)
+        me = self.cfg.node.name
+        if mcfg is None:
+            self._queue(
+                F.Opened(
+                    ev.mirror, F.ErrorCode.UNKNOWN_MIRROR, f"node {me!r} has no mirror {ev.name!r}"
+                )
+            )
+            log.warning(
+                "peer %s pushes mirror %r, which this node does not have",
+                self.peer,
+                ev.name,
+                extra={"PEER": self.peer, "MIRROR": ev.name},
+            )
+            return
+        if self.peer not in mcfg.accept_from:
+            msg = (
+                f"node {me!r} does not accept mirror {ev.name!r} from {self.peer!r} "
+                f"(add it to mirrors.{ev.name}.accept_from)"
+            )
+            self._queue(F.Opened(ev.mirror, F.ErrorCode.FORBIDDEN, msg))
+            log.warning("refused: %s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            return
+        try:
+            root = paths.Root(mcfg.path)
+        except OSError as e:
+            msg = f"mirror {ev.name!r} on {me!r}: cannot open {mcfg.path}: {e.strerror}"
+            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
+            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            return
+        try:
+            inbox = Inbox(root, self.peer)
+        except OSError as e:
+            root.close()
+            msg = f"mirror {ev.name!r} on {me!r}: cannot create partial folder: {e.strerror}"
+            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
+            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            return
+        self._mirrors[ev.mirror] = _Mirror(ev.name, root, inbox, Publisher(root, inbox))
+        self.stats.mirrors.append(ev.name)
+        self._queue(F.Opened(ev.mirror, 0, ""))
+
+    def _on_list(self, ev: F.List) -> None:
+        m = self._mirror(ev.mirror)
+        self._commit(m)
+        count = 0
+        for rel, st in scan(os.fsencode(m.root.path), Excludes(())):
+            self._queue(
+                F.Entry(
+                    ev.mirror,
+                    st.kind,
+                    st.mode,
+                    st.size,
+                    st.mtime_ns,
+                    st.uid,
+                    st.gid,
+                    rel,
+                    st.target,
+                )
+            )
+            count += 1
+        for held in m.inbox.partials():
+            self._queue(F.Partial(ev.mirror, held.held, held.version, held.path))
+        self._queue(F.ListEnd(ev.mirror, ev.list_id, count))
+        self._flush()
+
+    def _on_file(self, ev: F.File) -> None:
+        m = self._mirror(ev.mirror)
+        try:
+            parts = paths.check(ev.path)
+            p = m.inbox.begin(ev, parts)
+        except BadPath as e:
+            self._refused.add(ev.op)
+            self._refuse(ev.op, F.ErrorCode.BAD_PATH, f"mirror {m.name!r}: {e}", ev.path)
+            return
+        except ApplyError as e:
+            self._refused.add(ev.op)
+            self._refuse(ev.op, e.code, f"mirror {m.name!r}: {e}", ev.path)
+            return
+        self._files[ev.op] = p
+
+    def _on_namespace(self, ev: object) -> None:
+        m = self._mirror(ev.mirror)  # type: ignore[attr-defined]
+        op: int = ev.op  # type: ignore[attr-defined]
+        pub = m.publisher
+        shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
+        try:
+            if isinstance(ev, F.Rename):
+                src, dst = paths.check(ev.src), paths.check(ev.dst)
+                self._commit(m)
+                pub.rename(ev, src, dst)
+            else:
+                parts = paths.check(ev.path)  # type: ignore[attr-defined]
+                if isinstance(ev, F.Mkdir):
+                    pub.mkdir(ev, parts)
+                elif isinstance(ev, F.Symlink):
+                    pub.symlink(ev, parts)
+                elif isinstance(ev, F.Meta):
+                    self._commit(m)
+                    pub.meta(ev, parts)
+                elif isinstance(ev, F.Delete):
+                    self._commit(m)
+                    pub.delete(ev, parts)
+                else:
+                    raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"unexpected {ev}")
+        except BadPath as e:
+            self._refuse(op, F.ErrorCode.BAD_PATH, f"mirror {m.name!r}: {e}", shown)
+            return
+        except ApplyError as e:
+            self._refuse(op, e.code, f"mirror {m.name!r}: {paths.show(shown)}: {e}", shown)
+            return
+        self.stats.ops_applied += 1
+
+    # -- publishing ----------------------------------------------------------
+
+    def _commit_all(self) -> None:
+        for m in self._mirrors.values():
+            if m.publisher.pending:
+                self._commit(m)
+
+    def _commit(self, m: _Mirror, send: bool = True) -> None:
+        if not m.publisher.pending:
+            return
+        out = m.publisher.commit()
+        self.stats.commits += 1
+        if send:
+            for op in out.acked:
+                self._queue(F.Ack(op))
+            for op, err in out.failed:
+                self._refuse(op, err.code, f"mirror {m.name!r}: {err}", None)
+        if self.on_published is not None:
+            for path, state in out.published:
+                self.on_published(m.name, path, state, self.peer)

@@ -1,0 +1,105 @@
+"""Counters and gauges the daemon shows in status and metrics.
+
+Each object is written by exactly one thread (its link or session) and read
+by the control thread; reads of single attributes are atomic in CPython, and
+a status snapshot being a few microseconds inconsistent is harmless.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Transfer:
+    path: str
+    mirror: str
+    offset: int
+    size: int
+
+
+@dataclass
+class LinkStats:
+    """The outbound link to one peer (this node sends)."""
+
+    peer: str
+    address: str
+    #: connecting | handshake | connected | backoff | auth_failed | stopped
+    state: str = "connecting"
+    since: float = field(default_factory=time.time)
+    next_retry: float | None = None
+    connects: int = 0
+    rtt_ms: float | None = None
+    bytes_sent: int = 0
+    payload_bytes_sent: int = 0
+    files_sent: int = 0
+    ops_sent: int = 0
+    ops_acked: int = 0
+    files_aborted: int = 0
+    resumed_files: int = 0
+    resumed_bytes_skipped: int = 0
+    queue_files: int = 0
+    queue_bytes: int = 0
+    in_flight: int = 0
+    oldest_change: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    current: Transfer | None = None
+    rate_bps: float = 0.0
+    paused: bool = False
+    mirrors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def error(self, msg: str) -> None:
+        self.last_error, self.last_error_at = msg, time.time()
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, time.time()
+
+    def snapshot(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lag_seconds"] = (
+            None if self.oldest_change is None else max(0.0, time.time() - self.oldest_change)
+        )
+        return d
+
+
+@dataclass
+class SessionStats:
+    """An inbound session from one peer (this node receives)."""
+
+    peer: str
+    address: str
+    state: str = "handshake"
+    since: float = field(default_factory=time.time)
+    bytes_received: int = 0
+    payload_bytes_received: int = 0
+    files_received: int = 0
+    ops_applied: int = 0
+    commits: int = 0
+    errors_sent: int = 0
+    #: "splice" or "copy" (the fallback, for filesystems without splice).
+    mode: str = "splice"
+    mirrors: list[str] = field(default_factory=list)
+    last_error: str | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RateMeter:
+    """Bytes per second over a sliding window of a few seconds."""
+
+    def __init__(self, window: float = 3.0) -> None:
+        self.window = window
+        self._marks: list[tuple[float, int]] = []
+
+    def add(self, total: int) -> float:
+        now = time.monotonic()
+        self._marks.append((now, total))
+        while len(self._marks) > 2 and now - self._marks[0][0] > self.window:
+            self._marks.pop(0)
+        t0, b0 = self._marks[0]
+        return (total - b0) / (now - t0) if now > t0 else 0.0
