@@ -174,6 +174,10 @@ class Daemon:
                 extra={"PEER": session.peer},
             )
             old.shutdown()
+            # It may still hold this peer's partial files open: let it
+            # checkpoint and close them before the new session lists them.
+            if not old.done.wait(15):
+                log.warning("previous session of %s did not end in 15 s", session.peer)
 
     # -- control -----------------------------------------------------------------
 

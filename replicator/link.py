@@ -852,6 +852,9 @@ class Link(threading.Thread):
             assert rec.dst is not None
             self._move_under(r, rel, rec.dst)
         elif rec.state is not None:
+            old = r.known.get(rel)
+            if old is not None and old.kind is F.EntryKind.DIR and rec.state.kind is not old.kind:
+                self._forget_under(r, rel)  # a directory replaced by a file or symlink
             r.known[rel] = rec.state
         if rec.kind is not F.Meta:
             # The entry's folder on the peer got a new mtime: put ours back.

@@ -125,11 +125,17 @@ class Root:
             if not create:
                 raise
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
                 raise BadPath(
-                    f"component {show(name)!r} is a symlink or not a directory in the replica"
+                    f"component {show(name)!r} is a symlink in the replica; "
+                    "paths are never resolved through symlinks"
                 ) from None
-            raise
+            # A file where the path needs a directory: a type change the
+            # sender has not replicated yet. Not an attack, a conflict.
+            raise NotADirectoryError(errno.ENOTDIR, f"{show(name)!r} is not a directory") from None
         try:
             os.mkdir(name, 0o755, dir_fd=dir_fd)
         except FileExistsError:

@@ -282,10 +282,13 @@ class Connection:
         end = F.HEADER_SIZE + length
         if len(self._buf) < end:
             return NEED_DATA
-        try:
-            ev = F.decode_body(kind, memoryview(self._buf)[F.HEADER_SIZE : end])
-        except F.FrameError as e:
-            raise RemoteProtocolError(e.code, str(e)) from None
+        # Release the views on exit: a view left alive in the traceback of a
+        # FrameError would pin _buf (BufferError on the next resize).
+        with memoryview(self._buf) as view, view[F.HEADER_SIZE : end] as body:
+            try:
+                ev = F.decode_body(kind, body)
+            except F.FrameError as e:
+                raise RemoteProtocolError(e.code, str(e)) from None
         del self._buf[:end]
         return self._receive(ev)
 
@@ -434,6 +437,8 @@ class Connection:
             raise LocalProtocolError(f"cannot send {type(ev).__name__} in state {self.state.name}")
         if self._out_payload:
             raise LocalProtocolError(f"{self._out_payload} payload bytes still owed")
+        # Encode first: a frame that cannot be encoded must not change our state.
+        data = F.encode(ev)
         t = type(ev)
         if t is F.Error:
             if ev.fatal:  # type: ignore[attr-defined]
@@ -451,7 +456,7 @@ class Connection:
             elif t is F.Ack:
                 with self._lock:
                     self._unacked.discard(ev.op)  # type: ignore[attr-defined]
-        return F.encode(ev)
+        return data
 
     def _check_outgoing_op(self, ev: F.Event) -> None:
         t = type(ev)
@@ -459,6 +464,8 @@ class Connection:
             raise LocalProtocolError(f"the initiator does not send {t.__name__}")
         if t is F.Open:
             self._out_mirrors.add(ev.mirror)  # type: ignore[attr-defined]
+        if t is F.File and len(self._out_files) >= F.MAX_OPEN_FILES:
+            raise LocalProtocolError("too many open files")
         if t in F.OPERATIONS:
             with self._lock:
                 if ev.op in self._unacked:  # type: ignore[attr-defined]
@@ -466,8 +473,6 @@ class Connection:
                 self._unacked.add(ev.op)  # type: ignore[attr-defined]
         if t is F.File:
             assert isinstance(ev, F.File)
-            if len(self._out_files) >= F.MAX_OPEN_FILES:
-                raise LocalProtocolError("too many open files")
             self._out_files[ev.op] = _OpenFile(ev.size, ev.offset)
         elif t is F.Chunk:
             assert isinstance(ev, F.Chunk)
@@ -479,9 +484,10 @@ class Connection:
             f.next_offset += ev.length
             self._out_payload = ev.length
         elif t is F.End:
-            f = self._out_files.pop(ev.op, None)  # type: ignore[attr-defined]
+            f = self._out_files.get(ev.op)  # type: ignore[attr-defined]
             if f is None or f.next_offset != f.size:
                 raise LocalProtocolError(f"End of incomplete file {ev.op}")  # type: ignore[attr-defined]
+            del self._out_files[ev.op]  # type: ignore[attr-defined]
         elif t is F.Abort:
             assert isinstance(ev, F.Abort)
             if self._out_files.pop(ev.op, None) is None:

@@ -291,7 +291,7 @@ class _Round:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Result of a commit round: ops now durable, and ops that failed."""
+    """Result of a commit round: ops now durable (in effect order), ops that failed."""
 
     acked: list[int]
     failed: list[tuple[int, ApplyError]]
@@ -366,7 +366,11 @@ class Publisher:
         finally:
             for fd in r.dirs.values():
                 os.close(fd)
-        return Outcome(acked + r.ops, failed, published)
+        # Acks go out in the order the effects happened: namespace operations
+        # were applied when they arrived, files only now. The sender relies on
+        # it (an entry's ack after its parent's tells it the parent's mtime
+        # changed on the replica).
+        return Outcome(r.ops + acked, failed, published)
 
     def _sync_files(
         self, files: list[PartialFile], failed: list[tuple[int, ApplyError]]
@@ -469,7 +473,7 @@ class Publisher:
             self.root.forget()
             try:
                 parent = self.root.parent(parts, create=False)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 parent = -1  # already gone: deleting is idempotent
             if parent >= 0:
                 remove_at(parent, parts[-1])

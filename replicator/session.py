@@ -89,6 +89,8 @@ class Session:
         self._chunk_offset = 0
         self._splicer = transfer.Splicer(sock, config.node.dead_after)
         self._closed = False
+        #: Set when run() has returned and every file of the session is closed.
+        self.done = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -122,6 +124,7 @@ class Session:
             self._send_fatal(F.ErrorCode.INTERNAL, "internal error on the receiver")
         finally:
             self.close()
+            self.done.set()
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,83 @@
+"""Test-owned network namespaces joined to the host by veth pairs.
+
+Addresses come from 198.18.0.0/15 (the project's own test hosts). A
+namespace can be rate-limited with tbf (to catch a transfer in the middle)
+and its link cut with ``ip link set ... down``. Everything is removed on
+close(), even after a failed test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+_counter = itertools.count(1)
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def available() -> bool:
+    return os.geteuid() == 0 and sh("ip", "netns", "list", check=False).returncode == 0
+
+
+class Netns:
+    """Namespace ``name`` with address ``ns_ip``; the host end has ``host_ip``."""
+
+    def __init__(self) -> None:
+        i = next(_counter)
+        tag = f"{os.getpid() % 100000}x{i}"
+        self.name = f"rpl{tag}"
+        self.host_if = f"rh{tag}"[:15]
+        self.ns_if = f"rn{tag}"[:15]
+        third = (os.getpid() + i) % 250 + 1
+        self.host_ip = f"198.18.{third}.1"
+        self.ns_ip = f"198.18.{third}.2"
+        sh("ip", "netns", "add", self.name)
+        try:
+            sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            sh("ip", "link", "set", self.ns_if, "netns", self.name)
+            sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            sh("ip", "link", "set", self.host_if, "up")
+            self.run("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+            self.run("ip", "link", "set", self.ns_if, "up")
+            self.run("ip", "link", "set", "lo", "up")
+        except Exception:
+            self.close()
+            raise
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.name, *cmd, check=check)
+
+    def rate(self, mbit: int) -> None:
+        """Limit host → namespace traffic to ``mbit`` Mbit/s (tbf)."""
+        sh(
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            self.host_if,
+            "root",
+            "tbf",
+            "rate",
+            f"{mbit}mbit",
+            "burst",
+            "256kb",
+            "latency",
+            "200ms",
+        )
+
+    def unrate(self) -> None:
+        sh("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
+
+    def cut(self) -> None:
+        sh("ip", "link", "set", self.host_if, "down")
+
+    def restore(self) -> None:
+        sh("ip", "link", "set", self.host_if, "up")
+
+    def close(self) -> None:
+        sh("ip", "link", "del", self.host_if, check=False)
+        sh("ip", "netns", "del", self.name, check=False)
