@@ -265,14 +265,14 @@ class LocalCluster:
 def tree(root: str | Path, content: bool = True) -> dict[str, tuple[Any, ...]]:
     """Every entry below ``root`` except the daemon's own folder:
     path → (type, mode, size, mtime_ns, sha256 or symlink target)."""
-    root = os.fsencode(str(root))
+    top = os.fsencode(str(root))
     out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root:
+    for dirpath, dirnames, filenames in os.walk(top):
+        if dirpath == top:
             dirnames[:] = [d for d in dirnames if d != b".replicator"]
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).decode("utf-8", "surrogateescape")
+            rel = os.path.relpath(full, top).decode("utf-8", "surrogateescape")
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("l", None, None, st.st_mtime_ns, os.readlink(full))
