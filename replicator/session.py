@@ -157,8 +157,21 @@ class Session:
             pass
 
     def _send_fatal(self, code: F.ErrorCode, message: str) -> None:
+        """Send a fatal Error, then close gently: closing with unread input
+        makes the kernel send a RST, which can destroy the Error frame
+        before the peer reads it. So: shut down our side, drain briefly."""
         try:
             self.sock.sendall(self._wbuf + self.conn.send(F.Error(code, 0, 1, message)))
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            drained = 0
+            while drained < 4 * 1024 * 1024 and net.wait_readable(
+                self.sock, deadline - time.monotonic()
+            ):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
         except Exception:
             pass
 
@@ -283,7 +296,9 @@ class Session:
         return self._mirrors[mid]  # the protocol checked the id is open
 
     def _refuse(self, op: int, code: F.ErrorCode, message: str, path: bytes | None) -> None:
-        level = logging.WARNING if code not in F.RETRYABLE else logging.INFO
+        # Transient on the sender's side, but a full or failing disk needs an operator.
+        urgent = code not in F.RETRYABLE or code in (F.ErrorCode.NO_SPACE, F.ErrorCode.IO_ERROR)
+        level = logging.WARNING if urgent else logging.INFO
         log.log(
             level,
             "refused operation from %s: %s",
