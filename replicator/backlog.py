@@ -1,65 +1,227 @@
 """The backlog of one link: paths that may differ on its peer.
 
 Per mirror, insertion-ordered and coalesced: a path marked a thousand times
-is one entry, keeping the time it *first* became dirty (that is what lag
-measures). Entries can be delayed (settling directories, retries after a
-transient error) and parked until an operation on the same path is
-acknowledged. The link thread is its only user.
+is one entry that keeps the time it *first* became dirty (that is what lag
+measures) and the union of its flags. Entries can be delayed (settling
+files and directories, retries after a transient error) and parked until an
+operation in flight on the same path is acknowledged.
+
+Persistence: every entry is also written to an SQLite table in the node's
+state_dir (batched; one transaction per ``flush``) and removed only when the
+peer acknowledged the change or it turned out to be no change. A restart
+reloads the backlog oldest first, so a peer that was down for hours gets
+everything, in order, without waiting for a full rescan (which still runs,
+and catches what a crash lost in the last unflushed batch).
+
+Memory is bounded: beyond ``MEMORY_MAX`` entries new ones live only in the
+table and are read back as the in-memory part drains.
+
+The link thread is the only user of a Backlog; each Backlog has its own
+SQLite connection.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
+import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, bytes]  # (mirror id, path relative to the mirror root)
-Info = tuple[float, int]  # (wall-clock time first dirty, size hint in bytes)
+Info = tuple[float, int, int]  # (wall-clock time first dirty, size hint, changes.Flag bits)
+
+MEMORY_MAX = 200_000
+FLUSH_SECONDS = 0.05
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (
+    peer   TEXT NOT NULL,
+    mirror TEXT NOT NULL,
+    path   BLOB NOT NULL,
+    since  REAL NOT NULL,
+    size   INTEGER NOT NULL,
+    flags  INTEGER NOT NULL,
+    PRIMARY KEY (peer, mirror, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_age ON pending (peer, since);
+"""
+
+
+class Store:
+    """The SQLite side of one link's backlog."""
+
+    def __init__(self, path: str, peer: str) -> None:
+        self.peer = peer
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self._up: dict[tuple[str, bytes], tuple[float, int, int]] = {}
+        self._del: set[tuple[str, bytes]] = set()
+        self._last = time.monotonic()
+
+    def upsert(self, mirror: str, path: bytes, info: Info) -> None:
+        k = (mirror, path)
+        self._del.discard(k)
+        old = self._up.get(k)
+        if old is not None:
+            info = (min(old[0], info[0]), info[1], old[2] | info[2])
+        self._up[k] = info
+
+    def delete(self, mirror: str, path: bytes) -> None:
+        k = (mirror, path)
+        self._up.pop(k, None)
+        self._del.add(k)
+
+    def flush(self, force: bool = False) -> None:
+        if not (self._up or self._del):
+            return
+        now = time.monotonic()
+        if not force and now - self._last < FLUSH_SECONDS:
+            return
+        self._last = now
+        peer = self.peer
+        with self.db:
+            self.db.execute("BEGIN")
+            if self._del:
+                self.db.executemany(
+                    "DELETE FROM pending WHERE peer=? AND mirror=? AND path=?",
+                    [(peer, m, p) for m, p in self._del],
+                )
+            if self._up:
+                self.db.executemany(
+                    "INSERT INTO pending VALUES (?,?,?,?,?,?) ON CONFLICT(peer, mirror, path) "
+                    "DO UPDATE SET since=min(since, excluded.since), size=excluded.size, "
+                    "flags=flags | excluded.flags",
+                    [(peer, m, p, s, z, f) for (m, p), (s, z, f) in self._up.items()],
+                )
+        self._up.clear()
+        self._del.clear()
+
+    def oldest(
+        self, mirrors: dict[str, int], limit: int, skip: Callable[[Key], bool]
+    ) -> list[tuple[Key, Info]]:
+        self.flush(force=True)
+        out: list[tuple[Key, Info]] = []
+        for m, p, s, z, f in self.db.execute(
+            "SELECT mirror, path, since, size, flags FROM pending WHERE peer=? ORDER BY since",
+            (self.peer,),
+        ):
+            mid = mirrors.get(m)
+            if mid is None:
+                continue  # a mirror no longer pushed to this peer
+            key = (mid, bytes(p))
+            if skip(key):
+                continue
+            out.append((key, (s, z, f)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def count(self) -> int:
+        self.flush(force=True)
+        row = self.db.execute("SELECT count(*) FROM pending WHERE peer=?", (self.peer,)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        self.flush(force=True)
+        self.db.close()
 
 
 class Backlog:
-    def __init__(self, mirror_ids: Iterable[int]) -> None:
-        self._ready: dict[int, dict[Key, Info]] = {mid: {} for mid in mirror_ids}
+    def __init__(
+        self, mirrors: dict[int, str], store: Store | None = None, memory_max: int = MEMORY_MAX
+    ) -> None:
+        self.names = mirrors
+        self.ids = {n: i for i, n in mirrors.items()}
+        self.store = store
+        self.memory_max = memory_max
+        self._ready: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
         self._later: list[tuple[float, Key]] = []
-        self._later_info: dict[Key, tuple[float, float, int]] = {}
+        self._later_info: dict[Key, tuple[float, Info]] = {}
         self._parked: dict[Key, Info] = {}
+        #: Entries that exist only in the store (memory was full).
+        self.spilled = 0
 
-    def mark(self, key: Key, since: float, size: int, delay: float = 0.0) -> None:
+    # -- marking ----------------------------------------------------------------
+
+    def _in_memory(self) -> int:
+        return sum(len(d) for d in self._ready.values()) + len(self._later_info) + len(self._parked)
+
+    def holds(self, key: Key) -> bool:
+        return key in self._ready[key[0]] or key in self._later_info or key in self._parked
+
+    def mark(self, key: Key, info: Info, delay: float = 0.0, persist: bool = True) -> None:
         """``key`` may differ on the peer; look at it now, or after ``delay`` s."""
+        if persist and self.store is not None:
+            self.store.upsert(self.names[key[0]], key[1], info)
         ready = self._ready[key[0]]
-        if delay > 0:
-            if key in ready:
-                return
-            due = time.monotonic() + delay
-            old = self._later_info.get(key)
-            if old is not None:
-                since = min(since, old[1])
-                if old[0] >= due:
-                    self._later_info[key] = (old[0], since, size)
-                    return
-            self._later_info[key] = (due, since, size)
-            heapq.heappush(self._later, (due, key))
-            return
         cur = ready.get(key)
         if cur is not None:
-            if since < cur[0]:
-                ready[key] = (since, size)
+            ready[key] = (min(cur[0], info[0]), info[1], cur[2] | info[2])
             return
-        info = self._later_info.pop(key, None)
-        if info is not None:
-            since = min(since, info[1])
-        ready[key] = (since, size)
+        old = self._later_info.get(key)
+        parked = self._parked.get(key)
+        if parked is not None:
+            self._parked[key] = (min(parked[0], info[0]), info[1], parked[2] | info[2])
+            return
+        if old is None and self._in_memory() >= self.memory_max and self.store is not None:
+            self.spilled += 1  # stays in the store only; read back later
+            return
+        if old is not None:
+            info = (min(old[1][0], info[0]), info[1], old[1][2] | info[2])
+        if delay > 0:
+            due = time.monotonic() + delay
+            if old is not None and old[0] >= due:
+                self._later_info[key] = (old[0], info)
+                return
+            self._later_info[key] = (due, info)
+            heapq.heappush(self._later, (due, key))
+            return
+        self._later_info.pop(key, None)
+        ready[key] = info
 
     def promote(self) -> None:
         """Move delayed entries whose time has come to the ready queue."""
         now = time.monotonic()
         while self._later and self._later[0][0] <= now:
             due, key = heapq.heappop(self._later)
-            info = self._later_info.get(key)
-            if info is None or info[0] != due:
+            cur = self._later_info.get(key)
+            if cur is None or cur[0] != due:
                 continue  # superseded by a later mark
             del self._later_info[key]
-            self.mark(key, info[1], info[2])
+            self._ready[key[0]][key] = cur[1]
+
+    def refill(self, busy: Callable[[Key], bool]) -> None:
+        """Read spilled entries back from the store once memory has room."""
+        if not self.spilled or self.store is None:
+            return
+        room = self.memory_max - self._in_memory()
+        if room < self.memory_max // 2:
+            return
+        rows = self.store.oldest(self.ids, room, lambda k: self.holds(k) or busy(k))
+        for key, info in rows:
+            self._ready[key[0]][key] = info
+        if len(rows) < room:
+            self.spilled = 0
+        else:
+            self.spilled = max(0, self.spilled - len(rows))
+
+    def load(self) -> int:
+        """At start: everything the store holds, oldest first."""
+        if self.store is None:
+            return 0
+        total = self.store.count()
+        rows = self.store.oldest(self.ids, self.memory_max, self.holds)
+        for key, info in rows:
+            self._ready[key[0]][key] = info
+        self.spilled = total - len(rows)
+        return total
+
+    # -- taking -------------------------------------------------------------------
 
     def next_due(self) -> float | None:
         """Monotonic time of the next delayed entry, if any."""
@@ -69,7 +231,7 @@ class Backlog:
         return bool(self._ready[mid])
 
     def pop(self, mid: int) -> tuple[Key, Info]:
-        """The oldest ready entry of mirror ``mid`` (KeyError if none)."""
+        """The oldest ready entry of mirror ``mid`` (StopIteration if none)."""
         ready = self._ready[mid]
         key = next(iter(ready))
         return key, ready.pop(key)
@@ -77,26 +239,43 @@ class Backlog:
     def park(self, key: Key, info: Info) -> None:
         """``key`` is dirty again while an operation on it is in flight."""
         old = self._parked.get(key)
-        self._parked[key] = info if old is None or info[0] < old[0] else old
+        self._parked[key] = (
+            info if old is None else (min(old[0], info[0]), info[1], old[2] | info[2])
+        )
 
     def unpark(self, key: Key) -> None:
         info = self._parked.pop(key, None)
         if info is not None:
-            self.mark(key, *info)
+            self.mark(key, info, persist=False)
 
     def unpark_all(self) -> None:
         for key in list(self._parked):
             self.unpark(key)
 
+    def done(self, key: Key) -> None:
+        """The peer holds ``key`` as it is here (or it needed nothing)."""
+        if self.store is not None and not self.holds(key):
+            self.store.delete(self.names[key[0]], key[1])
+
+    def flush(self, force: bool = False) -> None:
+        if self.store is not None:
+            self.store.flush(force)
+
+    # -- status -------------------------------------------------------------------
+
     def files(self) -> int:
-        return sum(len(d) for d in self._ready.values()) + len(self._later_info) + len(self._parked)
+        return self._in_memory() + self.spilled
 
     def bytes(self) -> int:
-        return sum(s for d in self._ready.values() for _, s in d.values())
+        return sum(i[1] for d in self._ready.values() for i in d.values())
 
     def oldest(self) -> float | None:
         """Wall-clock time of the oldest change waiting here."""
         times = [next(iter(d.values()))[0] for d in self._ready.values() if d]
-        times += [i[1] for i in self._later_info.values()]
+        times += [i[1][0] for i in self._later_info.values()]
         times += [i[0] for i in self._parked.values()]
         return min(times) if times else None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()

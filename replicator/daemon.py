@@ -21,12 +21,18 @@ from types import FrameType
 from typing import Any
 
 from . import __version__, config, logs, net
+from .backlog import Store
+from .changes import Rescan
 from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, ControlError, KeyFileError
-from .link import Link, Rescan, SourceMirror
+from .link import Link, SourceMirror
+from .manifest import Excludes
+from .marker import Marker
+from .scanner import Scanner
 from .session import Session
 from .stats import LinkStats, SessionStats
+from .watcher import OverflowHook, Watcher
 
 log = logging.getLogger("replicator")
 
@@ -49,10 +55,37 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._listen_thread: threading.Thread | None = None
         self.control = ControlServer(cfg.node.control_socket, self._control)
+        self.markers: dict[str, Marker] = {}
+        self.watcher: Watcher | None = None
+        self.scanner: Scanner | None = None
+        self._overflow = OverflowHook(self._on_overflow)
+        self._last_overflow = 0.0
+        self.overflows = 0
+        self.watcher_restarts = 0
 
     # -- lifecycle -------------------------------------------------------------
 
+    def _pushed(self) -> dict[str, tuple[bytes, Excludes]]:
+        return {
+            name: (os.fsencode(m.path), Excludes(m.exclude))
+            for name, m in self.cfg.mirrors.items()
+            if m.push_to
+        }
+
     def start(self) -> None:
+        node = self.cfg.node
+        os.makedirs(node.state_dir, mode=0o750, exist_ok=True)
+        for name, m in self.cfg.mirrors.items():
+            marker = Marker(node.state_dir, name, m.path)
+            marker.ensure()
+            self.markers[name] = marker
+        pushed = self._pushed()
+        if pushed:
+            self.scanner = Scanner(pushed, self._route)
+            self.watcher = Watcher(pushed, self._route, self.scanner.request)
+            self._overflow.install()
+            self.watcher.start()
+            self.scanner.start()
         host, port = net.parse_address(self.cfg.node.listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         ls = socket.socket(family, socket.SOCK_STREAM)
@@ -89,15 +122,70 @@ class Daemon:
             for i, (name, m) in enumerate(sorted(self.cfg.mirrors.items()))
             if peer in m.push_to
         ]
+        for sm in mirrors:
+            sm.marker = self.markers.get(sm.name)
         pcfg = self.cfg.peers[peer]
+        store = Store(os.path.join(self.cfg.node.state_dir, "backlog.sqlite3"), peer)
         link = Link(
-            self.cfg.node, peer, pcfg, self.keys[peer], mirrors, LinkStats(peer, pcfg.address)
+            self.cfg.node,
+            peer,
+            pcfg,
+            self.keys[peer],
+            mirrors,
+            LinkStats(peer, pcfg.address),
+            store,
         )
         self.links[peer] = link
         link.start()
 
+    def _route(self, msg: object) -> None:
+        """Hand a change (Dirty/Moved/Rescan) to every link pushing its mirror."""
+        mirror = getattr(msg, "mirror", None)
+        for link in self.links.values():
+            if mirror is None or mirror in link.by_name:
+                link.post(msg)
+
+    def _on_overflow(self) -> None:
+        # Called from watchdog's thread, possibly many times in a row.
+        self.overflows += 1
+        now = time.monotonic()
+        if now - self._last_overflow < 1.0:
+            return
+        self._last_overflow = now
+        log.warning("inotify queue overflowed: events were lost; rescanning every mirror")
+        self._route(Rescan(None))
+        if self.scanner is not None:
+            self.scanner.check_watches()
+
+    def check_workers(self) -> bool:
+        """Called every second: restart a dead watcher. True if all are alive."""
+        ok = True
+        w = self.watcher
+        if w is not None and not w.alive() and not self.stopping.is_set():
+            ok = False
+            self.watcher_restarts += 1
+            log.error("the file watcher died; restarting it and rescanning every mirror")
+            w.stop()
+            scanner = self.scanner
+            assert scanner is not None
+            self.watcher = Watcher(self._pushed(), self._route, scanner.request)
+            try:
+                self.watcher.start()
+            except OSError as e:
+                log.error("cannot restart the file watcher: %s", e)
+            self._route(Rescan(None))
+        for link in self.links.values():
+            if not link.is_alive() and not self.stopping.is_set():
+                ok = False
+        return ok
+
     def stop(self) -> None:
         self.stopping.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._overflow.remove()
+        if self.scanner is not None:
+            self.scanner.stop()
         ls, self._listener = self._listener, None
         if ls is not None:
             with contextlib.suppress(OSError):
@@ -144,6 +232,7 @@ class Daemon:
                 self.stopping,
                 SessionStats("", where),
                 on_established=self._established,
+                markers=self.markers,
             )
             t = threading.Thread(
                 target=self._run_session, args=(session,), name=f"session-{where}", daemon=True
@@ -185,8 +274,13 @@ class Daemon:
         with self._lock:
             sessions = [s.stats.snapshot() for s in self._sessions.values()]
         mirrors = {}
+        scans = self.scanner.status() if self.scanner is not None else {}
         for name, m in self.cfg.mirrors.items():
+            marker = self.markers.get(name)
             mirrors[name] = {
+                "marker_ok": marker.ok() if marker else None,
+                "watched": name in scans,
+                **scans.get(name, {}),
                 "path": m.path,
                 "push_to": m.push_to,
                 "accept_from": m.accept_from,
@@ -207,6 +301,11 @@ class Daemon:
             "links": {p: link.status() for p, link in self.links.items()},
             "sessions": sessions,
             "mirrors": mirrors,
+            "watcher": {
+                "alive": self.watcher.alive() if self.watcher else None,
+                "restarts": self.watcher_restarts,
+                "overflows": self.overflows,
+            },
         }
 
     def _control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     old = _install_signals(daemon)
     try:
         while not daemon.stopping.wait(1.0):
-            pass
+            daemon.check_workers()
     finally:
         daemon.stop()
         for sig, handler in old.items():

@@ -39,6 +39,17 @@ MAX_OPEN_FILES = 64
 #: Operations the sender may have sent and not had acknowledged.
 MAX_UNACKED = 8192
 NONCE_SIZE = 32
+#: Longest human-readable message (Error, Opened), in UTF-8 bytes.
+MAX_TEXT = 4096
+
+
+def clip_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to fit ``limit`` UTF-8 bytes (messages often quote paths,
+    which can be long; an unsendable error must never wedge a connection)."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 class ErrorCode(enum.IntEnum):
@@ -124,7 +135,7 @@ _VAR: dict[str, tuple[str, int, str]] = {
     "name": ("B", 255, "str"),  # node / mirror names, UTF-8
     "blob": ("B", 255, "bytes"),  # nonces, proofs, version tokens
     "path": ("H", MAX_PATH, "bytes"),  # file system paths: bytes, as Linux has them
-    "text": ("H", 4096, "str"),  # human-readable messages, UTF-8
+    "text": ("H", MAX_TEXT, "str"),  # human-readable messages, UTF-8
 }
 
 
@@ -203,6 +214,9 @@ class Opened(Event):
     mirror: int
     code: int
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", clip_text(self.message))
 
 
 @_frame(5, "mirror:u16 list_id:u32")
@@ -396,6 +410,9 @@ class Error(Event):
     op: int
     fatal: int
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", clip_text(self.message))
 
 
 #: Frames that carry an operation id acknowledged by Ack / refused by Error.

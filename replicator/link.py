@@ -1,17 +1,18 @@
 """The sending end: one persistent link to one peer, pushing this node's mirrors.
 
 A Link is a thread that owns everything about its peer: the connection, the
-queue of dirty paths, what the peer is known to hold, the operations in
-flight. Other threads talk to it only through ``post()`` (one queue, one
-direction): the reader thread posts decoded frames, the watcher and scanner
-post dirty paths, the control socket posts commands. No locks.
+backlog of dirty paths, what the peer is known to hold (``RemoteMirror``),
+the operations in flight. Other threads talk to it only through ``post()``
+(one queue, one direction): its reader thread posts decoded frames, the
+watcher and scanner post ``changes.Dirty``/``Moved``/``Rescan``, the control
+socket posts commands. No locks.
 
-The pipeline: a path is *dirty* → when it reaches the front, it is
-``lstat``-ed and compared with what the peer last acknowledged (or reported
+The pipeline: a path is *dirty* → when it reaches the front of the backlog it
+is ``lstat``-ed and compared with what the peer last acknowledged (or listed
 in its manifest) → only a real difference becomes an operation → the
-operation stays in flight until its Ack (durable on the peer). A link that
-drops puts everything in flight back into the dirty queue; nothing is
-forgotten before the peer acknowledged it.
+operation stays in flight until its Ack (durable on the peer) → only then
+is the change forgotten. A link that drops puts everything in flight back
+into the backlog.
 
 File data goes out with sendfile in chunks; at most ``MAX_ACTIVE`` large files
 are interleaved one chunk at a time while small files pass between them, so
@@ -21,67 +22,55 @@ a 100 GiB file never holds back a 4 KiB one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
 import random
 import socket
 import stat
-import struct
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from . import frames as F
-from . import net, paths, transfer
-from .backlog import Backlog, Key
+from . import net, paths
+from .backlog import Backlog, Info, Key, Store
+from .changes import Dirty, Flag, Moved, Rescan
 from .config import MirrorConfig, NodeConfig, PeerConfig
 from .errors import LinkError, ProtocolError, RemoteProtocolError
 from .manifest import Change, EntryState, Excludes, compare, lstat_entry, scan
+from .marker import Marker
+from .outgoing import CHUNK, FileSend, Step, open_source, version_of
 from .protocol import NEED_DATA, Connection, Established, Role
 from .publisher import IS_ROOT
+from .remote import RemoteMirror
 from .stats import LinkStats, RateMeter, Transfer
+from .transfer import PeerClosed
 
 log = logging.getLogger(__name__)
 
-#: Payload bytes per Chunk frame.
-CHUNK = 1 << 20
-#: Files of at most this size are sent whole in one go.
-SMALL = CHUNK
 #: Large files sent interleaved, one chunk each per round.
 MAX_ACTIVE = 4
 #: Unacknowledged operations before the link waits for acks.
 WINDOW = 4096
 #: Dirty paths started per round (between chunks of the large files).
-STARTS_PER_ROUND = 128
-#: Wait after a directory's child changed before its mtime is re-sent.
+STARTS_PER_ROUND = 256
+#: After a directory's child changed, wait this long before re-sending its mtime.
 DIR_SETTLE = 0.3
+#: A file modified this recently and not yet closed is still being written...
+SETTLE_NS = 200_000_000
+#: ...so look again after this long, but send it anyway once it has been
+#: dirty this long (a log file that is never closed).
+SETTLE_RETRY, SETTLE_MAX = 0.1, 5.0
 #: Retry delays for operations the peer refused with a transient error.
-RETRY_MIN, RETRY_MAX = 1.0, 60.0
+RETRY_MIN, RETRY_MAX = 1.0, 30.0
 #: Wait before re-sending a file that changed while it was sent.
 RESEND_DELAY = 0.1
 
 
-# -- messages posted to a link ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dirty:
-    """``path`` (relative to the mirror root) may differ on the peer."""
-
-    mirror: str
-    path: bytes
-    size_hint: int = 0
-
-
-@dataclass(frozen=True)
-class Rescan:
-    """Reconcile now (``mirror`` None: all mirrors of the link)."""
-
-    mirror: str | None = None
+# -- messages only the link itself posts -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -94,6 +83,7 @@ class _Frame:
 class _Down:
     gen: int
     reason: str
+    error: RemoteProtocolError | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,14 @@ class Stop:
     pass
 
 
-# -- state ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pause:
+    """Stop sending (``on``) or resume; changes keep accumulating meanwhile."""
+
+    on: bool
+
+
+# -- state ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -114,28 +111,24 @@ class SourceMirror:
     excludes: Excludes
     delete: bool
     rescan_interval: float
+    marker: Marker | None = None
 
     @classmethod
-    def from_config(cls, mid: int, name: str, cfg: MirrorConfig) -> SourceMirror:
+    def from_config(
+        cls, mid: int, name: str, cfg: MirrorConfig, marker: Marker | None = None
+    ) -> SourceMirror:
         return cls(
-            mid, name, os.fsencode(cfg.path), Excludes(cfg.exclude), cfg.delete, cfg.rescan_interval
+            mid,
+            name,
+            os.fsencode(cfg.path),
+            Excludes(cfg.exclude),
+            cfg.delete,
+            cfg.rescan_interval,
+            marker,
         )
 
-
-@dataclass
-class _Remote:
-    """What we know the peer holds in one mirror."""
-
-    opened: bool = False
-    refused: str | None = None
-    listed: bool = False
-    listing: dict[bytes, EntryState] | None = None
-    list_id: int = 0
-    known: dict[bytes, EntryState] = field(default_factory=dict)
-    partials: dict[bytes, F.Partial] = field(default_factory=dict)
-    last_scan: float | None = None
-    last_scan_duration: float | None = None
-    next_scan: float = 0.0
+    def deletes_allowed(self) -> bool:
+        return self.delete and (self.marker is None or self.marker.ok())
 
 
 @dataclass
@@ -146,38 +139,7 @@ class _InFlight:
     state: EntryState | None = None
     dst: bytes | None = None
     size: int = 0
-
-
-@dataclass
-class _Send:
-    """A file being sent."""
-
-    op: int
-    key: Key
-    mirror: SourceMirror
-    fd: int
-    st: os.stat_result
-    offset: int
-    size: int
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def version_of(st: os.stat_result) -> bytes:
-    """Identifies one version of a source file: resume only if it is unchanged."""
-    return struct.pack("!QQQqq", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _changed(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (
-        b.st_ino,
-        b.st_size,
-        b.st_mtime_ns,
-        b.st_ctime_ns,
-    )
+    is_dir: bool = False
 
 
 def _parent(rel: bytes) -> bytes:
@@ -213,6 +175,7 @@ class Link(threading.Thread):
         key: bytes,
         mirrors: list[SourceMirror],
         stats: LinkStats,
+        store: Store | None = None,
     ) -> None:
         super().__init__(name=f"link-{peer}", daemon=True)
         self.node = node
@@ -224,6 +187,7 @@ class Link(threading.Thread):
         self.stats = stats
         self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stopping = False
+        self._paused = False
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
         self._wbuf = bytearray()
@@ -231,18 +195,31 @@ class Link(threading.Thread):
         self._gen = 0
         self._next_op = 0
         self._list_ids = 0
-        self._remote: dict[int, _Remote] = {m.id: _Remote() for m in mirrors}
-        self._backlog = Backlog(self.mirrors)
+        self._remote = {m.id: RemoteMirror() for m in mirrors}
+        self._backlog = Backlog({m.id: m.name for m in mirrors}, store)
         self._retries: Counter[Key] = Counter()
         self._inflight: dict[int, _InFlight] = {}
         self._busy: dict[Key, int] = {}
         self._busy_under: Counter[Key] = Counter()
-        self._active: list[_Send] = []
+        #: Directories being renamed (src and dst) → the Rename op in flight.
+        self._renaming: dict[Key, int] = {}
+        #: Entries waiting for an op (a rename of an ancestor) to be acknowledged.
+        self._waiting: defaultdict[int, list[tuple[Key, Info]]] = defaultdict(list)
+        self._active: list[FileSend] = []
         self._last_tx = 0.0
         self._rate = RateMeter()
         self._stats_at = 0.0
+        self._marker_warned: set[str] = set()
+        loaded = self._backlog.load()
+        if loaded:
+            log.info(
+                "link to %s: %d pending changes loaded from the backlog",
+                peer,
+                loaded,
+                extra={"PEER": peer},
+            )
 
-    # -- interface for other threads -----------------------------------------
+    # -- interface for other threads -------------------------------------------------
 
     def post(self, msg: object) -> None:
         self._q.put(msg)
@@ -255,56 +232,70 @@ class Link(threading.Thread):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    # -- thread --------------------------------------------------------------
+    # -- thread ------------------------------------------------------------------------
 
     def run(self) -> None:
         backoff = Backoff(self.node.backoff_initial, self.node.backoff_max)
-        while not self._stopping:
-            self.stats.set_state("connecting")
-            self.stats.next_retry = None
-            try:
-                self._serve(backoff)
-            except AuthFailed as e:
-                self._fail("auth_failed", str(e), logging.ERROR)
-            except (LinkError, ProtocolError, transfer.PeerClosed, OSError) as e:
-                if not self._stopping:
-                    self._fail("backoff", str(e) or type(e).__name__, logging.WARNING)
-            except Exception as e:
-                log.exception("link to %s: internal error", self.peer, extra={"PEER": self.peer})
-                self._fail("backoff", f"internal error: {e}", logging.ERROR)
-            finally:
-                self._teardown()
-            if self._stopping:
-                break
-            delay = backoff.next()
-            self.stats.next_retry = time.time() + delay
-            self._idle_until(time.monotonic() + delay)
-        self.stats.set_state("stopped")
+        try:
+            while not self._stopping:
+                self.stats.set_state("connecting")
+                self.stats.next_retry = None
+                try:
+                    self._serve(backoff)
+                except AuthFailed as e:
+                    self._fail("auth_failed", str(e), logging.ERROR)
+                except (LinkError, ProtocolError, PeerClosed, OSError) as e:
+                    if not self._stopping:
+                        self._fail("backoff", str(e) or type(e).__name__, logging.WARNING)
+                except Exception as e:
+                    log.exception(
+                        "link to %s: internal error", self.peer, extra={"PEER": self.peer}
+                    )
+                    self._fail("backoff", f"internal error: {e}", logging.ERROR)
+                finally:
+                    self._teardown()
+                if self._stopping:
+                    break
+                delay = backoff.next()
+                self.stats.next_retry = time.time() + delay
+                self._idle_until(time.monotonic() + delay)
+        finally:
+            self.stats.set_state("stopped")
+            self._backlog.close()
 
     def _fail(self, state: str, msg: str, level: int) -> None:
-        full = f"link to {self.peer} ({self.peer_cfg.address}): {msg}"
-        log.log(level, "%s", full, extra={"PEER": self.peer})
+        log.log(
+            level,
+            "link to %s (%s): %s",
+            self.peer,
+            self.peer_cfg.address,
+            msg,
+            extra={"PEER": self.peer},
+        )
         self.stats.error(msg)
         self.stats.set_state(state)
 
     def _idle_until(self, until: float) -> None:
-        """Wait while disconnected, still collecting dirty paths."""
+        """Wait while disconnected, still collecting changes."""
         while not self._stopping:
             left = until - time.monotonic()
             if left <= 0:
                 return
             try:
-                msg = self._q.get(timeout=left)
+                msg = self._q.get(timeout=min(left, 0.5))
             except queue.Empty:
-                return
+                self._backlog.flush()
+                continue
             self._handle(msg)
+            self._backlog.flush()
+            self._update_stats()
 
-    # -- connection ----------------------------------------------------------
+    # -- connection --------------------------------------------------------------------
 
     def _serve(self, backoff: Backoff) -> None:
         host, port = net.parse_address(self.peer_cfg.address)
         sock = socket.create_connection((host, port), timeout=self.node.dead_after)
-        sock.settimeout(None)  # blocking, see net.tune
+        sock.settimeout(None)  # blocking: see net.tune
         self._sock = sock
         if self._stopping:
             raise LinkError("stopping")
@@ -334,15 +325,14 @@ class Link(threading.Thread):
         log.info(
             "link to %s (%s) is up", self.peer, self.peer_cfg.address, extra={"PEER": self.peer}
         )
-        reader = threading.Thread(
+        threading.Thread(
             target=self._reader,
             args=(sock, conn, self._gen),
             name=f"link-{self.peer}-rx",
             daemon=True,
-        )
-        reader.start()
+        ).start()
         for m in self.mirrors.values():
-            self._remote[m.id] = replace(_Remote(), known=self._remote[m.id].known)
+            self._remote[m.id].reset()
             self._queue(F.Open(m.id, m.name))
         self._flush()
         self._main_loop()
@@ -370,7 +360,7 @@ class Link(threading.Thread):
                 raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"{ev} during handshake")
 
     def _reader(self, sock: socket.socket, conn: Connection, gen: int) -> None:
-        """Reader thread: decode frames, post them; report the link down."""
+        """Reader thread: decode frames and post them; report the link down."""
         dead_after = self.node.dead_after
         last = time.monotonic()
         try:
@@ -388,10 +378,12 @@ class Link(threading.Thread):
                 conn.receive_data(data)
                 while (ev := conn.next_event()) is not NEED_DATA:
                     self.post(_Frame(gen, ev))
+                    if isinstance(ev, F.Error) and ev.fatal:
+                        return  # the peer is closing; _Frame raises in the link thread
         except RemoteProtocolError as e:
-            with contextlib.suppress(Exception):
-                sock.sendall(conn.send(F.Error(e.code, 0, 1, str(e))))
-            self.post(_Down(gen, f"protocol error from the peer ({e.code.name}): {e}"))
+            # Only the link thread writes to the socket (it may be in the
+            # middle of a payload): it tells the peer why as it tears down.
+            self.post(_Down(gen, f"protocol error from the peer ({e.code.name}): {e}", e))
         except (OSError, ValueError) as e:
             self.post(_Down(gen, f"connection failed: {e}"))
         with contextlib.suppress(OSError):
@@ -410,43 +402,49 @@ class Link(threading.Thread):
         self._active.clear()
         # Nothing in flight was acknowledged: all of it is dirty again.
         for rec in self._inflight.values():
-            self._mark(rec.key, rec.since, rec.size)
+            self._mark(rec.key, (rec.since, rec.size, Flag.DATA))
             if rec.dst is not None:
-                self._mark((rec.key[0], rec.dst), rec.since, 0)
+                self._mark((rec.key[0], rec.dst), (rec.since, 0, Flag.DATA))
+                if rec.is_dir:
+                    self._mark_tree(rec.key[0], rec.dst, rec.since)
         self._inflight.clear()
         self._busy.clear()
         self._busy_under.clear()
+        self._renaming.clear()
+        for waiting in self._waiting.values():
+            for key, info in waiting:
+                self._mark(key, info)
+        self._waiting.clear()
         self._backlog.unpark_all()
         for r in self._remote.values():
-            r.opened = r.listed = False
-            r.listing = None
+            r.reset()
         self.stats.current = None
-        self.stats.in_flight = 0
         self._update_stats(force=True)
 
-    # -- main loop -----------------------------------------------------------
+    # -- main loop ---------------------------------------------------------------------
 
     def _main_loop(self) -> None:
         hb = self.node.heartbeat_interval
         sock = self._sock
         assert sock is not None
         while not self._stopping:
-            # Drain everything posted, without blocking.
-            while True:
+            while True:  # everything posted, without blocking
                 try:
                     msg = self._q.get_nowait()
                 except queue.Empty:
                     break
                 self._handle(msg)
             self._backlog.promote()
+            self._backlog.refill(lambda k: k in self._busy)
             self._schedule_scans()
             net.cork(sock, True)
-            worked = self._pump()
+            worked = False if self._paused else self._pump()
             now = time.monotonic()
             if now - self._last_tx >= hb:
                 self._queue(F.Ping(time.monotonic_ns()))
             self._flush()
             net.cork(sock, False)
+            self._backlog.flush()
             self._update_stats()
             if worked:
                 continue
@@ -466,8 +464,8 @@ class Link(threading.Thread):
 
     def _flush(self) -> None:
         if self._wbuf and self._sock is not None:
-            self._sock.sendall(self._wbuf)
             self.stats.bytes_sent += len(self._wbuf)
+            self._sock.sendall(self._wbuf)
             self._wbuf.clear()
             self._last_tx = time.monotonic()
 
@@ -475,23 +473,38 @@ class Link(threading.Thread):
         self._next_op = self._next_op % 0xFFFFFFFF + 1
         return self._next_op
 
-    # -- messages ------------------------------------------------------------
+    def _mark(self, key: Key, info: Info, delay: float = 0.0, persist: bool = True) -> None:
+        self._backlog.mark(key, info, delay, persist)
+
+    # -- messages ----------------------------------------------------------------------
 
     def _handle(self, msg: object) -> None:
         if isinstance(msg, Dirty):
             m = self.by_name.get(msg.mirror)
             if m is not None and not m.excludes(msg.path):
-                self._mark((m.id, msg.path), time.time(), msg.size_hint)
+                self._mark((m.id, msg.path), (time.time(), msg.size_hint, int(msg.flags)))
+        elif isinstance(msg, Moved):
+            m = self.by_name.get(msg.mirror)
+            if m is not None:
+                self._on_moved(m, msg)
         elif isinstance(msg, _Frame):
             if msg.gen == self._gen and self._conn is not None:
                 self._on_frame(msg.event)
         elif isinstance(msg, _Down):
             if msg.gen == self._gen and self._conn is not None:
+                conn, sock = self._conn, self._sock
+                if msg.error is not None and sock is not None and not conn.payload_owed:
+                    with contextlib.suppress(Exception):
+                        sock.sendall(
+                            self._wbuf + conn.send(F.Error(msg.error.code, 0, 1, str(msg.error)))
+                        )
                 raise LinkError(msg.reason)
         elif isinstance(msg, Rescan):
-            for r_id, r in self._remote.items():
-                if msg.mirror is None or self.mirrors[r_id].name == msg.mirror:
+            for mid, r in self._remote.items():
+                if msg.mirror is None or self.mirrors[mid].name == msg.mirror:
                     r.next_scan = 0.0
+        elif isinstance(msg, Pause):
+            self._paused = self.stats.paused = msg.on
         elif isinstance(msg, Stop):
             self._stopping = True
 
@@ -500,17 +513,8 @@ class Link(threading.Thread):
             self._on_ack(ev.op)
         elif isinstance(ev, F.Entry):
             r = self._remote.get(ev.mirror)
-            if r is not None and r.listing is not None:
-                with contextlib.suppress(ValueError):
-                    r.listing[ev.path] = EntryState(
-                        F.EntryKind(ev.kind),
-                        ev.mode,
-                        ev.size,
-                        ev.mtime_ns,
-                        ev.uid,
-                        ev.gid,
-                        ev.target,
-                    )
+            if r is not None:
+                r.entry(ev)
         elif isinstance(ev, F.Partial):
             r = self._remote.get(ev.mirror)
             if r is not None:
@@ -526,13 +530,16 @@ class Link(threading.Thread):
         elif isinstance(ev, F.Pong):
             self.stats.rtt_ms = (time.monotonic_ns() - ev.nonce) / 1e6
 
+    def _mirror_stats(self, name: str) -> dict[str, Any]:
+        return self.stats.mirrors.setdefault(name, {})
+
     def _on_opened(self, ev: F.Opened) -> None:
         m = self.mirrors[ev.mirror]
         r = self._remote[ev.mirror]
         if ev.code:
             r.refused = ev.message
             self.stats.error(ev.message)
-            self.stats.mirrors.setdefault(m.name, {})["refused"] = ev.message
+            self._mirror_stats(m.name)["refused"] = ev.message
             log.error(
                 "link to %s: mirror %s refused: %s",
                 self.peer,
@@ -542,7 +549,7 @@ class Link(threading.Thread):
             )
             return
         r.opened, r.refused = True, None
-        self.stats.mirrors.setdefault(m.name, {}).pop("refused", None)
+        self._mirror_stats(m.name).pop("refused", None)
         self._list(m.id)
 
     def _list(self, mid: int) -> None:
@@ -563,6 +570,7 @@ class Link(threading.Thread):
                 self._list(mid)
 
     def _on_list_end(self, ev: F.ListEnd) -> None:
+        """Reconcile: mark every path where the source and the peer differ."""
         r = self._remote[ev.mirror]
         m = self.mirrors[ev.mirror]
         if r.listing is None or ev.list_id != r.list_id:
@@ -572,29 +580,33 @@ class Link(threading.Thread):
         r.listed = True
         now = time.time()
         seen: set[bytes] = set()
-        marked = 0
+        marked = dirs = 0
         for rel, st in scan(m.root, m.excludes):
             seen.add(rel)
+            dirs += st.kind is F.EntryKind.DIR
             if compare(st, r.known.get(rel), IS_ROOT) is not Change.NONE:
-                self._mark((m.id, rel), now, st.size)
+                self._mark((m.id, rel), (now, st.size, Flag.DATA), persist=False)
                 marked += 1
-        if m.delete:
-            gone = sorted(rel for rel in r.known if rel not in seen and not m.excludes(rel))
+        gone = sorted(rel for rel in r.known if rel not in seen and not m.excludes(rel))
+        if gone and m.delete and not m.deletes_allowed():
+            self._marker_missing(m, len(gone))
+        elif gone and m.delete:
             top: bytes | None = None
             for rel in gone:
                 if top is not None and rel.startswith(top + b"/"):
                     continue  # removed with its parent
                 top = rel
-                self._mark((m.id, rel), now, 0)
+                self._mark((m.id, rel), (now, 0, Flag.DATA), persist=False)
                 marked += 1
         dur = time.monotonic() - t0
         r.last_scan, r.last_scan_duration = time.time(), dur
         r.next_scan = time.monotonic() + m.rescan_interval
-        self.stats.mirrors.setdefault(m.name, {}).update(
+        self._mirror_stats(m.name).update(
             last_scan=r.last_scan,
             last_scan_duration=dur,
             remote_entries=len(r.known),
             source_entries=len(seen),
+            source_dirs=dirs,
         )
         log.info(
             "link to %s: mirror %s reconciled: %d entries here, %d there, %d to send (%.2f s)",
@@ -607,10 +619,20 @@ class Link(threading.Thread):
             extra={"PEER": self.peer, "MIRROR": m.name},
         )
 
-    # -- the dirty-path pipeline ----------------------------------------------
+    def _marker_missing(self, m: SourceMirror, n: int) -> None:
+        self._mirror_stats(m.name)["marker_missing"] = True
+        if m.name not in self._marker_warned:
+            self._marker_warned.add(m.name)
+            log.error(
+                "link to %s: mirror %s: NOT propagating %d deletion(s): the mirror's "
+                "marker is missing (see the mirror's log line above)",
+                self.peer,
+                m.name,
+                n,
+                extra={"PEER": self.peer, "MIRROR": m.name},
+            )
 
-    def _mark(self, key: Key, since: float, size: int, delay: float = 0.0) -> None:
-        self._backlog.mark(key, since, size, delay)
+    # -- the pipeline --------------------------------------------------------------------
 
     def _pump(self) -> bool:
         """Send what can be sent now; True if anything was sent."""
@@ -629,35 +651,76 @@ class Link(threading.Thread):
                 and conn.open_files() < F.MAX_OPEN_FILES - 1
             ):
                 key, info = bl.pop(mid)
-                if key in self._busy:
-                    bl.park(key, info)
-                elif self._busy_under[key]:
-                    # A directory whose children are in flight: its mtime will
-                    # change again; look at it once they are acknowledged.
-                    self._mark(key, info[0], info[1], DIR_SETTLE)
-                elif self._start(key, info):
+                if self._try_start(key, info):
                     started += 1
                     worked = True
         for s in list(self._active):
-            self._send_chunk(s)
+            self._step(s)
             worked = True
         return worked
 
-    def _start(self, key: Key, info: tuple[float, int]) -> bool:
+    def _try_start(self, key: Key, info: Info) -> bool:
+        if key in self._busy:
+            self._backlog.park(key, info)
+            return False
+        if self._busy_under[key]:
+            # A directory whose children are in flight: its mtime will change
+            # again on the peer; look at it once they are acknowledged.
+            self._mark(key, info, DIR_SETTLE, persist=False)
+            return False
+        if self._renaming:
+            op = self._renaming_above(key)
+            if op is not None:
+                self._waiting[op].append((key, info))
+                return False
+        return self._start(key, info)
+
+    def _renaming_above(self, key: Key) -> int | None:
+        mid, rel = key
+        i = rel.rfind(b"/")
+        while i > 0:
+            op = self._renaming.get((mid, rel[:i]))
+            if op is not None:
+                return op
+            i = rel.rfind(b"/", 0, i)
+        return None
+
+    def _start(self, key: Key, info: Info) -> bool:
         """Turn one dirty path into an operation, if it really changed."""
         mid, rel = key
         m = self.mirrors[mid]
         r = self._remote[mid]
-        since = info[0]
+        since, _, flags = info
         known = r.known.get(rel)
         src = None if m.excludes(rel) else lstat_entry(m.root, rel)
         if src is None:
             if known is None or not m.delete:
+                self._backlog.done(key)
+                return False
+            if not m.deletes_allowed():
+                self._marker_missing(m, 1)
+                self._backlog.done(key)
                 return False
             return self._send_op(F.Delete(self._op(), mid, rel), key, since, None)
         change = compare(src, known, IS_ROOT)
         if change is Change.NONE:
+            self._backlog.done(key)
             return False
+        if src.kind is F.EntryKind.FILE and change is Change.DATA:
+            if (
+                flags & Flag.ATTRIB
+                and not flags & Flag.DATA
+                and known is not None
+                and known.kind is F.EntryKind.FILE
+                and known.size == src.size
+            ):
+                change = Change.META  # chmod/touch: no data to send
+            elif not flags & Flag.CLOSED:
+                age = time.time_ns() - src.mtime_ns
+                if 0 <= age < SETTLE_NS and time.time() - since < SETTLE_MAX:
+                    # Still being written and not closed: wait for it to settle.
+                    self._mark(key, info, SETTLE_RETRY, persist=False)
+                    return False
         if change is Change.META:
             ev: F.Event = F.Meta(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
             return self._send_op(ev, key, since, src)
@@ -676,53 +739,114 @@ class Link(threading.Thread):
         since: float,
         state: EntryState | None,
         dst: bytes | None = None,
+        is_dir: bool = False,
     ) -> bool:
         op: int = ev.op  # type: ignore[attr-defined]
         self._queue(ev)
-        self._track(op, _InFlight(type(ev), key, since, state, dst))
+        self._track(op, _InFlight(type(ev), key, since, state, dst, is_dir=is_dir))
         self.stats.ops_sent += 1
         return True
 
     def _track(self, op: int, rec: _InFlight) -> None:
         self._inflight[op] = rec
-        self._busy[rec.key] = op
         mid, rel = rec.key
+        self._busy[rec.key] = op
         self._busy_under[(mid, _parent(rel))] += 1
+        if rec.dst is not None:
+            self._busy[(mid, rec.dst)] = op
+            self._busy_under[(mid, _parent(rec.dst))] += 1
+            if rec.is_dir:
+                self._renaming[rec.key] = self._renaming[(mid, rec.dst)] = op
 
     def _release(self, op: int) -> _InFlight | None:
         rec = self._inflight.pop(op, None)
         if rec is None:
             return None
-        self._busy.pop(rec.key, None)
-        mid, rel = rec.key
-        pk = (mid, _parent(rel))
-        self._busy_under[pk] -= 1
-        if self._busy_under[pk] <= 0:
-            del self._busy_under[pk]
-        self._backlog.unpark(rec.key)
+        mid = rec.key[0]
+        keys = [rec.key] + ([(mid, rec.dst)] if rec.dst is not None else [])
+        for k in keys:
+            self._busy.pop(k, None)
+            self._renaming.pop(k, None)
+            pk = (mid, _parent(k[1]))
+            self._busy_under[pk] -= 1
+            if self._busy_under[pk] <= 0:
+                del self._busy_under[pk]
+        for k in keys:
+            self._backlog.unpark(k)
+        for key, info in self._waiting.pop(op, ()):
+            self._mark(key, info, persist=False)
         return rec
+
+    # -- renames ---------------------------------------------------------------------------
+
+    def _on_moved(self, m: SourceMirror, msg: Moved) -> None:
+        """A rename travels as a rename when the peer holds the source and
+        nothing about either path is in flight; otherwise it becomes a delete
+        of ``src`` and new data at ``dst``."""
+        mid = m.id
+        src, dst = msg.src, msg.dst
+        now = time.time()
+        r = self._remote[mid]
+        if (
+            self._conn is not None
+            and r.listed
+            and not self._paused
+            and src in r.known
+            and not m.excludes(src)
+            and not m.excludes(dst)
+            and not self._rename_blocked(mid, src, dst)
+        ):
+            self._send_op(
+                F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir
+            )
+            self._flush()
+            return
+        self._mark((mid, src), (now, 0, Flag.DATA))
+        self._mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED))
+        if msg.is_dir:
+            self._mark_tree(mid, dst, now)
+
+    def _rename_blocked(self, mid: int, src: bytes, dst: bytes) -> bool:
+        if (mid, src) in self._busy or (mid, dst) in self._busy:
+            return True
+        if (
+            self._renaming_above((mid, src)) is not None
+            or self._renaming_above((mid, dst)) is not None
+        ):
+            return True
+        sp, dp = src + b"/", dst + b"/"
+        for rec in self._inflight.values():
+            if rec.key[0] == mid:
+                p = rec.key[1]
+                if p.startswith(sp) or p.startswith(dp):
+                    return True
+        return False
+
+    def _mark_tree(self, mid: int, top: bytes, since: float, only_changed: bool = False) -> None:
+        m = self.mirrors[mid]
+        known = self._remote[mid].known
+        for rel, st in scan(m.root, m.excludes, top):
+            if not only_changed or compare(st, known.get(rel), IS_ROOT) is not Change.NONE:
+                self._mark((mid, rel), (since, st.size, Flag.DATA))
+
+    # -- files -------------------------------------------------------------------------
 
     def _start_file(self, m: SourceMirror, key: Key, since: float) -> bool:
         rel = key[1]
         path = os.path.join(m.root, rel)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            opened = open_source(path)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
-                self._mark(key, since, 0, RESEND_DELAY)  # it changed type or vanished
-                return False
             self._source_error(m, rel, e)
             return False
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            self._mark(key, since, 0, RESEND_DELAY)
+        if opened is None:  # gone or changed type since lstat: look again
+            self._mark(key, (since, 0, Flag.DATA), RESEND_DELAY, persist=False)
             return False
+        fd, st = opened
         r = self._remote[m.id]
-        version = version_of(st)
         offset = 0
         held = r.partials.pop(rel, None)
-        if held is not None and held.version == version and 0 < held.held <= st.st_size:
+        if held is not None and held.version == version_of(st) and 0 < held.held <= st.st_size:
             offset = held.held
             self.stats.resumed_files += 1
             self.stats.resumed_bytes_skipped += offset
@@ -745,17 +869,16 @@ class Link(threading.Thread):
                 st.st_mtime_ns,
                 st.st_uid,
                 st.st_gid,
-                version,
+                version_of(st),
                 rel,
             )
         )
-        state = EntryState.from_stat(st)
-        self._track(op, _InFlight(F.File, key, since, state, size=st.st_size))
+        self._track(op, _InFlight(F.File, key, since, EntryState.from_stat(st), size=st.st_size))
         self.stats.ops_sent += 1
-        s = _Send(op, key, m, fd, st, offset, st.st_size)
-        if st.st_size - offset <= SMALL:
+        s = FileSend(op, key, m.name, path, fd, st, offset, since)
+        if s.left <= CHUNK:
             while s.fd >= 0:
-                self._send_chunk(s)
+                self._step(s)
         else:
             self._active.append(s)
         return True
@@ -769,54 +892,26 @@ class Link(threading.Thread):
         )
         self.stats.error(msg)
 
-    def _send_chunk(self, s: _Send) -> None:
-        """Send the next chunk of ``s`` (or finish it)."""
+    def _step(self, s: FileSend) -> None:
+        """Send the next chunk of ``s``; End or Abort it when it is done."""
         conn, sock = self._conn, self._sock
         assert conn is not None and sock is not None
-        n = min(CHUNK, s.size - s.offset)
-        if n == 0:
-            self._finish(s)
+        if s.left:
+            self.stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
+            self.stats.bytes_sent += len(self._wbuf)
+        step, n = s.step(sock, conn, self._wbuf)
+        self.stats.bytes_sent += n
+        self.stats.payload_bytes_sent += n
+        if n:
+            self._last_tx = time.monotonic()
+        if step is Step.MORE:
             return
-        if s.offset and s.size > SMALL and _changed(s.st, os.fstat(s.fd)):
-            self._abort(s, F.AbortReason.SOURCE_CHANGED)
+        if step is Step.DONE:
+            self._queue(F.End(s.op))
+            self.stats.files_sent += 1
+            self._drop(s)
             return
-        self._queue(F.Chunk(s.op, s.offset, n))
-        self._flush()
-        self.stats.current = Transfer(paths.show(s.key[1]), s.mirror.name, s.offset, s.size)
-        sent = transfer.send_range(sock.fileno(), s.fd, s.offset, n)
-        conn.payload_sent(sent)
-        self.stats.bytes_sent += sent
-        self.stats.payload_bytes_sent += sent
-        if sent < n:
-            # The file shrank under us: keep the stream framed, then abort.
-            transfer.send_filler(sock, n - sent)
-            conn.payload_sent(n - sent)
-            self.stats.bytes_sent += n - sent
-            self._abort(s, F.AbortReason.SOURCE_CHANGED)
-            return
-        s.offset += n
-        self._last_tx = time.monotonic()
-        if s.offset == s.size:
-            self._finish(s)
-
-    def _finish(self, s: _Send) -> None:
-        # Zero-copy shares pages rather than snapshotting them: a write after
-        # sendfile returned may still have reached the wire. Re-check the
-        # source before saying End.
-        try:
-            now = os.fstat(s.fd)
-            at_path = os.lstat(os.path.join(s.mirror.root, s.key[1]))
-        except OSError:
-            self._abort(s, F.AbortReason.SOURCE_GONE)
-            return
-        if _changed(s.st, now) or at_path.st_ino != s.st.st_ino:
-            self._abort(s, F.AbortReason.SOURCE_CHANGED)
-            return
-        self._queue(F.End(s.op))
-        self._drop(s)
-        self.stats.files_sent += 1
-
-    def _abort(self, s: _Send, reason: F.AbortReason) -> None:
+        reason = F.AbortReason.SOURCE_CHANGED if step is Step.CHANGED else F.AbortReason.SOURCE_GONE
         self._queue(F.Abort(s.op, reason))
         self._drop(s)
         rec = self._release(s.op)
@@ -825,18 +920,18 @@ class Link(threading.Thread):
             "link to %s: %s changed while being sent; sending it again",
             self.peer,
             paths.show(s.key[1]),
-            extra={"PEER": self.peer, "MIRROR": s.mirror.name, "PATH": paths.show(s.key[1])},
+            extra={"PEER": self.peer, "MIRROR": s.mirror, "PATH": paths.show(s.key[1])},
         )
-        self._mark(s.key, rec.since if rec else time.time(), s.size, RESEND_DELAY)
+        since = rec.since if rec else s.since
+        self._mark(s.key, (since, s.size, Flag.DATA), RESEND_DELAY, persist=False)
 
-    def _drop(self, s: _Send) -> None:
+    def _drop(self, s: FileSend) -> None:
         s.close()
         if s in self._active:
             self._active.remove(s)
-        if self.stats.current is not None and self.stats.current.path == paths.show(s.key[1]):
-            self.stats.current = None
+        self.stats.current = None
 
-    # -- answers -------------------------------------------------------------
+    # -- answers -----------------------------------------------------------------------
 
     def _on_ack(self, op: int) -> None:
         rec = self._release(op)
@@ -847,47 +942,24 @@ class Link(threading.Thread):
         mid, rel = rec.key
         r = self._remote[mid]
         if rec.kind is F.Delete:
-            self._forget_under(r, rel)
+            r.forget(rel)
         elif rec.kind is F.Rename:
             assert rec.dst is not None
-            self._move_under(r, rel, rec.dst)
+            r.move(rel, rec.dst)
+            self.stats.renames += 1
+            # What moved may have changed on the way: compare it again.
+            self._mark((mid, rec.dst), (rec.since, 0, Flag.DATA), persist=False)
+            if rec.is_dir:
+                self._mark_tree(mid, rec.dst, rec.since, only_changed=True)
         elif rec.state is not None:
-            old = r.known.get(rel)
-            if old is not None and old.kind is F.EntryKind.DIR and rec.state.kind is not old.kind:
-                self._forget_under(r, rel)  # a directory replaced by a file or symlink
-            r.known[rel] = rec.state
+            r.acked(rel, rec.state)
         if rec.kind is not F.Meta:
             # The entry's folder on the peer got a new mtime: put ours back.
-            for p in {_parent(rel), _parent(rec.dst) if rec.dst else None}:
+            for p in {_parent(rel), _parent(rec.dst) if rec.dst else b""}:
                 if p:
-                    self._stale_dir(mid, p, rec.since)
-
-    def _stale_dir(self, mid: int, rel: bytes, since: float) -> None:
-        r = self._remote[mid]
-        cur = r.known.get(rel)
-        if cur is not None and cur.kind is F.EntryKind.DIR:
-            r.known[rel] = replace(cur, mtime_ns=-1)
-        self._mark((mid, rel), since, 0, DIR_SETTLE)
-
-    @staticmethod
-    def _forget_under(r: _Remote, rel: bytes) -> None:
-        st = r.known.pop(rel, None)
-        if st is not None and st.kind is F.EntryKind.DIR:
-            prefix = rel + b"/"
-            for k in [k for k in r.known if k.startswith(prefix)]:
-                del r.known[k]
-
-    @staticmethod
-    def _move_under(r: _Remote, src: bytes, dst: bytes) -> None:
-        Link._forget_under(r, dst)
-        st = r.known.pop(src, None)
-        if st is None:
-            return
-        r.known[dst] = st
-        if st.kind is F.EntryKind.DIR:
-            prefix = src + b"/"
-            for k in [k for k in r.known if k.startswith(prefix)]:
-                r.known[dst + k[len(src) :]] = r.known.pop(k)
+                    r.stale_dir(p)
+                    self._mark((mid, p), (rec.since, 0, Flag.DATA), DIR_SETTLE, persist=False)
+        self._backlog.done(rec.key)
 
     def _on_error(self, ev: F.Error) -> None:
         try:
@@ -907,16 +979,31 @@ class Link(threading.Thread):
         m = self.mirrors[mid]
         where = {"PEER": self.peer, "MIRROR": m.name, "PATH": paths.show(rel), "CODE": code.name}
         self.stats.error(ev.message)
-        if code is F.ErrorCode.RESUME_MISMATCH:
+        info: Info = (rec.since, rec.size, Flag.DATA)
+        if rec.kind is F.Rename:
+            # The peer could not rename: send the destination as new data.
+            assert rec.dst is not None
+            log.warning(
+                "peer %s could not rename %s: %s; sending it again",
+                self.peer,
+                paths.show(rel),
+                ev.message,
+                extra=where,
+            )
+            self._mark((mid, rec.dst), info)
+            if rec.is_dir:
+                self._mark_tree(mid, rec.dst, rec.since)
+            self._mark(rec.key, info)
+        elif code is F.ErrorCode.RESUME_MISMATCH:
             self._remote[mid].partials.pop(rel, None)
-            self._mark(rec.key, rec.since, rec.size)
+            self._mark(rec.key, info)
         elif code in F.RETRYABLE:
             n = self._retries[rec.key] = self._retries[rec.key] + 1
             delay = min(RETRY_MAX, RETRY_MIN * 2 ** (n - 1))
             log.warning(
                 "peer %s: %s; retrying in %.0f s", self.peer, ev.message, delay, extra=where
             )
-            self._mark(rec.key, rec.since, rec.size, delay)
+            self._mark(rec.key, info, delay)
         else:
             log.error(
                 "peer %s refused %s: %s (not retried until the next scan)",
@@ -925,8 +1012,9 @@ class Link(threading.Thread):
                 ev.message,
                 extra=where,
             )
+            self._backlog.done(rec.key)
 
-    # -- status --------------------------------------------------------------
+    # -- status ------------------------------------------------------------------------
 
     def _update_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -936,15 +1024,20 @@ class Link(threading.Thread):
         st = self.stats
         bl = self._backlog
         st.queue_files = bl.files()
-        st.queue_bytes = bl.bytes() + sum(s.size - s.offset for s in self._active)
+        st.queue_bytes = bl.bytes() + sum(s.left for s in self._active)
         st.in_flight = len(self._inflight)
         oldest = [t for t in (bl.oldest(),) if t is not None]
         oldest += [rec.since for rec in self._inflight.values()][:1]
+        oldest += [w[0][1][0] for w in self._waiting.values() if w]
         st.oldest_change = min(oldest) if oldest else None
         st.rate_bps = self._rate.add(st.payload_bytes_sent)
         for mid, r in self._remote.items():
             m = self.mirrors[mid]
-            st.mirrors.setdefault(m.name, {}).update(listed=r.listed)
+            ms = self._mirror_stats(m.name)
+            ms.update(listed=r.listed)
+            if m.marker is not None and m.marker.ok():
+                ms.pop("marker_missing", None)
+                self._marker_warned.discard(m.name)
 
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()

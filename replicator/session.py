@@ -28,6 +28,7 @@ from . import net, paths, transfer
 from .config import Config
 from .errors import ApplyError, BadPath, LinkError, RemoteProtocolError
 from .manifest import EntryState, Excludes, scan
+from .marker import Marker
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
 from .publisher import Inbox, PartialFile, Publisher
 from .stats import SessionStats
@@ -69,6 +70,7 @@ class Session:
         stats: SessionStats,
         on_established: Callable[[Session], None] | None = None,
         on_published: Published | None = None,
+        markers: dict[str, Marker] | None = None,
     ) -> None:
         self.sock = sock
         self.addr = addr
@@ -78,6 +80,7 @@ class Session:
         self.stats = stats
         self.on_established = on_established
         self.on_published = on_published
+        self.markers = markers or {}
         self.peer = ""
         self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
         self._wbuf = bytearray()
@@ -213,7 +216,6 @@ class Session:
             if not peek:
                 raise LinkError("connection closed by the peer")
             last_rx = time.monotonic()
-            self.stats.bytes_received += len(peek)
             conn.receive_data(peek)
             consume = len(peek)
             while True:
@@ -227,6 +229,7 @@ class Session:
                         continue
                     consume -= conn.rewind()
                     net.consume(sock, consume, scratch)
+                    self.stats.bytes_received += consume
                     consume = 0
                     self._payload_splice(due)
                     conn.payload_consumed(due)
@@ -235,6 +238,7 @@ class Session:
                 self._dispatch(ev)
             if consume:
                 net.consume(sock, consume, scratch)
+                self.stats.bytes_received += consume
             pending = sum(m.publisher.pending for m in self._mirrors.values())
             if pending and (
                 pending >= GROUP_OPS
@@ -402,6 +406,15 @@ class Session:
             )
             self._queue(F.Opened(ev.mirror, F.ErrorCode.FORBIDDEN, msg))
             log.warning("refused: %s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            return
+        marker = self.markers.get(ev.name)
+        if marker is not None and not marker.ok():
+            msg = (
+                f"mirror {ev.name!r} on {me!r}: its marker is missing in {mcfg.path} "
+                "(disk not mounted?); refusing to write into it"
+            )
+            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
+            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
             return
         try:
             root = paths.Root(mcfg.path)

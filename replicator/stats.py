@@ -38,6 +38,7 @@ class LinkStats:
     ops_sent: int = 0
     ops_acked: int = 0
     files_aborted: int = 0
+    renames: int = 0
     resumed_files: int = 0
     resumed_bytes_skipped: int = 0
     queue_files: int = 0

@@ -600,9 +600,17 @@ OVERSIZE: list[tuple[str, F.Event]] = [
     ("path 4097", F.Delete(1, 1, b"p" * 4097)),
     ("target 4097", F.Symlink(1, 1, 0, 0, 0, b"l", b"t" * 4097)),
     ("dst 4097", F.Rename(1, 1, b"a", b"d" * 4097)),
-    ("text 4097", F.Error(1, 0, 1, "t" * 4097)),
-    ("text 1366 chars, 4098 bytes", F.Opened(1, 0, "€" * 1366)),
 ]
+
+
+@pytest.mark.parametrize("ev", [F.Error(1, 0, 1, "t" * 4097), F.Opened(1, 0, "€" * 1366)])
+def test_messages_are_clipped_not_refused(ev: F.Event) -> None:
+    """An error about a long path must still be sendable: messages are cut
+    to MAX_TEXT bytes instead of making encode() fail."""
+    msg = ev.message  # type: ignore[attr-defined]
+    assert len(msg.encode()) <= F.MAX_TEXT and msg.endswith("...")
+    kind, n = F.decode_header(F.encode(ev)[: F.HEADER_SIZE])
+    assert F.decode_body(kind, F.encode(ev)[F.HEADER_SIZE :]) == ev
 
 
 @pytest.mark.parametrize(("what", "ev"), OVERSIZE, ids=[o[0] for o in OVERSIZE])

@@ -1,0 +1,47 @@
+"""What the watcher and the scanner tell links about a mirror.
+
+These are plain messages; a Link receives them through ``Link.post``. A path
+is always relative to the mirror root, as bytes (Linux file names are bytes).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Flag(enum.IntFlag):
+    #: The content may have changed (created, written, moved in, deleted).
+    DATA = 1
+    #: A writer closed the file: it is complete for now, send at once.
+    CLOSED = 2
+    #: Only attributes changed (chmod, utime, chown): a Meta frame will do
+    #: if the size is unchanged.
+    ATTRIB = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Dirty:
+    """``path`` may differ on the peers."""
+
+    mirror: str
+    path: bytes
+    flags: Flag = Flag.DATA
+    size_hint: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """``src`` was renamed to ``dst`` inside the mirror."""
+
+    mirror: str
+    src: bytes
+    dst: bytes
+    is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rescan:
+    """Reconcile with the peer now (``mirror`` None: every mirror of the link)."""
+
+    mirror: str | None = None

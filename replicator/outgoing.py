@@ -1,0 +1,125 @@
+"""A file being sent: open source fd, version, offset, change detection.
+
+The link decides *what* to send; this module knows *how* a file goes out:
+Chunk headers framed by the protocol, payload by ``transfer.send_range``
+(sendfile), filler if the file shrank mid-chunk, and the final re-check
+before End — zero-copy shares pages rather than snapshotting them, so a
+write that lands after sendfile returned may still have reached the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+from . import frames as F
+from . import transfer
+from .backlog import Key
+from .protocol import Connection
+
+#: Payload bytes per Chunk frame.
+CHUNK = 1 << 20
+
+
+def version_of(st: os.stat_result) -> bytes:
+    """Identifies one version of a source file: resume only if it is unchanged."""
+    return struct.pack("!QQQqq", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def changed(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+    )
+
+
+class Step(enum.Enum):
+    #: A chunk went out; more to come.
+    MORE = "more"
+    #: The last chunk went out and the source is unchanged: send End.
+    DONE = "done"
+    #: The source changed or shrank: send Abort.
+    CHANGED = "changed"
+    #: The source vanished or became unreadable: send Abort.
+    GONE = "gone"
+
+
+def open_source(path: bytes) -> tuple[int, os.stat_result] | None:
+    """An fd and stat of the regular file at ``path``; None if it is gone or
+    not a regular file any more (it changed type: look at it again)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink, socket or fifo now
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+@dataclass
+class FileSend:
+    op: int
+    key: Key
+    mirror: str
+    path: bytes  # full source path
+    fd: int
+    st: os.stat_result
+    offset: int
+    since: float
+
+    @property
+    def size(self) -> int:
+        return self.st.st_size
+
+    @property
+    def left(self) -> int:
+        return self.size - self.offset
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def step(self, sock: socket.socket, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:
+        """Send the next chunk (``wbuf`` holds frames queued before it and is
+        flushed first). Returns what happened and the payload bytes sent."""
+        n = min(CHUNK, self.left)
+        if n == 0:
+            return self._verdict(), 0
+        if self.offset and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
+            return Step.CHANGED, 0  # a big file: notice a change early, not at the end
+        wbuf += conn.send(F.Chunk(self.op, self.offset, n))
+        sock.sendall(wbuf)
+        wbuf.clear()
+        sent = transfer.send_range(sock.fileno(), self.fd, self.offset, n)
+        conn.payload_sent(sent)
+        if sent < n:
+            # The file shrank under us: keep the stream framed, then abort.
+            transfer.send_filler(sock, n - sent)
+            conn.payload_sent(n - sent)
+            return Step.CHANGED, sent
+        self.offset += n
+        return (self._verdict() if self.left == 0 else Step.MORE), n
+
+    def _verdict(self) -> Step:
+        try:
+            now = os.fstat(self.fd)
+            at_path = os.lstat(self.path)
+        except OSError:
+            return Step.GONE
+        if changed(self.st, now) or at_path.st_ino != self.st.st_ino:
+            return Step.CHANGED
+        return Step.DONE

@@ -1,0 +1,191 @@
+"""Scans that complement inotify: new subtrees, and directories it cannot watch.
+
+- A directory created or moved into a mirror is scanned whole: files written
+  before its watch existed produce no event of their own.
+- inotify's watch limit fails silently in watchdog for subdirectories. This
+  thread compares the directories of each mirror with the watches the
+  process really holds (``watcher.watched_inodes``); directories without a
+  watch are polled every ``POLL_INTERVAL`` seconds by listing them and
+  comparing with the previous listing, and the log and status say so.
+
+Everything found becomes a ``changes.Dirty`` message for the links; the link
+decides what really needs sending.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .changes import Dirty, Flag
+from .frames import EntryKind
+from .manifest import Excludes, scan
+from .paths import STATE_DIR
+from .watcher import watched_inodes
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 10.0
+WATCH_CHECK_INTERVAL = 60.0
+
+Listing = dict[bytes, tuple[int, int, int, int]]  # name → (mode, size, mtime_ns, ino)
+
+
+@dataclass
+class _MirrorScan:
+    root: bytes
+    excludes: Excludes
+    dirs: int = 0
+    unwatched: dict[bytes, Listing] = field(default_factory=dict)
+    last_check: float | None = None
+
+
+def _list(path: bytes) -> Listing | None:
+    out: Listing = {}
+    try:
+        with os.scandir(path) as it:
+            for de in it:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[de.name] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return out
+
+
+class Scanner(threading.Thread):
+    def __init__(
+        self, mirrors: dict[str, tuple[bytes, Excludes]], route: Callable[[object], None]
+    ) -> None:
+        super().__init__(name="scanner", daemon=True)
+        self.mirrors = {n: _MirrorScan(r, e) for n, (r, e) in mirrors.items()}
+        self.route = route
+        self._q: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._stop = False
+        self._check_now = True
+
+    def request(self, mirror: str, rel: bytes) -> None:
+        """Scan ``rel`` (a directory) of ``mirror`` (from any thread)."""
+        self._q.put((mirror, rel))
+
+    def check_watches(self) -> None:
+        self._check_now = True
+        self._q.put(None)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._q.put(None)
+
+    def run(self) -> None:
+        next_poll = time.monotonic() + POLL_INTERVAL
+        next_check = time.monotonic()
+        while not self._stop:
+            timeout = max(0.0, min(next_poll, next_check) - time.monotonic())
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None:
+                    self._scan_subtree(*item)
+                now = time.monotonic()
+                if self._check_now or now >= next_check:
+                    self._check_now = False
+                    self._check()
+                    next_check = now + WATCH_CHECK_INTERVAL
+                if now >= next_poll:
+                    self._poll()
+                    next_poll = now + POLL_INTERVAL
+            except Exception:
+                log.exception("scanner failed; carrying on")
+
+    def _scan_subtree(self, mirror: str, rel: bytes) -> None:
+        ms = self.mirrors.get(mirror)
+        if ms is None:
+            return
+        for path, st in scan(ms.root, ms.excludes, rel):
+            self.route(Dirty(mirror, path, Flag.DATA, st.size))
+
+    def _check(self) -> None:
+        """Compare each mirror's directories with the inotify watches held."""
+        watched = watched_inodes()
+        for name, ms in self.mirrors.items():
+            missing: list[bytes] = []
+            n = 0
+            try:
+                top = os.lstat(ms.root)
+            except OSError:
+                continue
+            if (top.st_dev, top.st_ino) not in watched:
+                missing.append(b"")
+            for rel, entry in scan(ms.root, ms.excludes):
+                if entry.kind is not EntryKind.DIR:
+                    continue
+                n += 1
+                try:
+                    st = os.lstat(os.path.join(ms.root, rel))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in watched:
+                    missing.append(rel)
+            ms.dirs, ms.last_check = n + 1, time.time()
+            before = set(ms.unwatched)
+            ms.unwatched = {
+                rel: ms.unwatched.get(rel) or _list(os.path.join(ms.root, rel)) or {}
+                for rel in missing
+            }
+            if missing and set(missing) != before:
+                log.warning(
+                    "mirror %s: %d of %d directories have no inotify watch (watch limit "
+                    "fs.inotify.max_user_watches reached?); polling them every %.0f s. Raise "
+                    "the limit: sysctl fs.inotify.max_user_watches=1048576",
+                    name,
+                    len(missing),
+                    ms.dirs,
+                    POLL_INTERVAL,
+                    extra={"MIRROR": name},
+                )
+                for rel in set(missing) - before:  # changes made before polling began
+                    if rel:
+                        self._scan_subtree(name, rel)
+            elif not missing and before:
+                log.info(
+                    "mirror %s: every directory is watched again", name, extra={"MIRROR": name}
+                )
+
+    def _poll(self) -> None:
+        for name, ms in self.mirrors.items():
+            for rel, before in list(ms.unwatched.items()):
+                now_listing = _list(os.path.join(ms.root, rel) if rel else ms.root)
+                if now_listing is None:
+                    del ms.unwatched[rel]
+                    continue
+                for entry in set(before) | set(now_listing):
+                    if before.get(entry) != now_listing.get(entry):
+                        path = rel + b"/" + entry if rel else entry
+                        if path == STATE_DIR or ms.excludes(path):
+                            continue
+                        self.route(Dirty(name, path, Flag.DATA))
+                        info = now_listing.get(entry)
+                        if info and stat.S_ISDIR(info[0]) and entry not in before:
+                            self._scan_subtree(name, path)
+                ms.unwatched[rel] = now_listing
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {
+            n: {
+                "dirs": ms.dirs,
+                "unwatched_dirs": len(ms.unwatched),
+                "last_watch_check": ms.last_check,
+            }
+            for n, ms in self.mirrors.items()
+        }
