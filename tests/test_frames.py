@@ -609,7 +609,7 @@ def test_messages_are_clipped_not_refused(ev: F.Event) -> None:
     to MAX_TEXT bytes instead of making encode() fail."""
     msg = ev.message  # type: ignore[attr-defined]
     assert len(msg.encode()) <= F.MAX_TEXT and msg.endswith("...")
-    kind, n = F.decode_header(F.encode(ev)[: F.HEADER_SIZE])
+    kind, _ = F.decode_header(F.encode(ev)[: F.HEADER_SIZE])
     assert F.decode_body(kind, F.encode(ev)[F.HEADER_SIZE :]) == ev
 
 

@@ -43,8 +43,11 @@ def test_receiver_disk_full_then_freed(cluster: LocalCluster, small_fs: Path) ->
         fill(src / f"f{i}.bin", 3 * MiB)
     want = {p.name: sha(p) for p in src.glob("f*")}
     cluster.start()
-    wait_for(lambda: "no space" in (a.link("b")["last_error"] or ""), 60,
-             "the sender to be told the replica is full")
+    wait_for(
+        lambda: "no space" in (a.link("b")["last_error"] or ""),
+        60,
+        "the sender to be told the replica is full",
+    )
     assert "no space left on the replica" in b.log_path.read_text() + a.log_path.read_text()
     # what was published is whole; the source lost nothing
     for p in dst.iterdir():

@@ -161,8 +161,17 @@ def test_escaping_paths_refused(setup: tuple[LocalNode, LocalNode, bytes], tmp_p
     assert isinstance(c.handshake(), Established)
     c.send(F.Open(1, "m"))
     assert c.expect(F.Opened).code == 0  # type: ignore[attr-defined]
-    bad = [b"../x", b"/etc/x", b"a/../../x", b"esc/pwned", b"x\x00y", b".replicator/partial/a/z",
-           b"", b"./x", b"a//b"]
+    bad = [
+        b"../x",
+        b"/etc/x",
+        b"a/../../x",
+        b"esc/pwned",
+        b"x\x00y",
+        b".replicator/partial/a/z",
+        b"",
+        b"./x",
+        b"a//b",
+    ]
     ops = {c.push_file(p, b"pwned") for p in bad}
     c.op += 1
     c.send(F.Mkdir(c.op, 1, 0o755, 0, 0, 0, b"esc/dir"))
