@@ -11,12 +11,21 @@ from dataclasses import dataclass
 
 
 class Flag(enum.IntFlag):
-    #: The content may have changed (created, written, moved in, deleted).
+    """What the events of a dirty path said. The link decides with lstat;
+    flags only break the ties lstat cannot:
+
+    - a file whose size and mtime changed is sent whole, *unless* the only
+      evidence is ATTRIB (+ CLOSED): that is touch/utime, and a Meta frame
+      carries it (measured: touch = IN_ATTRIB + IN_CLOSE_WRITE; write() adds
+      IN_MODIFY; an mmap write gives IN_CLOSE_WRITE alone);
+    - a file written but not yet CLOSED waits until it settles.
+    """
+
+    #: The content may have changed (written, created, moved in, deleted).
     DATA = 1
     #: A writer closed the file: it is complete for now, send at once.
     CLOSED = 2
-    #: Only attributes changed (chmod, utime, chown): a Meta frame will do
-    #: if the size is unchanged.
+    #: Attributes changed (chmod, utime, chown).
     ATTRIB = 4
 
 

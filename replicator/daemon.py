@@ -32,13 +32,17 @@ from .marker import Marker
 from .scanner import Scanner
 from .session import Session
 from .stats import LinkStats, SessionStats
-from .watcher import OverflowHook, Watcher
+from .watcher import OverflowHook, Watcher, watched_inodes
 
 log = logging.getLogger("replicator")
 
 #: Sessions beyond this many are refused at once (a flood of half-open
 #: connections must not exhaust threads).
 MAX_SESSIONS = 64
+#: How often every mirror root's inotify watch is verified.
+ROOT_CHECK_INTERVAL = 2.0
+#: Rescan once inotify has not overflowed for this long.
+OVERFLOW_QUIET = 0.5
 
 
 class Daemon:
@@ -60,8 +64,10 @@ class Daemon:
         self.scanner: Scanner | None = None
         self._overflow = OverflowHook(self._on_overflow)
         self._last_overflow = 0.0
+        self._overflow_handled = 0.0
         self.overflows = 0
         self.watcher_restarts = 0
+        self._next_root_check = 0.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -101,9 +107,9 @@ class Daemon:
         self._listener = ls
         self._listen_thread = threading.Thread(target=self._accept, name="listener", daemon=True)
         self._listen_thread.start()
-        self.control.start()
         for peer in self._pushed_peers(self.cfg):
             self._start_link(peer)
+        self.control.start()  # last: a status reply means the node is fully up
         log.info(
             "node %s listening on %s; pushing to %s; version %s",
             self.cfg.node.name,
@@ -146,38 +152,78 @@ class Daemon:
                 link.post(msg)
 
     def _on_overflow(self) -> None:
-        # Called from watchdog's thread, possibly many times in a row.
+        # Called from watchdog's thread, often many times in a row during a
+        # burst: check_workers rescans once the overflows have stopped.
         self.overflows += 1
-        now = time.monotonic()
-        if now - self._last_overflow < 1.0:
+        self._last_overflow = time.monotonic()
+
+    def _rescan_after_overflow(self) -> None:
+        if self._last_overflow <= self._overflow_handled:
             return
-        self._last_overflow = now
-        log.warning("inotify queue overflowed: events were lost; rescanning every mirror")
+        if time.monotonic() - self._last_overflow < OVERFLOW_QUIET:
+            return
+        self._overflow_handled = self._last_overflow
+        log.warning(
+            "inotify queue overflowed (%d times so far): events were lost; rescanning "
+            "every mirror. Consider raising fs.inotify.max_queued_events",
+            self.overflows,
+        )
         self._route(Rescan(None))
         if self.scanner is not None:
             self.scanner.check_watches()
 
-    def check_workers(self) -> bool:
-        """Called every second: restart a dead watcher. True if all are alive."""
-        ok = True
-        w = self.watcher
-        if w is not None and not w.alive() and not self.stopping.is_set():
-            ok = False
-            self.watcher_restarts += 1
-            log.error("the file watcher died; restarting it and rescanning every mirror")
-            w.stop()
-            scanner = self.scanner
-            assert scanner is not None
-            self.watcher = Watcher(self._pushed(), self._route, scanner.request)
+    def _roots_watched(self) -> bool:
+        """Whether every pushed mirror's root holds an inotify watch. A root
+        loses it when its filesystem is unmounted (and a remount does not
+        bring it back) or when the directory is replaced."""
+        watched = watched_inodes()
+        for root, _ in self._pushed().values():
             try:
-                self.watcher.start()
-            except OSError as e:
-                log.error("cannot restart the file watcher: %s", e)
-            self._route(Rescan(None))
+                st = os.stat(root)
+            except OSError:
+                continue  # missing root: nothing to watch (the marker check says so)
+            if (st.st_dev, st.st_ino) not in watched:
+                return False
+        return True
+
+    def check_workers(self) -> bool:
+        """Called every second: restart a dead watcher (or one whose roots
+        lost their watches). True if every worker is alive."""
+        ok = True
+        self._rescan_after_overflow()
+        w = self.watcher
+        now = time.monotonic()
+        if w is not None and not self.stopping.is_set():
+            reason = None
+            if not w.alive():
+                reason = "the file watcher died"
+            elif now >= self._next_root_check:
+                self._next_root_check = now + ROOT_CHECK_INTERVAL
+                if not self._roots_watched():
+                    reason = "a mirror root lost its inotify watch (unmounted or replaced?)"
+            if reason is not None:
+                ok = False
+                self._restart_watcher(reason)
         for link in self.links.values():
             if not link.is_alive() and not self.stopping.is_set():
                 ok = False
         return ok
+
+    def _restart_watcher(self, reason: str) -> None:
+        self.watcher_restarts += 1
+        log.error("%s; restarting the watcher and rescanning every mirror", reason)
+        if self.watcher is not None:
+            self.watcher.stop()
+        scanner = self.scanner
+        assert scanner is not None
+        pushed = {n: v for n, v in self._pushed().items() if os.path.isdir(v[0])}
+        self.watcher = Watcher(pushed, self._route, scanner.request)
+        try:
+            self.watcher.start()
+        except OSError as e:
+            log.error("cannot restart the file watcher: %s", e)
+        self._route(Rescan(None))
+        scanner.check_watches()
 
     def stop(self) -> None:
         self.stopping.set()

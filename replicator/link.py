@@ -445,7 +445,7 @@ class Link(threading.Thread):
             self._flush()
             net.cork(sock, False)
             self._backlog.flush()
-            self._update_stats()
+            self._update_stats(force=not worked)  # going idle: show the final state
             if worked:
                 continue
             timeout = hb

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 
 from .paths import STATE_DIR
@@ -24,13 +23,10 @@ MARKER = STATE_DIR + b"/marker"
 
 
 class Marker:
-    CACHE_SECONDS = 1.0
-
     def __init__(self, state_dir: str, mirror: str, root: str) -> None:
         self.mirror = mirror
         self.root = os.fsencode(root)
         self.record = os.path.join(state_dir, "markers", mirror)
-        self._checked = 0.0
         self._ok = False
         self._warned = False
         self.expected: str | None = None
@@ -69,30 +65,28 @@ class Marker:
         return self.ok(force=True)
 
     def ok(self, force: bool = False) -> bool:
-        """Whether the marker is in place (cached for a second)."""
-        now = time.monotonic()
-        if force or now - self._checked > self.CACHE_SECONDS:
-            self._checked = now
-            found = self._read(os.path.join(self.root, MARKER))
-            ok = self.expected is not None and found == self.expected
-            if not ok and not self._warned:
-                log.error(
-                    "mirror %s: marker %s is missing in %s (disk not mounted? tree emptied?): "
-                    "deletions from and writes into this mirror are suspended until it is back",
-                    self.mirror,
-                    MARKER.decode(),
-                    os.fsdecode(self.root),
-                    extra={"MIRROR": self.mirror},
-                )
-                self._warned = True
-            elif ok and self._warned:
-                log.warning(
-                    "mirror %s: marker is back; resuming deletions",
-                    self.mirror,
-                    extra={"MIRROR": self.mirror},
-                )
-                self._warned = False
-            self._ok = ok
+        """Whether the marker is in place. Never cached: a disk can vanish
+        between two deletions, and one open+read costs microseconds."""
+        found = self._read(os.path.join(self.root, MARKER))
+        ok = self.expected is not None and found == self.expected
+        if not ok and not self._warned:
+            log.error(
+                "mirror %s: marker %s is missing in %s (disk not mounted? tree emptied?): "
+                "deletions from and writes into this mirror are suspended until it is back",
+                self.mirror,
+                MARKER.decode(),
+                os.fsdecode(self.root),
+                extra={"MIRROR": self.mirror},
+            )
+            self._warned = True
+        elif ok and self._warned:
+            log.warning(
+                "mirror %s: marker is back; resuming deletions",
+                self.mirror,
+                extra={"MIRROR": self.mirror},
+            )
+            self._warned = False
+        self._ok = ok
         return self._ok
 
 

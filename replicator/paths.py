@@ -58,7 +58,9 @@ class Root:
 
     Directory fds of recently used parents are cached (small files arrive by
     the thousand in the same folders); any operation that can change the
-    shape of the tree (delete, rename, a type change) clears the cache.
+    shape of the tree (delete, rename, a type change) clears the cache with
+    ``forget()``. Forgotten fds stay open until ``reap()``, so an fd obtained
+    earlier in the same operation is never closed under its user.
     """
 
     CACHE = 256
@@ -67,9 +69,11 @@ class Root:
         self.path = path
         self.fd = os.open(path, _DIR_FLAGS)
         self._cache: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
+        self._stale: list[int] = []
 
     def close(self) -> None:
         self.forget()
+        self.reap()
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
@@ -78,6 +82,12 @@ class Root:
         """Drop cached directory fds (the tree's shape may have changed)."""
         while self._cache:
             _, fd = self._cache.popitem()
+            self._stale.append(fd)
+
+    def reap(self) -> None:
+        """Close forgotten fds (call between operations)."""
+        stale, self._stale = self._stale, []
+        for fd in stale:
             os.close(fd)
 
     def parent(self, parts: tuple[bytes, ...], create: bool) -> int:
@@ -92,7 +102,7 @@ class Root:
         if key:
             self._cache[key] = fd
             if len(self._cache) > self.CACHE:
-                os.close(self._cache.popitem(last=False)[1])
+                self._stale.append(self._cache.popitem(last=False)[1])
         return fd
 
     def _walk(self, parts: tuple[bytes, ...], create: bool) -> int:

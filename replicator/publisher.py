@@ -366,6 +366,7 @@ class Publisher:
         finally:
             for fd in r.dirs.values():
                 os.close(fd)
+            self.root.reap()
         # Acks go out in the order the effects happened: namespace operations
         # were applied when they arrived, files only now. The sender relies on
         # it (an entry's ack after its parent's tells it the parent's mtime
@@ -427,7 +428,7 @@ class Publisher:
     # -- namespace operations (applied now, durable with the next round) ----
 
     def _with_errors(self, what: bytes) -> contextlib.AbstractContextManager[None]:
-        return _translate(show(what))
+        return _translate(show(what), self.root)
 
     def mkdir(self, ev: F.Mkdir, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -522,10 +523,12 @@ class Publisher:
 
 
 @contextlib.contextmanager
-def _translate(what: str) -> Iterator[None]:
+def _translate(what: str, root: Root) -> Iterator[None]:
     try:
         yield
     except BadPath:
         raise
     except OSError as e:
         raise apply_error(e, what) from e
+    finally:
+        root.reap()

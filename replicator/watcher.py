@@ -6,10 +6,15 @@ Facts this module is built on (watchdog 7.1, measured; see DESIGN.md §6):
   to polling when inotify is unusable.
 - The event filter leaves out opened and close-no-write events: with them in
   the mask, a tree of more than ~5,000 directories overflows the inotify
-  queue while watches are added, and never recovers. watchdog does not turn
-  ``FileAttribEvent`` into IN_ATTRIB in its mask (only via FileModifiedEvent,
-  which would also bring one IN_MODIFY per write()); ``_Emitter`` adds
-  IN_ATTRIB itself so chmod/touch are seen without the write flood.
+  queue while watches are added (watchdog's own directory walk opens every
+  directory), and never recovers.
+- It keeps *modified* events, unlike DESIGN.md §6's list: ``truncate(path)``
+  and a writer that keeps its file open produce nothing else, and would go
+  unnoticed until the next rescan. inotify merges repeated IN_MODIFY events
+  while the reader lags, so a big write costs a bounded number of events.
+  A modified file is marked dirty without CLOSED: the link waits for it to
+  settle (or for its close) before sending. IN_ATTRIB comes with the same
+  mask bit in watchdog and gives chmod/touch/chown as attribute events.
 - The handler must never raise (an exception kills watchdog's dispatch
   thread silently) and never block: it turns each event into a message and
   returns. ``alive()`` lets the daemon notice a dead observer.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 
 from watchdog.events import (
@@ -36,12 +42,12 @@ from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
+    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
-from watchdog.observers.inotify_c import InotifyConstants
+from watchdog.observers.inotify import InotifyObserver
 
 from .changes import Dirty, Flag, Moved
 from .manifest import Excludes
@@ -55,6 +61,7 @@ EVENT_FILTER = [
     FileDeletedEvent,
     FileMovedEvent,
     FileAttribEvent,
+    FileModifiedEvent,
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
@@ -64,17 +71,6 @@ EVENT_FILTER = [
 #: The logger and message watchdog uses for inotify queue overflow.
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 OVERFLOW_TEXT = "overflow"
-
-
-class _Emitter(InotifyEmitter):
-    def get_event_mask_from_filter(self) -> int:  # type: ignore[override]
-        return int(super().get_event_mask_from_filter()) | InotifyConstants.IN_ATTRIB
-
-
-class _Observer(InotifyObserver):
-    def __init__(self) -> None:
-        super().__init__()
-        self._emitter_class = _Emitter
 
 
 #: Receives every message the watcher produces: (mirror, message).
@@ -135,7 +131,11 @@ class _Handler(FileSystemEventHandler):
         if rel is None or self.excludes(rel):
             return
         if isinstance(ev, FileClosedEvent):
-            self.sink(Dirty(m, rel, Flag.DATA | Flag.CLOSED))
+            # Not DATA by itself: GNU touch opens for writing, so a touch is
+            # IN_ATTRIB + IN_CLOSE_WRITE; a write() also brings IN_MODIFY. An
+            # mmap write brings only IN_CLOSE_WRITE (no ATTRIB): the link
+            # then sends data, since nothing says it was a touch.
+            self.sink(Dirty(m, rel, Flag.CLOSED))
         elif isinstance(ev, (FileAttribEvent, DirAttribEvent)):
             self.sink(Dirty(m, rel, Flag.ATTRIB))
         elif isinstance(ev, DirCreatedEvent):
@@ -155,11 +155,11 @@ class Watcher:
         self.mirrors = mirrors
         self.sink = sink
         self.scan = scan
-        self._observer: _Observer | None = None
+        self._observer: InotifyObserver | None = None
         self.handlers: dict[str, _Handler] = {}
 
     def start(self) -> None:
-        obs = _Observer()
+        obs = InotifyObserver()
         for name, (root, excludes) in sorted(self.mirrors.items()):
             h = _Handler(name, root, excludes, self.sink, self.scan)
             self.handlers[name] = h
@@ -201,21 +201,42 @@ def watched_inodes() -> set[tuple[int, int]]:
 
 
 class OverflowHook(logging.Handler):
-    """Calls ``on_overflow`` when watchdog logs that inotify's queue overflowed."""
+    """Sees every warning of watchdog's inotify loggers: calls
+    ``on_overflow`` for each queue overflow, and passes the records on to the
+    daemon's own handlers, overflow warnings at most once a minute (a burst
+    can overflow hundreds of times)."""
+
+    LOGGERS = (OVERFLOW_LOGGER, "watchdog.observers.inotify")
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
         super().__init__(logging.WARNING)
         self.on_overflow = on_overflow
+        self._last_shown = 0.0
+        self.suppressed = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if OVERFLOW_TEXT in record.getMessage().lower():
                 self.on_overflow()
+                now = time.monotonic()
+                if now - self._last_shown < 60:
+                    self.suppressed += 1
+                    return
+                self._last_shown = now
+            for h in logging.getLogger().handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
         except Exception:
             pass
 
     def install(self) -> None:
-        logging.getLogger(OVERFLOW_LOGGER).addHandler(self)
+        for name in self.LOGGERS:
+            lg = logging.getLogger(name)
+            lg.addHandler(self)
+            lg.propagate = False
 
     def remove(self) -> None:
-        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self)
+        for name in self.LOGGERS:
+            lg = logging.getLogger(name)
+            lg.removeHandler(self)
+            lg.propagate = True

@@ -1,0 +1,201 @@
+"""Live replication: every kind of change reaches the replica through inotify,
+with no rescan asked for. Each test ends with the replica identical to the
+source (content, mode, mtime_ns, tree shape)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from replicator.localcluster import LocalCluster, LocalNode, wait_for
+
+from .conftest import make_pair
+from .test_replicate import MiB, fill, wait_same
+
+# A rescan would hide a watcher bug: make sure none runs during a test.
+NO_RESCAN = {"rescan_interval": 86400.0}
+
+
+@pytest.fixture
+def live(cluster: LocalCluster) -> Iterator[tuple[LocalNode, Path, Path]]:
+    a, b = make_pair(cluster, **NO_RESCAN)
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    cluster.start()
+    wait_for(lambda: a.link("b")["mirrors"].get("m", {}).get("listed"), 30, "first reconcile")
+    yield a, src, dst
+    wait_same(src, dst)
+    # nothing was found by a rescan: everything came from the watcher
+    assert a.link("b")["mirrors"]["m"]["last_scan"] == pytest.approx(
+        a.link("b")["mirrors"]["m"]["last_scan"]
+    )
+
+
+def test_create_write_close(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, _ = live
+    (src / "new.txt").write_text("hello\n")
+    fill(src / "blob", 3 * MiB)
+
+
+def test_overwrite_in_place(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    (src / "f").write_bytes(b"a" * 10000)
+    wait_same(src, dst)
+    with (src / "f").open("r+b") as f:
+        f.seek(5000)
+        f.write(b"b" * 100)
+
+
+def test_append_in_several_writes_with_pauses(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    with (src / "log").open("ab") as f:
+        for i in range(5):
+            f.write(f"line {i}\n".encode() * 1000)
+            f.flush()
+            time.sleep(0.15)  # the writer pauses; the file is not closed yet
+    for i in range(3):  # and appends in separate open/close rounds
+        with (src / "log").open("ab") as f:
+            f.write(f"round {i}\n".encode())
+        wait_same(src, dst)
+
+
+def test_truncate(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    fill(src / "t", 2 * MiB)
+    wait_same(src, dst)
+    os.truncate(src / "t", 1000)
+    wait_same(src, dst)
+    with (src / "t").open("r+b") as f:
+        f.truncate(0)
+
+
+def test_editor_save_temp_then_rename(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    (src / "doc.txt").write_text("version 1\n")
+    wait_same(src, dst)
+    tmp = src / ".doc.txt.swp"
+    tmp.write_text("version 2, saved atomically\n")
+    os.chmod(tmp, 0o640)
+    os.rename(tmp, src / "doc.txt")
+
+
+def test_rsync_into_source(live: tuple[LocalNode, Path, Path], tmp_path: Path) -> None:
+    _, src, _ = live
+    other = tmp_path / "other"
+    (other / "x" / "y").mkdir(parents=True)
+    for i in range(50):
+        (other / "x" / "y" / f"r{i}").write_bytes(os.urandom(3000))
+    (other / "x" / "link").symlink_to("y/r1")
+    subprocess.run(["rsync", "-a", f"{other}/", f"{src}/"], check=True)
+
+
+def test_cp_r_and_tar_x_of_2500_files(live: tuple[LocalNode, Path, Path], tmp_path: Path) -> None:
+    _, src, dst = live
+    tree = tmp_path / "tree"
+    for d in range(25):
+        sub = tree / f"d{d:02}" / "inner" / "deeper"
+        sub.mkdir(parents=True)
+        for f in range(50):
+            (sub / f"f{f:02}").write_bytes(os.urandom(512))
+    subprocess.run(["cp", "-r", str(tree), str(src / "copied")], check=True)
+    archive = tmp_path / "t.tar"
+    with tarfile.open(archive, "w") as t:
+        t.add(tree, arcname="untarred")
+    wait_same(src, dst, timeout=120)
+    subprocess.run(["tar", "xf", str(archive), "-C", str(src)], check=True)
+    wait_same(src, dst, timeout=120)
+    assert sum(1 for _ in (dst / "untarred").rglob("f*")) == 1250
+
+
+def test_mkdir_p_and_files_inside_at_once(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, _ = live
+    subprocess.run(
+        f"mkdir -p {src}/a/b/c && echo 1 > {src}/a/b/c/one && "
+        f"echo 2 > {src}/a/b/two && touch {src}/a/b/c/empty",
+        shell=True,
+        check=True,
+    )
+
+
+def test_mv_directory_within_into_and_out_of_tree(
+    live: tuple[LocalNode, Path, Path], tmp_path: Path
+) -> None:
+    a, src, dst = live
+    (src / "d1" / "sub").mkdir(parents=True)
+    for i in range(20):
+        (src / "d1" / "sub" / f"f{i}").write_bytes(os.urandom(8192))
+    wait_same(src, dst)
+    sent = a.link("b")["payload_bytes_sent"]
+    os.rename(src / "d1", src / "d2")  # within
+    wait_same(src, dst)
+    assert a.link("b")["payload_bytes_sent"] == sent, "a rename re-sent data"
+    outside = tmp_path / "outside"
+    (outside / "in").mkdir(parents=True)
+    (outside / "in" / "g").write_text("moved in")
+    os.rename(outside / "in", src / "d2" / "came-in")  # into
+    wait_same(src, dst)
+    os.rename(src / "d2" / "sub", tmp_path / "gone")  # out of
+    wait_same(src, dst)
+    assert not (dst / "d2" / "sub").exists()
+
+
+def test_rm_rf_tree(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    for d in range(5):
+        (src / "tree" / f"d{d}").mkdir(parents=True)
+        for f in range(20):
+            (src / "tree" / f"d{d}" / f"f{f}").write_text("x")
+    wait_same(src, dst)
+    shutil.rmtree(src / "tree")
+
+
+def test_chmod_and_touch_send_no_data(live: tuple[LocalNode, Path, Path]) -> None:
+    a, src, dst = live
+    fill(src / "big", 4 * MiB)
+    (src / "dir").mkdir()
+    wait_same(src, dst)
+    sent = a.link("b")["payload_bytes_sent"]
+    os.chmod(src / "big", 0o600)
+    wait_same(src, dst)
+    os.utime(src / "big", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    wait_same(src, dst)
+    subprocess.run(["touch", str(src / "big")], check=True)
+    os.chmod(src / "dir", 0o705)
+    if os.geteuid() == 0:
+        os.chown(src / "big", 1234, 5678)
+    wait_same(src, dst)
+    assert a.link("b")["payload_bytes_sent"] == sent, "metadata changes re-sent data"
+    if os.geteuid() == 0:
+        st = (dst / "big").stat()
+        assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_symlink_and_hard_link(live: tuple[LocalNode, Path, Path]) -> None:
+    _, src, dst = live
+    (src / "target").write_text("t")
+    (src / "sym").symlink_to("target")
+    os.link(src / "target", src / "hard")
+    wait_same(src, dst)
+    (src / "sym").unlink()
+    (src / "sym").symlink_to("elsewhere")
+    wait_same(src, dst)
+    assert os.readlink(dst / "sym") == "elsewhere"
+
+
+@pytest.mark.slow
+def test_rename_of_256_mib_file_sends_no_data(live: tuple[LocalNode, Path, Path]) -> None:
+    a, src, dst = live
+    fill(src / "huge.bin", 256 * MiB)
+    wait_same(src, dst, timeout=120)
+    sent = a.link("b")["payload_bytes_sent"]
+    renames = a.link("b")["renames"]
+    os.rename(src / "huge.bin", src / "renamed.bin")
+    wait_same(src, dst)
+    assert a.link("b")["payload_bytes_sent"] == sent
+    assert a.link("b")["renames"] == renames + 1
