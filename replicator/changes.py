@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .manifest import EntryState
+
 
 class Flag(enum.IntFlag):
     """What the events of a dirty path said. The link decides with lstat;
@@ -54,3 +56,16 @@ class Rescan:
     """Reconcile with the peer now (``mirror`` None: every mirror of the link)."""
 
     mirror: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHas:
+    """``peer`` itself just sent us ``path`` as ``state`` (None: it deleted
+    it; ``src``: it renamed ``src`` to ``path``). The link to that peer
+    records it, so the change is not echoed back when it appears here."""
+
+    peer: str
+    mirror: str
+    path: bytes
+    state: EntryState | None
+    src: bytes | None = None

@@ -83,6 +83,9 @@ class MirrorConfig(_Strict):
     exclude: list[str] = []
     #: Seconds between full reconciliations with each target.
     rescan_interval: float = Field(3600.0, gt=0)
+    #: Must be true when a peer is in both push_to and accept_from: changes
+    #: then flow both ways and conflicts are resolved (docs/topologies.md).
+    two_way: bool = False
 
     @field_validator("path")
     @classmethod
@@ -99,14 +102,47 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
+        if self.node.name in self.peers:
+            raise _At(("peers", self.node.name), "a node cannot be its own peer")
+        for name, p in self.peers.items():
+            if p.address == self.node.listen:
+                raise _At(
+                    ("peers", name, "address"), f"is this node's own listen address {p.address}"
+                )
         for name, m in self.mirrors.items():
             for field in ("push_to", "accept_from"):
+                seen: set[str] = set()
                 for i, peer in enumerate(getattr(m, field)):
                     if peer not in self.peers:
                         raise _At(("mirrors", name, field, i), f"unknown peer {peer!r}")
-                    if peer == self.node.name:
-                        raise _At(("mirrors", name, field, i), "a node cannot replicate to itself")
+                    if peer in seen:
+                        raise _At(("mirrors", name, field, i), f"peer {peer!r} is listed twice")
+                    seen.add(peer)
+            both = sorted(set(m.push_to) & set(m.accept_from))
+            if both and not m.two_way:
+                raise _At(
+                    ("mirrors", name, "accept_from"),
+                    f"peer {both[0]!r} is in both push_to and accept_from, which makes the mirror "
+                    "two-way (concurrent changes resolved by newest mtime, loser kept as a "
+                    "conflict copy); set two_way = true to confirm, or remove it from one list",
+                )
+            if m.two_way and not both:
+                raise _At(
+                    ("mirrors", name, "two_way"),
+                    "two_way = true, but no peer is in both push_to and accept_from",
+                )
+        for a_name, a in self.mirrors.items():
+            for b_name, b in self.mirrors.items():
+                if a_name < b_name and _overlap(a.path, b.path):
+                    raise _At(
+                        ("mirrors", b_name, "path"),
+                        f"{b.path} overlaps mirror {a_name!r} ({a.path}); mirrors must not nest",
+                    )
         return self
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 class _At(ValueError):
@@ -189,12 +225,29 @@ def read_key(path: str) -> bytes:
     return key
 
 
-def read_keys(cfg: Config) -> dict[str, bytes]:
-    """Every peer's key; KeyFileError naming the peer if one is unusable."""
+def read_keys(cfg: Config, source: str | None = None) -> dict[str, bytes]:
+    """Every peer's key; KeyFileError naming the file, peer and problem."""
     keys = {}
+    prefix = f"{source}: " if source else ""
     for name, peer in cfg.peers.items():
         try:
             keys[name] = read_key(peer.key_file)
         except KeyFileError as e:
-            raise KeyFileError(f"peers.{name}.key_file: {e}") from None
+            raise KeyFileError(f"{prefix}peers.{name}.key_file: {e}") from None
     return keys
+
+
+def check_filesystem(cfg: Config, source: str = "<config>") -> None:
+    """What the schema cannot see: mirror roots that exist and are
+    directories. ConfigError lists every problem, one a line."""
+    problems = []
+    for name, m in cfg.mirrors.items():
+        if not os.path.exists(m.path):
+            problems.append(
+                f"{source}: mirrors.{name}.path: {m.path} does not exist "
+                "(create it, or mount the disk that holds it)"
+            )
+        elif not os.path.isdir(m.path):
+            problems.append(f"{source}: mirrors.{name}.path: {m.path} is not a directory")
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -1,9 +1,15 @@
-"""replicatord: startup, main loop and shutdown of one node.
+"""replicatord: startup, main loop, reload and shutdown of one node.
 
-Threads: one listener (accepts peers, one Session thread each), one Link per
-peer this node pushes to (plus its reader), the control server. The main
-thread only waits for signals: SIGTERM/SIGINT stop (a second one forces
-exit), SIGHUP reloads (see ``reload``).
+Threads: the listener (accepts peers, one Session thread each), one Link per
+peer this node pushes to (plus its reader), the watcher and the scanner, the
+control server. The main thread only handles signals and supervises:
+SIGTERM/SIGINT stop with a bounded drain (a second one forces exit), SIGHUP
+reloads the config (see ``reload``), and once a second ``check_workers``
+restarts a dead watcher and tells systemd whether everything is alive.
+
+Changes flow through ``route``: watcher and scanner produce Dirty/Moved
+messages for the links pushing that mirror; sessions produce PeerHas
+messages for the link to the peer that sent the change (echo suppression).
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ from typing import Any
 
 from . import __version__, config, logs, net
 from .backlog import Store
-from .changes import Rescan
+from .changes import PeerHas, Rescan
 from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, ControlError, KeyFileError
-from .link import Link, SourceMirror
-from .manifest import Excludes
+from .link import Link, Pause, SourceMirror
+from .manifest import EntryState, Excludes
 from .marker import Marker
 from .scanner import Scanner
 from .session import Session
@@ -43,21 +49,32 @@ MAX_SESSIONS = 64
 ROOT_CHECK_INTERVAL = 2.0
 #: Rescan once inotify has not overflowed for this long.
 OVERFLOW_QUIET = 0.5
+#: On SIGTERM, links get this long to see their operations in flight acknowledged.
+DRAIN_SECONDS = 5.0
+
+
+def _link_spec(cfg: Config, keys: dict[str, bytes], peer: str) -> tuple[Any, ...]:
+    """Everything a link to ``peer`` is built from: a reload restarts the
+    link only if this changes."""
+    mirrors = tuple(
+        (name, m.model_dump_json()) for name, m in sorted(cfg.mirrors.items()) if peer in m.push_to
+    )
+    return (cfg.peers[peer].model_dump_json(), keys.get(peer), mirrors)
 
 
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
-        self.keys = config.read_keys(cfg)
+        self.keys = config.read_keys(cfg, config_path)
         self.started = time.time()
         self.stopping = threading.Event()
         self.links: dict[str, Link] = {}
+        self._specs: dict[str, tuple[Any, ...]] = {}
         self._sessions: dict[int, Session] = {}
         self._by_peer: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
-        self._listen_thread: threading.Thread | None = None
         self.control = ControlServer(cfg.node.control_socket, self._control)
         self.markers: dict[str, Marker] = {}
         self.watcher: Watcher | None = None
@@ -67,7 +84,9 @@ class Daemon:
         self._overflow_handled = 0.0
         self.overflows = 0
         self.watcher_restarts = 0
+        self.reloads = 0
         self._next_root_check = 0.0
+        self.reload_requested = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -81,18 +100,8 @@ class Daemon:
     def start(self) -> None:
         node = self.cfg.node
         os.makedirs(node.state_dir, mode=0o750, exist_ok=True)
-        for name, m in self.cfg.mirrors.items():
-            marker = Marker(node.state_dir, name, m.path)
-            marker.ensure()
-            self.markers[name] = marker
-        pushed = self._pushed()
-        if pushed:
-            self.scanner = Scanner(pushed, self._route)
-            self.watcher = Watcher(pushed, self._route, self.scanner.request)
-            self._overflow.install()
-            self.watcher.start()
-            self.scanner.start()
-        host, port = net.parse_address(self.cfg.node.listen)
+        self._ensure_markers()
+        host, port = net.parse_address(node.listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         ls = socket.socket(family, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -101,22 +110,52 @@ class Daemon:
         except OSError as e:
             ls.close()
             raise ConfigError(
-                f"node.listen: cannot listen on {self.cfg.node.listen}: {e.strerror}"
+                f"node.listen: cannot listen on {node.listen}: {e.strerror}"
             ) from None
         ls.listen(128)
         self._listener = ls
-        self._listen_thread = threading.Thread(target=self._accept, name="listener", daemon=True)
-        self._listen_thread.start()
+        self._start_watching()
+        threading.Thread(target=self._accept, name="listener", daemon=True).start()
         for peer in self._pushed_peers(self.cfg):
             self._start_link(peer)
         self.control.start()  # last: a status reply means the node is fully up
         log.info(
             "node %s listening on %s; pushing to %s; version %s",
-            self.cfg.node.name,
-            self.cfg.node.listen,
+            node.name,
+            node.listen,
             ", ".join(sorted(self.links)) or "nobody",
             __version__,
         )
+
+    def _ensure_markers(self) -> None:
+        for name, m in self.cfg.mirrors.items():
+            if name not in self.markers or self.markers[name].root != os.fsencode(m.path):
+                marker = Marker(self.cfg.node.state_dir, name, m.path)
+                marker.ensure()
+                self.markers[name] = marker
+
+    def _start_watching(self) -> None:
+        pushed = self._pushed()
+        if not pushed:
+            return
+        self.scanner = Scanner(pushed, self.route)
+        self.watcher = Watcher(pushed, self.route, self.scanner.request)
+        self._overflow.install()
+        self.watcher.start()
+        self.scanner.start()
+
+    def _stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self._overflow.remove()
+        if self.scanner is not None:
+            self.scanner.stop()
+            self.scanner = None
+
+    def first_scan_done(self) -> bool:
+        """Watches are in place and every pushed mirror was walked once."""
+        return self.scanner is None or self.scanner.checked.is_set()
 
     @staticmethod
     def _pushed_peers(cfg: Config) -> list[str]:
@@ -124,12 +163,10 @@ class Daemon:
 
     def _start_link(self, peer: str) -> None:
         mirrors = [
-            SourceMirror.from_config(i + 1, name, m)
+            SourceMirror.from_config(i + 1, name, m, peer, self.markers.get(name))
             for i, (name, m) in enumerate(sorted(self.cfg.mirrors.items()))
             if peer in m.push_to
         ]
-        for sm in mirrors:
-            sm.marker = self.markers.get(sm.name)
         pcfg = self.cfg.peers[peer]
         store = Store(os.path.join(self.cfg.node.state_dir, "backlog.sqlite3"), peer)
         link = Link(
@@ -142,14 +179,142 @@ class Daemon:
             store,
         )
         self.links[peer] = link
+        self._specs[peer] = _link_spec(self.cfg, self.keys, peer)
         link.start()
 
-    def _route(self, msg: object) -> None:
-        """Hand a change (Dirty/Moved/Rescan) to every link pushing its mirror."""
-        mirror = getattr(msg, "mirror", None)
+    def _stop_link(self, peer: str) -> None:
+        link = self.links.pop(peer)
+        self._specs.pop(peer, None)
+        link.stop()
+        link.join(10)
+
+    def stop(self, drain: float = DRAIN_SECONDS) -> None:
+        """Stop accepting, let links drain what is in flight (bounded), stop."""
+        self.stopping.set()
+        self._stop_watching()
+        ls, self._listener = self._listener, None
+        if ls is not None:
+            with contextlib.suppress(OSError):
+                ls.shutdown(socket.SHUT_RDWR)
+            ls.close()
         for link in self.links.values():
+            link.stop(drain)
+        deadline = time.monotonic() + drain + 2
+        for link in self.links.values():
+            link.join(max(0.1, deadline - time.monotonic()))
+            if link.is_alive():  # stuck in a send: cut the connection
+                link.stop()
+                link.join(5)
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:  # they publish what is complete before closing
+            s.shutdown()
+        for s in sessions:
+            s.done.wait(max(0.1, deadline - time.monotonic()))
+        self.control.close()
+        log.info("node %s stopped", self.cfg.node.name)
+
+    # -- reload ------------------------------------------------------------------
+
+    def reload(self) -> str:
+        """Re-read the config file and apply it. Links whose peer or mirrors
+        did not change stay up. An invalid config changes nothing: the error
+        is raised (ConfigError/KeyFileError) and the old config keeps running."""
+        if self.config_path is None:
+            raise ConfigError("no config file to reload from")
+        new = config.load(self.config_path)
+        config.check_filesystem(new, self.config_path)
+        keys = config.read_keys(new, self.config_path)
+        if new.node != self.cfg.node:
+            changed = [
+                k
+                for k in type(new.node).model_fields
+                if getattr(new.node, k) != getattr(self.cfg.node, k)
+            ]
+            raise ConfigError(
+                f"{self.config_path}: "
+                + ", ".join(f"node.{k}" for k in changed)
+                + " changed: the [node] section needs a restart (systemctl restart replicatord)"
+            )
+        old_cfg, old_keys = self.cfg, self.keys
+        self.cfg, self.keys = new, keys
+        self._ensure_markers()
+        started, stopped = [], []
+        for peer in sorted(set(self.links) | set(self._pushed_peers(new))):
+            want = peer in self._pushed_peers(new)
+            if peer in self.links and (
+                not want or self._specs[peer] != _link_spec(new, keys, peer)
+            ):
+                self._stop_link(peer)
+                stopped.append(peer)
+            if want and peer not in self.links:
+                self._start_link(peer)
+                started.append(peer)
+        old_pushed = {n: (m.path, m.exclude) for n, m in old_cfg.mirrors.items() if m.push_to}
+        new_pushed = {n: (m.path, m.exclude) for n, m in new.mirrors.items() if m.push_to}
+        if old_pushed != new_pushed:
+            self._stop_watching()
+            self._start_watching()
+        self._drop_stale_sessions(old_cfg, old_keys)
+        self.reloads += 1
+        restarted = sorted(set(started) & set(stopped))
+        summary = (
+            f"reloaded {self.config_path}: links restarted: {', '.join(restarted) or 'none'}; "
+            f"started: {', '.join(sorted(set(started) - set(restarted))) or 'none'}; "
+            f"stopped: {', '.join(sorted(set(stopped) - set(restarted))) or 'none'}"
+        )
+        log.info("%s", summary)
+        return summary
+
+    def _drop_stale_sessions(self, old: Config, old_keys: dict[str, bytes]) -> None:
+        """Close sessions whose peer, key or accepted mirrors changed: the
+        peer reconnects and is judged by the new config."""
+        new = self.cfg
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            peer = s.peer
+            if not peer:
+                continue
+            stale = peer not in new.peers or old_keys.get(peer) != self.keys.get(peer)
+            for name in s.stats.mirrors:
+                before, after = old.mirrors.get(name), new.mirrors.get(name)
+                if (
+                    after is None
+                    or before is None
+                    or peer not in after.accept_from
+                    or (before.path, before.push_to) != (after.path, after.push_to)
+                ):
+                    stale = True
+            if stale:
+                log.info(
+                    "closing the session of %s: its part of the config changed",
+                    peer,
+                    extra={"PEER": peer},
+                )
+                s.shutdown()
+
+    # -- routing -------------------------------------------------------------------
+
+    def route(self, msg: object) -> None:
+        """Hand a change to the links it concerns: PeerHas to the link to that
+        peer; Dirty/Moved/Rescan to every link pushing its mirror."""
+        links = self.links
+        if isinstance(msg, PeerHas):
+            link = links.get(msg.peer)
+            if link is not None:
+                link.post(msg)
+            return
+        mirror = getattr(msg, "mirror", None)
+        for link in list(links.values()):
             if mirror is None or mirror in link.by_name:
                 link.post(msg)
+
+    def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
+        link = self.links.get(peer)
+        return None if link is None else link.peer_state(mirror, path)
+
+    # -- supervision -----------------------------------------------------------------
 
     def _on_overflow(self) -> None:
         # Called from watchdog's thread, often many times in a row during a
@@ -164,11 +329,11 @@ class Daemon:
             return
         self._overflow_handled = self._last_overflow
         log.warning(
-            "inotify queue overflowed (%d times so far): events were lost; rescanning "
-            "every mirror. Consider raising fs.inotify.max_queued_events",
+            "inotify queue overflowed (%d times so far): events were lost; rescanning every "
+            "mirror. Consider raising fs.inotify.max_queued_events",
             self.overflows,
         )
-        self._route(Rescan(None))
+        self.route(Rescan(None))
         if self.scanner is not None:
             self.scanner.check_watches()
 
@@ -204,10 +369,12 @@ class Daemon:
             if reason is not None:
                 ok = False
                 self._restart_watcher(reason)
+        if self.scanner is not None and not self.scanner.is_alive():
+            ok = False
         for link in self.links.values():
             if not link.is_alive() and not self.stopping.is_set():
                 ok = False
-        return ok
+        return ok and (self._listener is not None) and self.control.alive()
 
     def _restart_watcher(self, reason: str) -> None:
         self.watcher_restarts += 1
@@ -217,39 +384,29 @@ class Daemon:
         scanner = self.scanner
         assert scanner is not None
         pushed = {n: v for n, v in self._pushed().items() if os.path.isdir(v[0])}
-        self.watcher = Watcher(pushed, self._route, scanner.request)
+        self.watcher = Watcher(pushed, self.route, scanner.request)
         try:
             self.watcher.start()
         except OSError as e:
             log.error("cannot restart the file watcher: %s", e)
-        self._route(Rescan(None))
+        self.route(Rescan(None))
         scanner.check_watches()
 
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.watcher is not None:
-            self.watcher.stop()
-        self._overflow.remove()
-        if self.scanner is not None:
-            self.scanner.stop()
-        ls, self._listener = self._listener, None
-        if ls is not None:
-            with contextlib.suppress(OSError):
-                ls.shutdown(socket.SHUT_RDWR)
-            ls.close()
-        for link in self.links.values():
-            link.stop()
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        up = sum(1 for link in self.links.values() if link.stats.state == "connected")
+        queued = sum(link.stats.queue_files for link in self.links.values())
+        lag = max(
+            (link.stats.snapshot()["lag_seconds"] or 0.0 for link in self.links.values()),
+            default=0.0,
+        )
         with self._lock:
-            sessions = list(self._sessions.values())
-        for s in sessions:
-            s.shutdown()
-        deadline = time.monotonic() + 10
-        for link in self.links.values():
-            link.join(max(0.1, deadline - time.monotonic()))
-        self.control.close()
-        log.info("node %s stopped", self.cfg.node.name)
+            sessions = len(self._sessions)
+        return (
+            f"{up}/{len(self.links)} links up, {sessions} inbound, {queued} queued, lag {lag:.1f} s"
+        )
 
-    # -- listener --------------------------------------------------------------
+    # -- listener ------------------------------------------------------------------
 
     def _accept(self) -> None:
         while not self.stopping.is_set():
@@ -279,6 +436,8 @@ class Daemon:
                 SessionStats("", where),
                 on_established=self._established,
                 markers=self.markers,
+                peer_state=self.peer_state,
+                notify=self.route,
             )
             t = threading.Thread(
                 target=self._run_session, args=(session,), name=f"session-{where}", daemon=True
@@ -314,7 +473,7 @@ class Daemon:
             if not old.done.wait(15):
                 log.warning("previous session of %s did not end in 15 s", session.peer)
 
-    # -- control -----------------------------------------------------------------
+    # -- control ---------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -323,19 +482,23 @@ class Daemon:
         scans = self.scanner.status() if self.scanner is not None else {}
         for name, m in self.cfg.mirrors.items():
             marker = self.markers.get(name)
+            per_link = {
+                p: link.stats.mirrors.get(name, {})
+                for p, link in self.links.items()
+                if p in m.push_to
+            }
+            scan = scans.get(name, {})
             mirrors[name] = {
-                "marker_ok": marker.ok() if marker else None,
-                "watched": name in scans,
-                **scans.get(name, {}),
                 "path": m.path,
                 "push_to": m.push_to,
                 "accept_from": m.accept_from,
                 "delete": m.delete,
-                "links": {
-                    p: link.stats.mirrors.get(name, {})
-                    for p, link in self.links.items()
-                    if p in m.push_to
-                },
+                "marker_ok": marker.ok() if marker else None,
+                "watched": name in scans,
+                "dirs": scan.get("dirs"),
+                "unwatched_dirs": scan.get("unwatched_dirs"),
+                "last_watch_check": scan.get("last_watch_check"),
+                "links": per_link,
             }
         return {
             "node": self.cfg.node.name,
@@ -344,6 +507,8 @@ class Daemon:
             "started": self.started,
             "uptime": time.time() - self.started,
             "listen": self.cfg.node.listen,
+            "config": self.config_path,
+            "reloads": self.reloads,
             "links": {p: link.status() for p, link in self.links.items()},
             "sessions": sessions,
             "mirrors": mirrors,
@@ -362,10 +527,28 @@ class Daemon:
             mirror = req.get("mirror")
             if mirror is not None and mirror not in self.cfg.mirrors:
                 raise ControlError(f"no mirror {mirror!r} on this node")
-            for link in self.links.values():
-                link.post(Rescan(mirror))
+            self.route(Rescan(mirror))
             return {"ok": True}
+        if cmd in ("pause", "resume"):
+            return self._pause(req, cmd == "pause")
+        if cmd == "reload":
+            try:
+                return {"ok": True, "message": self.reload()}
+            except (ConfigError, KeyFileError) as e:
+                log.error("reload refused, the running config stays: %s", e)
+                return {"ok": False, "error": f"reload refused, the running config stays:\n{e}"}
         raise ControlError(f"unknown command {cmd!r}")
+
+    def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
+        peer, mirror = req.get("peer"), req.get("mirror")
+        if peer is not None and peer not in self.links:
+            raise ControlError(f"this node does not push to a peer {peer!r}")
+        if mirror is not None and mirror not in self.cfg.mirrors:
+            raise ControlError(f"no mirror {mirror!r} on this node")
+        for name, link in self.links.items():
+            if peer is None or name == peer:
+                link.post(Pause(on, mirror))
+        return {"ok": True}
 
 
 def _install_signals(daemon: Daemon) -> dict[int, Any]:
@@ -373,13 +556,16 @@ def _install_signals(daemon: Daemon) -> dict[int, Any]:
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if daemon.stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os.write(2, b"replicatord: second signal: exiting now\n")
             os._exit(1)
-        log.info("%s received: stopping", signal.Signals(signum).name)
         daemon.stopping.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        daemon.reload_requested.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         old[sig] = signal.signal(sig, on_stop)
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     return old
 
 
@@ -391,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = config.load(args.config)
+        config.check_filesystem(cfg, args.config)
     except ConfigError as e:
         print(f"replicatord: invalid configuration:\n{e}", file=sys.stderr)
         return 2
@@ -407,7 +594,15 @@ def main(argv: list[str] | None = None) -> int:
     old = _install_signals(daemon)
     try:
         while not daemon.stopping.wait(1.0):
+            if daemon.reload_requested.is_set():
+                daemon.reload_requested.clear()
+                log.info("SIGHUP: reloading %s", args.config)
+                try:
+                    daemon.reload()
+                except (ConfigError, KeyFileError) as e:
+                    log.error("reload refused, the running config stays: %s", e)
             daemon.check_workers()
+        log.info("stopping (draining for up to %.0f s)", DRAIN_SECONDS)
     finally:
         daemon.stop()
         for sig, handler in old.items():

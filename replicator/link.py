@@ -37,7 +37,7 @@ from typing import Any
 from . import frames as F
 from . import net, paths
 from .backlog import Backlog, Info, Key, Store
-from .changes import Dirty, Flag, Moved, Rescan
+from .changes import Dirty, Flag, Moved, PeerHas, Rescan
 from .config import MirrorConfig, NodeConfig, PeerConfig
 from .errors import LinkError, ProtocolError, RemoteProtocolError
 from .manifest import Change, EntryState, Excludes, compare, lstat_entry, scan
@@ -88,14 +88,19 @@ class _Down:
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    """Stop the link; with ``drain`` > 0, first wait up to that many seconds
+    for the operations in flight to be acknowledged (sending nothing new)."""
+
+    drain: float = 0.0
 
 
 @dataclass(frozen=True)
 class Pause:
-    """Stop sending (``on``) or resume; changes keep accumulating meanwhile."""
+    """Stop sending (``on``) or resume, for one mirror or (None) all of them;
+    changes keep accumulating meanwhile."""
 
     on: bool
+    mirror: str | None = None
 
 
 # -- state ---------------------------------------------------------------------------
@@ -112,10 +117,14 @@ class SourceMirror:
     delete: bool
     rescan_interval: float
     marker: Marker | None = None
+    #: The peer also pushes this mirror to us (conflicts.py): rescans never
+    #: delete and only push what is newer here.
+    two_way: bool = False
+    paused: bool = False
 
     @classmethod
     def from_config(
-        cls, mid: int, name: str, cfg: MirrorConfig, marker: Marker | None = None
+        cls, mid: int, name: str, cfg: MirrorConfig, peer: str, marker: Marker | None = None
     ) -> SourceMirror:
         return cls(
             mid,
@@ -125,6 +134,7 @@ class SourceMirror:
             cfg.delete,
             cfg.rescan_interval,
             marker,
+            two_way=peer in cfg.accept_from,
         )
 
     def deletes_allowed(self) -> bool:
@@ -210,6 +220,8 @@ class Link(threading.Thread):
         self._rate = RateMeter()
         self._stats_at = 0.0
         self._marker_warned: set[str] = set()
+        #: Draining before a stop: nothing new is sent until this time.
+        self._drain_until: float | None = None
         loaded = self._backlog.load()
         if loaded:
             log.info(
@@ -224,7 +236,11 @@ class Link(threading.Thread):
     def post(self, msg: object) -> None:
         self._q.put(msg)
 
-    def stop(self) -> None:
+    def stop(self, drain: float = 0.0) -> None:
+        """Ask the link to stop (from another thread); ``drain`` as in Stop."""
+        if drain > 0 and self._conn is not None and not self._stopping:
+            self._q.put(Stop(drain))
+            return
         self._stopping = True
         self._q.put(Stop())
         sock = self._sock
@@ -437,8 +453,20 @@ class Link(threading.Thread):
             self._backlog.promote()
             self._backlog.refill(lambda k: k in self._busy)
             self._schedule_scans()
+            if self._drain_until is not None and (
+                not self._inflight or time.monotonic() >= self._drain_until
+            ):
+                log.info(
+                    "link to %s: drained (%d operations unacknowledged)",
+                    self.peer,
+                    len(self._inflight),
+                    extra={"PEER": self.peer},
+                )
+                self._stopping = True
+                break
             net.cork(sock, True)
-            worked = False if self._paused else self._pump()
+            idle = self._paused or self._drain_until is not None
+            worked = False if idle else self._pump()
             now = time.monotonic()
             if now - self._last_tx >= hb:
                 self._queue(F.Ping(time.monotonic_ns()))
@@ -504,9 +532,26 @@ class Link(threading.Thread):
                 if msg.mirror is None or self.mirrors[mid].name == msg.mirror:
                     r.next_scan = 0.0
         elif isinstance(msg, Pause):
-            self._paused = self.stats.paused = msg.on
+            if msg.mirror is None:
+                self._paused = self.stats.paused = msg.on
+            elif msg.mirror in self.by_name:
+                self.by_name[msg.mirror].paused = msg.on
+                self._mirror_stats(msg.mirror)["paused"] = msg.on
+        elif isinstance(msg, PeerHas):
+            m = self.by_name.get(msg.mirror)
+            if m is not None and msg.peer == self.peer:
+                r = self._remote[m.id]
+                if msg.src is not None:
+                    r.move(msg.src, msg.path)
+                elif msg.state is None:
+                    r.forget(msg.path)
+                else:
+                    r.acked(msg.path, msg.state)
         elif isinstance(msg, Stop):
-            self._stopping = True
+            if msg.drain > 0 and self._conn is not None:
+                self._drain_until = time.monotonic() + msg.drain
+            else:
+                self._stopping = True
 
     def _on_frame(self, ev: object) -> None:
         if isinstance(ev, F.Ack):
@@ -584,10 +629,16 @@ class Link(threading.Thread):
         for rel, st in scan(m.root, m.excludes):
             seen.add(rel)
             dirs += st.kind is F.EntryKind.DIR
-            if compare(st, r.known.get(rel), IS_ROOT) is not Change.NONE:
-                self._mark((m.id, rel), (now, st.size, Flag.DATA), persist=False)
-                marked += 1
+            there = r.known.get(rel)
+            if compare(st, there, IS_ROOT) is Change.NONE:
+                continue
+            if m.two_way and there is not None and there.mtime_ns >= st.mtime_ns:
+                continue  # newer (or as new) there: it is the peer's to send
+            self._mark((m.id, rel), (now, st.size, Flag.DATA), persist=False)
+            marked += 1
         gone = sorted(rel for rel in r.known if rel not in seen and not m.excludes(rel))
+        if m.two_way:
+            gone = []  # without history a rescan cannot tell "deleted here" from "new there"
         if gone and m.delete and not m.deletes_allowed():
             self._marker_missing(m, len(gone))
         elif gone and m.delete:
@@ -641,8 +692,8 @@ class Link(threading.Thread):
         worked = False
         started = 0
         bl = self._backlog
-        for mid in self.mirrors:
-            if not self._remote[mid].listed:
+        for mid, m in self.mirrors.items():
+            if not self._remote[mid].listed or m.paused:
                 continue  # nothing is sent before we know what the peer holds
             while (
                 bl.has_ready(mid)
@@ -1041,3 +1092,9 @@ class Link(threading.Thread):
 
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()
+
+    def peer_state(self, mirror: str, path: bytes) -> EntryState | None:
+        """What the peer last held at ``path``, as far as this link knows
+        (read from another thread: a single dict lookup)."""
+        m = self.by_name.get(mirror)
+        return None if m is None else self._remote[m.id].known.get(path)

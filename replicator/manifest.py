@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from .frames import EntryKind
 from .paths import STATE_DIR
 
+#: Names the receiver uses for entries it is about to rename into place.
+TEMP_PREFIX = b".replicator-"
+
 
 @dataclass(frozen=True, slots=True)
 class EntryState:
@@ -102,6 +105,8 @@ class Excludes:
         if rel == STATE_DIR or rel.startswith(STATE_DIR + b"/"):
             return True
         parts = rel.split(b"/")
+        if parts[-1].startswith(TEMP_PREFIX):
+            return True  # a symlink being created by the receiver
         if self._name is not None and any(self._name.match(p) for p in parts):
             return True
         if self._path is not None:

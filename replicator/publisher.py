@@ -29,8 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import frames as F
+from .conflicts import Decision, Verdict
 from .errors import ApplyError, BadPath
-from .manifest import EntryState
+from .frames import EntryKind
+from .manifest import TEMP_PREFIX, EntryState
 from .paths import STATE_DIR, Root, remove_at, show
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,16 @@ class PartialFile:
     written: int
     resumable: bool
     checkpointed: int = 0
+    #: Two-way mirrors: what the sending peer last had here (conflicts.py).
+    base: EntryState | None = None
+    decision: Decision | None = None
+
+    @property
+    def state(self) -> EntryState:
+        """The state the sender declared for this file."""
+        return EntryState(
+            EntryKind.FILE, self.mode & 0o7777, self.size, self.mtime_ns, self.uid, self.gid
+        )
 
     def checkpoint(self) -> None:
         """Make what was written durable and record it in the sidecar."""
@@ -320,11 +332,17 @@ class Publisher:
         if key not in self._round.dirs:
             self._round.dirs[key] = os.dup(fd)
 
-    def add_file(self, p: PartialFile) -> None:
-        """``p`` is complete: publish it with the next commit round."""
+    def add_file(self, p: PartialFile, decision: Decision | None = None) -> None:
+        """``p`` is complete: publish it with the next commit round (in a
+        two-way mirror, as ``decision`` says)."""
         p.finish()
+        p.decision = decision
         self._round.files.append(p)
         self._round.bytes += p.size
+
+    def add_noop(self, op: int) -> None:
+        """Acknowledge ``op`` with the next round without changing anything."""
+        self._round.ops.append(op)
 
     def commit(self) -> Outcome:
         """Make everything pending durable and visible; report what to ack."""
@@ -335,7 +353,7 @@ class Publisher:
         acked: list[int] = []
         for p in files:
             try:
-                self._place(p, r)
+                where = self._place(p, r)
                 st = os.fstat(p.fd)
             except (OSError, BadPath, ApplyError) as e:
                 err = (
@@ -356,7 +374,7 @@ class Publisher:
                 self.inbox.remove(p.name)
             acked.append(p.op)
             if state is not None:
-                published.append((p.path, state))
+                published.append((where, state))
         try:
             self._sync_dirs(r)
         except OSError as e:
@@ -392,12 +410,27 @@ class Publisher:
                 p.discard()
         return ok
 
-    def _place(self, p: PartialFile, r: _Round) -> None:
+    def _place(self, p: PartialFile, r: _Round) -> bytes:
+        """Rename ``p`` into place; returns the path it was published at."""
         parent = self._parent(p.parts, r)
         name = p.parts[-1]
+        verdict = p.decision.verdict if p.decision else Verdict.APPLY
+        if verdict is Verdict.INCOMING_AS_COPY:
+            assert p.decision is not None
+            name = p.decision.copy_name
+        elif verdict is Verdict.KEEP_LOCAL_COPY:
+            # A hard link, not a rename: the watcher must see a new file (the
+            # copy travels to the peer), not a move of the path it wins.
+            assert p.decision is not None
+            copy = p.decision.copy_name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy, dir_fd=parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.link(name, copy, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
         self._clear_for(parent, name, want_dir=False)
         os.rename(p.name + b".part", name, src_dir_fd=self.inbox.fd, dst_dir_fd=parent)
         self._note_dir(parent)
+        return b"/".join((*p.parts[:-1], name))
 
     def _parent(self, parts: tuple[bytes, ...], r: _Round) -> int:
         try:
@@ -450,7 +483,7 @@ class Publisher:
         with self._with_errors(ev.path):
             parent = self._parent(parts, self._round)
             name = parts[-1]
-            tmp = b".replicator-" + hashlib.sha256(name).hexdigest()[:16].encode() + b".lnk"
+            tmp = TEMP_PREFIX + hashlib.sha256(name).hexdigest()[:16].encode() + b".lnk"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=parent)
             os.symlink(ev.target, tmp, dir_fd=parent)

@@ -72,6 +72,8 @@ class Scanner(threading.Thread):
         self._q: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self._stop = False
         self._check_now = True
+        #: Set once every mirror was walked and compared with the watches.
+        self.checked = threading.Event()
 
     def request(self, mirror: str, rel: bytes) -> None:
         """Scan ``rel`` (a directory) of ``mirror`` (from any thread)."""
@@ -101,6 +103,7 @@ class Scanner(threading.Thread):
                 if self._check_now or now >= next_check:
                     self._check_now = False
                     self._check()
+                    self.checked.set()
                     next_check = now + WATCH_CHECK_INTERVAL
                 if now >= next_poll:
                     self._poll()

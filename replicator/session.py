@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 from . import frames as F
 from . import net, paths, transfer
+from .changes import Dirty, Flag, PeerHas
 from .config import Config
+from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, LinkError, RemoteProtocolError
 from .manifest import EntryState, Excludes, scan
 from .marker import Marker
@@ -52,6 +54,8 @@ class _Mirror:
     root: paths.Root
     inbox: Inbox
     publisher: Publisher
+    #: This node also pushes the mirror to the sending peer (conflicts.py).
+    two_way: bool = False
 
     def close(self) -> None:
         self.publisher.close()
@@ -71,6 +75,8 @@ class Session:
         on_established: Callable[[Session], None] | None = None,
         on_published: Published | None = None,
         markers: dict[str, Marker] | None = None,
+        peer_state: Callable[[str, str, bytes], EntryState | None] | None = None,
+        notify: Callable[[object], None] | None = None,
     ) -> None:
         self.sock = sock
         self.addr = addr
@@ -81,6 +87,8 @@ class Session:
         self.on_established = on_established
         self.on_published = on_published
         self.markers = markers or {}
+        self.peer_state = peer_state or (lambda peer, mirror, path: None)
+        self.notify = notify
         self.peer = ""
         self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
         self._wbuf = bytearray()
@@ -337,13 +345,7 @@ class Session:
             assert isinstance(ev, F.End)
             p = self._files.pop(ev.op, None)
             if p is not None:
-                m = self._mirrors_by_inbox(p)
-                try:
-                    m.publisher.add_file(p)
-                except OSError as e:
-                    self._fail_file(p, e)
-                    return
-                self.stats.files_received += 1
+                self._on_end(p)
             else:
                 self._refused.discard(ev.op)
         elif t is F.Abort:
@@ -431,7 +433,8 @@ class Session:
             self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
             log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
             return
-        self._mirrors[ev.mirror] = _Mirror(ev.name, root, inbox, Publisher(root, inbox))
+        two_way = self.peer in mcfg.push_to
+        self._mirrors[ev.mirror] = _Mirror(ev.name, root, inbox, Publisher(root, inbox), two_way)
         self.stats.mirrors.append(ev.name)
         self._queue(F.Opened(ev.mirror, 0, ""))
 
@@ -472,7 +475,58 @@ class Session:
             self._refused.add(ev.op)
             self._refuse(ev.op, e.code, f"mirror {m.name!r}: {e}", ev.path)
             return
+        if m.two_way:
+            p.base = self.peer_state(self.peer, m.name, ev.path)
         self._files[ev.op] = p
+        self._tell(m, ev.path, p.state)
+
+    def _tell(
+        self, m: _Mirror, path: bytes, state: EntryState | None, src: bytes | None = None
+    ) -> None:
+        """The peer holds ``path`` as ``state`` now: tell our link to it
+        (echo suppression)."""
+        if m.two_way and self.notify is not None:
+            self.notify(PeerHas(self.peer, m.name, path, state, src))
+
+    def _local(self, m: _Mirror, parts: tuple[bytes, ...]) -> EntryState | None:
+        try:
+            st = m.root.lstat(parts)
+        except (OSError, BadPath):
+            return None
+        return None if st is None else EntryState.from_stat(st)
+
+    def _on_end(self, p: PartialFile) -> None:
+        m = self._mirrors_by_inbox(p)
+        decision = None
+        if m.two_way:
+            decision = decide(
+                p.parts[-1], self._local(m, p.parts), p.state, p.base, self.cfg.node.name, self.peer
+            )
+            if decision.verdict is Verdict.SAME:
+                p.discard()
+                m.publisher.add_noop(p.op)
+                return
+            if decision.verdict is not Verdict.APPLY:
+                log.warning(
+                    "conflict on %s: changed here and on %s; %s wins, the other version is "
+                    "kept as %s",
+                    paths.show(p.path),
+                    self.peer,
+                    self.peer
+                    if decision.verdict is Verdict.KEEP_LOCAL_COPY
+                    else self.cfg.node.name,
+                    paths.show(decision.copy_name),
+                    extra={"PEER": self.peer, "MIRROR": m.name, "PATH": paths.show(p.path)},
+                )
+                self.stats.conflicts += 1
+                if self.notify is not None:  # our version must reach the peer
+                    self.notify(Dirty(m.name, p.path, Flag.DATA | Flag.CLOSED))
+        try:
+            m.publisher.add_file(p, decision)
+        except OSError as e:
+            self._fail_file(p, e)
+            return
+        self.stats.files_received += 1
 
     def _on_namespace(self, ev: object) -> None:
         m = self._mirror(ev.mirror)  # type: ignore[attr-defined]
@@ -495,6 +549,27 @@ class Session:
                     pub.meta(ev, parts)
                 elif isinstance(ev, F.Delete):
                     self._commit(m)
+                    if m.two_way and keep_local_on_delete(
+                        self._local(m, parts), self.peer_state(self.peer, m.name, ev.path)
+                    ):
+                        log.warning(
+                            "conflict on %s: deleted on %s but changed here; keeping "
+                            "it (it goes back to %s)",
+                            paths.show(ev.path),
+                            self.peer,
+                            self.peer,
+                            extra={
+                                "PEER": self.peer,
+                                "MIRROR": m.name,
+                                "PATH": paths.show(ev.path),
+                            },
+                        )
+                        self.stats.conflicts += 1
+                        pub.add_noop(op)
+                        self._tell(m, ev.path, None)
+                        if self.notify is not None:
+                            self.notify(Dirty(m.name, ev.path, Flag.DATA | Flag.CLOSED))
+                        return
                     pub.delete(ev, parts)
                 else:
                     raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"unexpected {ev}")
@@ -505,6 +580,26 @@ class Session:
             self._refuse(op, e.code, f"mirror {m.name!r}: {paths.show(shown)}: {e}", shown)
             return
         self.stats.ops_applied += 1
+        if isinstance(ev, F.Rename):
+            self._tell(m, ev.dst, None, src=ev.src)
+        elif isinstance(ev, F.Delete):
+            self._tell(m, ev.path, None)
+        elif isinstance(ev, F.Mkdir):
+            self._tell(
+                m,
+                ev.path,
+                EntryState(F.EntryKind.DIR, ev.mode & 0o7777, 0, ev.mtime_ns, ev.uid, ev.gid),
+            )
+        elif isinstance(ev, F.Symlink):
+            self._tell(
+                m,
+                ev.path,
+                EntryState(F.EntryKind.SYMLINK, 0o777, 0, ev.mtime_ns, ev.uid, ev.gid, ev.target),
+            )
+        elif isinstance(ev, F.Meta):
+            st = self._local(m, paths.check(ev.path))
+            if st is not None:
+                self._tell(m, ev.path, st)
 
     # -- publishing ----------------------------------------------------------
 

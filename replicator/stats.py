@@ -80,6 +80,7 @@ class SessionStats:
     files_received: int = 0
     ops_applied: int = 0
     commits: int = 0
+    conflicts: int = 0
     errors_sent: int = 0
     #: "splice" or "copy" (the fallback, for filesystems without splice).
     mode: str = "splice"

@@ -1,0 +1,93 @@
+"""Two-way mirrors: what happens when an incoming change meets a local one.
+
+A mirror is two-way with a peer when the peer is in both ``push_to`` and
+``accept_from``. The receiver compares three states of the path: *local*
+(what is on disk here), *incoming* (what the peer sends) and *base* (what
+this node's link to that peer last knew the peer had — the last agreed
+version).
+
+- local is the incoming version already → nothing to write;
+- local still equals base → the peer made an ordinary update: apply it;
+- otherwise both sides changed it → a conflict: the newer mtime wins, the
+  node name that sorts last breaks a tie, and the losing version is kept as
+  ``<stem>.conflict-<node>-<UTC mtime><suffix>`` next to it (``node`` is the
+  node that wrote the losing version). Both nodes apply the same rule, so
+  they end with the same winner and the same conflict copy.
+
+A delete from the peer of a file changed here since base is not applied:
+the modification wins and travels back.
+
+Limits (documented in docs/topologies.md): there is no history beyond the
+last agreed state, so a rescan of a two-way mirror never deletes and only
+pushes entries that are newer here; a file deleted while the daemon was
+stopped comes back from the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass
+
+from .manifest import EntryState
+
+
+class Verdict(enum.Enum):
+    #: Write the incoming version over the local one.
+    APPLY = "apply"
+    #: The local file already is the incoming version.
+    SAME = "same"
+    #: Conflict, incoming wins: keep the local version as a conflict copy.
+    KEEP_LOCAL_COPY = "keep-local-copy"
+    #: Conflict, local wins: store the incoming version as a conflict copy.
+    INCOMING_AS_COPY = "incoming-as-copy"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    copy_name: bytes = b""
+
+
+def _same(a: EntryState, b: EntryState) -> bool:
+    return a.kind == b.kind and a.size == b.size and a.mtime_ns == b.mtime_ns
+
+
+def conflict_name(name: bytes, node: str, mtime_ns: int) -> bytes:
+    stem, dot, suffix = name.rpartition(b".")
+    if not stem or not dot:
+        stem, suffix = name, b""
+    else:
+        suffix = b"." + suffix
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(mtime_ns / 1e9)).encode()
+    out = stem + b".conflict-" + os.fsencode(node) + b"-" + stamp + suffix
+    return out[:255]
+
+
+def decide(
+    name: bytes,
+    local: EntryState | None,
+    incoming: EntryState,
+    base: EntryState | None,
+    here: str,
+    peer: str,
+) -> Decision:
+    """What to do with an incoming regular file ``name`` (last path component)."""
+    if local is None or local.kind != incoming.kind:
+        return Decision(Verdict.APPLY)
+    if _same(local, incoming):
+        return Decision(Verdict.SAME)
+    if base is not None and _same(local, base):
+        return Decision(Verdict.APPLY)
+    incoming_wins = (incoming.mtime_ns, peer) > (local.mtime_ns, here)
+    if incoming_wins:
+        return Decision(Verdict.KEEP_LOCAL_COPY, conflict_name(name, here, local.mtime_ns))
+    return Decision(Verdict.INCOMING_AS_COPY, conflict_name(name, peer, incoming.mtime_ns))
+
+
+def keep_local_on_delete(local: EntryState | None, base: EntryState | None) -> bool:
+    """A delete from the peer meets a file changed here since base: keep it."""
+    if local is None or base is None:
+        return local is not None and base is None
+    return not _same(local, base)
