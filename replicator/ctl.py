@@ -1,4 +1,15 @@
-"""replicatorctl: show and steer a running replicatord through its control socket."""
+"""replicatorctl: show and steer a running replicatord through its control socket.
+
+Exit codes (for monitoring scripts; docs/operations.md):
+
+    0  healthy
+    1  the daemon could not be reached, or refused the request
+    2  usage or configuration error (check-config: the file is invalid)
+    3  a link is not connected (status)
+    4  a link's lag exceeds --max-lag (status)
+    5  a mirror needs attention: marker missing, directories without a
+       watch, or the watcher is dead (status)
+"""
 
 from __future__ import annotations
 
@@ -6,14 +17,17 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from . import config
+from . import __version__, config
 from .control import request
 from .errors import ConfigError, ControlError, KeyFileError
 
+OK, UNREACHABLE, USAGE, LINK_DOWN, LAGGING, ATTENTION = 0, 1, 2, 3, 4, 5
 
-def _fmt_bytes(n: float) -> str:
+
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -21,64 +35,232 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _fmt_age(s: float | None) -> str:
+def fmt_age(s: float | None) -> str:
     if s is None:
         return "-"
     if s < 1:
         return f"{s * 1000:.0f} ms"
     if s < 120:
         return f"{s:.1f} s"
-    return f"{s / 60:.0f} min"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _when(t: float | None) -> str:
+    return "never" if not t else f"{fmt_age(time.time() - t)} ago"
+
+
+def _link_state(ln: dict[str, Any]) -> str:
+    state = str(ln["state"])
+    if state == "backoff" and ln.get("next_retry"):
+        state += f", next retry in {max(0.0, ln['next_retry'] - time.time()):.1f} s"
+    if ln.get("paused"):
+        state += " (paused)"
+    return state
 
 
 def render(st: dict[str, Any]) -> str:
+    """A human summary, in the spirit of systemctl status / drbdadm status."""
+    problems = health(st, max_lag=None)[1]
+    dot = "●" if not problems else "!"
     lines = [
-        f"● replicatord node {st['node']} — version {st['version']}, pid {st['pid']}, "
-        f"up {_fmt_age(st['uptime'])}, listening on {st['listen']}",
+        f"{dot} replicatord node {st['node']} — version {st['version']}, pid {st['pid']}, "
+        f"up {fmt_age(st['uptime'])}",
+        f"    listening on {st['listen']}; config {st.get('config') or '-'}"
+        f" (reloaded {st.get('reloads', 0)} times)",
     ]
-    for peer, ln in sorted(st["links"].items()):
+    w = st.get("watcher") or {}
+    if w.get("alive") is not None:
         lines.append(
-            f"  → {peer} ({ln['address']}): {ln['state']}"
-            + (f", rtt {ln['rtt_ms']:.2f} ms" if ln.get("rtt_ms") is not None else "")
+            f"    watcher: {'alive' if w['alive'] else 'DEAD'}, {w['restarts']} restarts, "
+            f"{w['overflows']} inotify overflows"
+        )
+    if st["links"]:
+        lines.append("  Outbound links (this node sends):")
+    for peer, ln in sorted(st["links"].items()):
+        rtt = f", rtt {ln['rtt_ms']:.2f} ms" if ln.get("rtt_ms") is not None else ""
+        lines.append(f"    → {peer} ({ln['address']}): {_link_state(ln)}{rtt}")
+        lines.append(
+            f"        sent {fmt_bytes(ln['bytes_sent'])} ({ln['files_sent']} files, "
+            f"{ln['ops_sent']} operations, {ln['renames']} renames, "
+            f"{ln['resumed_files']} resumed); rate {fmt_bytes(ln['rate_bps'])}/s"
         )
         lines.append(
-            f"      sent {_fmt_bytes(ln['bytes_sent'])}, {ln['files_sent']} files; "
-            f"queue {ln['queue_files']} files / {_fmt_bytes(ln['queue_bytes'])}; "
-            f"in flight {ln['in_flight']}; lag {_fmt_age(ln['lag_seconds'])}"
+            f"        queue {ln['queue_files']} files / {fmt_bytes(ln['queue_bytes'])}, "
+            f"in flight {ln['in_flight']}, lag {fmt_age(ln['lag_seconds'])}"
         )
         cur = ln.get("current")
         if cur:
             lines.append(
-                f"      sending {cur['mirror']}:{cur['path']} "
-                f"{_fmt_bytes(cur['offset'])}/{_fmt_bytes(cur['size'])} at "
-                f"{_fmt_bytes(ln['rate_bps'])}/s"
+                f"        sending {cur['mirror']}:{cur['path']} "
+                f"{fmt_bytes(cur['offset'])} / {fmt_bytes(cur['size'])}"
             )
+        for name, m in sorted((ln.get("mirrors") or {}).items()):
+            if m.get("refused"):
+                lines.append(f"        mirror {name}: REFUSED by the peer: {m['refused']}")
+            elif m.get("paused"):
+                lines.append(f"        mirror {name}: paused")
         if ln.get("last_error"):
-            lines.append(f"      last error: {ln['last_error']}")
+            lines.append(
+                f"        last error ({_when(ln.get('last_error_at'))}): {ln['last_error']}"
+            )
+    if st["sessions"]:
+        lines.append("  Inbound sessions (this node receives):")
     for s in st["sessions"]:
         lines.append(
-            f"  ← {s['peer'] or '?'} ({s['address']}): {s['state']}, received "
-            f"{_fmt_bytes(s['payload_bytes_received'])}, {s['files_received']} files, "
-            f"mode {s['mode']}"
+            f"    ← {s['peer'] or '?'} ({s['address']}): {s['state']} since {_when(s['since'])}, "
+            f"received {fmt_bytes(s['payload_bytes_received'])} in {s['files_received']} files "
+            f"and {s['ops_applied']} operations, {s['conflicts']} conflicts, mode {s['mode']}"
         )
+        if s.get("last_error"):
+            lines.append(f"        last error: {s['last_error']}")
+    lines.append("  Mirrors:")
     for name, m in sorted(st["mirrors"].items()):
-        lines.append(
-            f"  mirror {name}: {m['path']} push_to={','.join(m['push_to']) or '-'} "
-            f"accept_from={','.join(m['accept_from']) or '-'}"
-        )
+        roles = []
+        if m["push_to"]:
+            roles.append("→ " + ", ".join(m["push_to"]))
+        if m["accept_from"]:
+            roles.append("← " + ", ".join(m["accept_from"]))
+        lines.append(f"    {name}: {m['path']} ({'; '.join(roles) or 'idle'})")
+        if m.get("watched"):
+            dirs = m.get("dirs") or 0
+            unwatched = m.get("unwatched_dirs") or 0
+            lines.append(f"        watches {dirs - unwatched} of {dirs} directories")
+        for peer, lm in sorted((m.get("links") or {}).items()):
+            if lm.get("last_scan"):
+                lines.append(
+                    f"        to {peer}: {lm.get('source_entries', 0)} entries here, "
+                    f"{lm.get('remote_entries', 0)} there; last scan {_when(lm['last_scan'])} "
+                    f"({lm.get('last_scan_duration', 0):.2f} s)"
+                )
+        if m.get("marker_ok") is False:
+            lines.append("        WARNING: marker missing (disk not mounted?): deletions held back")
+        if m.get("unwatched_dirs"):
+            lines.append(
+                f"        WARNING: {m['unwatched_dirs']} directories have no inotify "
+                "watch (raise fs.inotify.max_user_watches); they are polled"
+            )
+    if problems:
+        lines.append("  Problems:")
+        lines += [f"    - {p}" for p in problems]
     return "\n".join(lines)
 
 
+def health(st: dict[str, Any], max_lag: float | None) -> tuple[int, list[str]]:
+    """(exit code, reasons) for monitoring."""
+    reasons: list[tuple[int, str]] = []
+    for peer, ln in st["links"].items():
+        if ln["state"] != "connected":
+            reasons.append(
+                (
+                    LINK_DOWN,
+                    f"link to {peer} is {ln['state']}: {ln.get('last_error') or 'not connected'}",
+                )
+            )
+        lag = ln.get("lag_seconds")
+        if max_lag is not None and lag is not None and lag > max_lag:
+            reasons.append((LAGGING, f"link to {peer} lags {lag:.1f} s (> {max_lag:g} s)"))
+    for name, m in st["mirrors"].items():
+        if m.get("marker_ok") is False:
+            reasons.append((ATTENTION, f"mirror {name}: marker missing in {m['path']}"))
+        if m.get("unwatched_dirs"):
+            reasons.append((ATTENTION, f"mirror {name}: {m['unwatched_dirs']} unwatched dirs"))
+    if (st.get("watcher") or {}).get("alive") is False:
+        reasons.append((ATTENTION, "the file watcher is dead"))
+    code = min((c for c, _ in reasons), default=OK)
+    return code, [r for _, r in reasons]
+
+
+def _peers(st: dict[str, Any]) -> str:
+    rows = [("PEER", "DIRECTION", "STATE", "ADDRESS", "BYTES", "FILES", "QUEUE", "LAG")]
+    for peer, ln in sorted(st["links"].items()):
+        rows.append(
+            (
+                peer,
+                "out",
+                ln["state"],
+                ln["address"],
+                fmt_bytes(ln["bytes_sent"]),
+                str(ln["files_sent"]),
+                str(ln["queue_files"]),
+                fmt_age(ln["lag_seconds"]),
+            )
+        )
+    for s in st["sessions"]:
+        rows.append(
+            (
+                s["peer"] or "?",
+                "in",
+                s["state"],
+                s["address"],
+                fmt_bytes(s["payload_bytes_received"]),
+                str(s["files_received"]),
+                "-",
+                "-",
+            )
+        )
+    return _table(rows)
+
+
+def _mirrors(st: dict[str, Any]) -> str:
+    rows = [("MIRROR", "PATH", "PUSH_TO", "ACCEPT_FROM", "MARKER", "WATCHED_DIRS")]
+    for name, m in sorted(st["mirrors"].items()):
+        dirs = m.get("dirs")
+        watched = "-" if dirs is None else f"{dirs - (m.get('unwatched_dirs') or 0)}/{dirs}"
+        rows.append(
+            (
+                name,
+                m["path"],
+                ",".join(m["push_to"]) or "-",
+                ",".join(m["accept_from"]) or "-",
+                "ok" if m.get("marker_ok") else "MISSING",
+                watched,
+            )
+        )
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _call(sock: str, req: dict[str, Any]) -> dict[str, Any]:
+    reply = request(sock, req)
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "request failed")))
+    return reply
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="replicatorctl")
-    ap.add_argument("--config", "-c", default="/etc/replicator/replicator.toml")
+    ap = argparse.ArgumentParser(prog="replicatorctl", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--config",
+        "-c",
+        default="/etc/replicator/replicator.toml",
+        help="the daemon's config (to find its control socket)",
+    )
     ap.add_argument("--socket", "-s", help="control socket (default: from the config)")
+    ap.add_argument("--version", action="version", version=f"replicatorctl {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("status", help="show links, queues, lag")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", action="store_true")
-    p = sub.add_parser("sync", help="reconcile now")
+    p = sub.add_parser("status", help="links, queues, lag, mirrors; exit code tells health")
+    p.add_argument("--json", action="store_true", help="the full status as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh every second")
+    p.add_argument(
+        "--max-lag", type=float, metavar="SECONDS", help="exit 4 if a link lags more than this"
+    )
+    sub.add_parser("peers", help="one line per peer")
+    sub.add_parser("mirrors", help="one line per mirror")
+    p = sub.add_parser("sync", help="reconcile now (all mirrors, or one)")
     p.add_argument("mirror", nargs="?")
+    for name in ("pause", "resume"):
+        p = sub.add_parser(name, help=f"{name} sending (all, or one peer and/or mirror)")
+        p.add_argument("--peer")
+        p.add_argument("--mirror")
+    sub.add_parser("reload", help="re-read the config (like SIGHUP); errors are shown")
     p = sub.add_parser("check-config", help="validate a config file offline")
     p.add_argument("file")
     args = ap.parse_args(argv)
@@ -86,44 +268,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check-config":
         try:
             cfg = config.load(args.file)
-            config.read_keys(cfg)
+            config.check_filesystem(cfg, args.file)
+            config.read_keys(cfg, args.file)
         except (ConfigError, KeyFileError) as e:
             print(e, file=sys.stderr)
-            return 2
-        print(f"{args.file}: OK")
-        return 0
+            return USAGE
+        print(f"{args.file}: OK ({len(cfg.peers)} peers, {len(cfg.mirrors)} mirrors)")
+        return OK
     sock = args.socket
     if sock is None:
         try:
             sock = config.load(args.config).node.control_socket
         except ConfigError as e:
-            print(e, file=sys.stderr)
-            return 2
+            print(f"replicatorctl: {e}\n(use --socket to name the control socket)", file=sys.stderr)
+            return USAGE
     try:
         if args.cmd == "status":
-            while True:
-                reply = request(sock, {"cmd": "status"})
-                if not reply.get("ok"):
-                    raise ControlError(reply.get("error", "request failed"))
-                out = (
-                    json.dumps(reply["status"], indent=2, default=str)
-                    if args.json
-                    else render(reply["status"])
-                )
-                if not args.watch:
-                    print(out)
-                    return 0
-                print("\033[H\033[2J" + out, flush=True)
-                time.sleep(1)
-        reply = request(sock, {"cmd": args.cmd, "mirror": getattr(args, "mirror", None)})
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "request failed"))
-        return 0
+            return _status(sock, args)
+        if args.cmd in ("peers", "mirrors"):
+            st = _call(sock, {"cmd": "status"})["status"]
+            print(_peers(st) if args.cmd == "peers" else _mirrors(st))
+            return OK
+        req: dict[str, Any] = {"cmd": args.cmd}
+        for key in ("mirror", "peer"):
+            if getattr(args, key, None) is not None:
+                req[key] = getattr(args, key)
+        reply = _call(sock, req)
+        if reply.get("message"):
+            print(reply["message"])
+        return OK
     except ControlError as e:
         print(f"replicatorctl: {e}", file=sys.stderr)
-        return 1
+        return UNREACHABLE
     except KeyboardInterrupt:
         return 130
+
+
+def _status(sock: str, args: argparse.Namespace) -> int:
+    while True:
+        st = _call(sock, {"cmd": "status"})["status"]
+        code, reasons = health(st, args.max_lag)
+        st["health"] = {"code": code, "problems": reasons}
+        out = json.dumps(st, indent=2, default=str) if args.json else render(st)
+        if not args.watch:
+            print(out)
+            for r in reasons:
+                print(f"replicatorctl: {r}", file=sys.stderr)
+            return code
+        print("\033[H\033[2J" + out, flush=True)
+        time.sleep(1)
 
 
 if __name__ == "__main__":

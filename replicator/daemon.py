@@ -26,7 +26,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from . import __version__, config, logs, net
+from . import __version__, config, logs, metrics, net
 from .backlog import Store
 from .changes import PeerHas, Rescan
 from .config import Config
@@ -87,6 +87,7 @@ class Daemon:
         self.reloads = 0
         self._next_root_check = 0.0
         self.reload_requested = threading.Event()
+        self._metrics: object | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -118,6 +119,8 @@ class Daemon:
         threading.Thread(target=self._accept, name="listener", daemon=True).start()
         for peer in self._pushed_peers(self.cfg):
             self._start_link(peer)
+        if node.metrics_listen:
+            self._metrics = metrics.serve(node.metrics_listen, self.status)
         self.control.start()  # last: a status reply means the node is fully up
         log.info(
             "node %s listening on %s; pushing to %s; version %s",
@@ -212,6 +215,8 @@ class Daemon:
         for s in sessions:
             s.done.wait(max(0.1, deadline - time.monotonic()))
         self.control.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()  # type: ignore[attr-defined]
         log.info("node %s stopped", self.cfg.node.name)
 
     # -- reload ------------------------------------------------------------------

@@ -298,9 +298,10 @@ class Link(threading.Thread):
             if left <= 0:
                 return
             try:
-                msg = self._q.get(timeout=min(left, 0.5))
+                msg = self._q.get(timeout=min(left, 0.2))
             except queue.Empty:
                 self._backlog.flush()
+                self._update_stats(force=True)
                 continue
             self._handle(msg)
             self._backlog.flush()

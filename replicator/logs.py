@@ -67,7 +67,8 @@ def journal_handler(node: str, send: Sender | None = None) -> logging.Handler | 
         return None
     target: Sender = send or systemd.journal.send
 
-    def forward(message: str, **fields: Any) -> None:
+    def forward(message: str, /, **fields: Any) -> None:
+        # positional-only: every record carries a "message" attribute too
         target(
             message, **{k: v for k, v in fields.items() if k in JOURNAL_FIELDS and v is not None}
         )

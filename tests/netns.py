@@ -81,3 +81,45 @@ class Netns:
     def close(self) -> None:
         sh("ip", "link", "del", self.host_if, check=False)
         sh("ip", "netns", "del", self.name, check=False)
+
+
+class Lan:
+    """``n`` namespaces on one bridge, addresses 198.19.<k>.<i+1>/24: a small
+    network of storage nodes. ``cut(i)``/``restore(i)`` take host i's cable out."""
+
+    def __init__(self, n: int) -> None:
+        k = next(_counter)
+        tag = f"{os.getpid() % 10000}y{k}"
+        self.bridge = f"rb{tag}"[:15]
+        self.hosts: list[tuple[str, str, str]] = []  # (netns, host-side veth, address)
+        subnet = (os.getpid() + k) % 250 + 1
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        try:
+            sh("ip", "link", "set", self.bridge, "up")
+            for i in range(n):
+                ns, hv, nv = f"rl{tag}h{i}", f"rv{tag}h{i}"[:15], f"rw{tag}h{i}"[:15]
+                addr = f"198.19.{subnet}.{i + 1}"
+                sh("ip", "netns", "add", ns)
+                self.hosts.append((ns, hv, addr))
+                sh("ip", "link", "add", hv, "type", "veth", "peer", "name", nv)
+                sh("ip", "link", "set", nv, "netns", ns)
+                sh("ip", "link", "set", hv, "master", self.bridge)
+                sh("ip", "link", "set", hv, "up")
+                sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", nv)
+                sh("ip", "netns", "exec", ns, "ip", "link", "set", nv, "up")
+                sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        except Exception:
+            self.close()
+            raise
+
+    def cut(self, i: int) -> None:
+        sh("ip", "link", "set", self.hosts[i][1], "down")
+
+    def restore(self, i: int) -> None:
+        sh("ip", "link", "set", self.hosts[i][1], "up")
+
+    def close(self) -> None:
+        for ns, hv, _ in self.hosts:
+            sh("ip", "link", "del", hv, check=False)
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", self.bridge, check=False)

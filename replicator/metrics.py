@@ -1,0 +1,134 @@
+"""Optional Prometheus endpoint (``node.metrics_listen``): the status figures
+as counters and gauges, read from ``Daemon.status()`` at scrape time.
+
+Uses the standard client library (the ``metrics`` extra); without it the
+daemon logs that metrics are unavailable and runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .net import parse_address
+
+log = logging.getLogger(__name__)
+
+Status = Callable[[], dict[str, Any]]
+
+#: (metric suffix, status key, help, type) for each outbound link figure.
+_LINK = [
+    ("bytes_sent_total", "bytes_sent", "Bytes sent on the link (frames and payload)", "counter"),
+    ("payload_bytes_sent_total", "payload_bytes_sent", "File data bytes sent", "counter"),
+    ("files_sent_total", "files_sent", "Files sent whole", "counter"),
+    ("operations_sent_total", "ops_sent", "Operations sent", "counter"),
+    ("operations_acked_total", "ops_acked", "Operations acknowledged durable", "counter"),
+    ("files_aborted_total", "files_aborted", "Files aborted because the source changed", "counter"),
+    ("renames_total", "renames", "Renames sent as renames", "counter"),
+    ("resumed_files_total", "resumed_files", "Transfers resumed at an offset", "counter"),
+    ("connects_total", "connects", "Successful connections", "counter"),
+    ("queue_files", "queue_files", "Paths waiting to be looked at", "gauge"),
+    ("queue_bytes", "queue_bytes", "Bytes waiting (known sizes)", "gauge"),
+    ("in_flight", "in_flight", "Operations sent and not yet acknowledged", "gauge"),
+    ("lag_seconds", "lag_seconds", "Age of the oldest unacknowledged change", "gauge"),
+    ("rate_bytes_per_second", "rate_bps", "Payload rate over the last seconds", "gauge"),
+]
+_SESSION = [
+    ("bytes_received_total", "bytes_received", "Bytes received", "counter"),
+    (
+        "payload_bytes_received_total",
+        "payload_bytes_received",
+        "File data bytes received",
+        "counter",
+    ),
+    ("files_received_total", "files_received", "Files received", "counter"),
+    ("operations_applied_total", "ops_applied", "Namespace operations applied", "counter"),
+    ("commits_total", "commits", "Group commits (sync rounds)", "counter"),
+    ("conflicts_total", "conflicts", "Two-way conflicts resolved", "counter"),
+]
+
+
+class StatusCollector:
+    def __init__(self, status: Status) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.status()
+        node = st["node"]
+
+        def family(name: str, doc: str, kind: str, labels: list[str]) -> Any:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            full = name[: -len("_total")] if kind == "counter" else name
+            return cls(full, doc, labels=labels)
+
+        up = GaugeMetricFamily(
+            "replicator_link_up", "1 if the link is connected", labels=["node", "peer"]
+        )
+        for peer, ln in st["links"].items():
+            up.add_metric([node, peer], 1.0 if ln["state"] == "connected" else 0.0)
+        yield up
+        for suffix, key, doc, kind in _LINK:
+            fam = family(f"replicator_link_{suffix}", doc, kind, ["node", "peer"])
+            for peer, ln in st["links"].items():
+                v = ln.get(key)
+                if v is not None:
+                    fam.add_metric([node, peer], float(v))
+            yield fam
+        rtt = GaugeMetricFamily(
+            "replicator_link_rtt_seconds", "Heartbeat round trip", labels=["node", "peer"]
+        )
+        for peer, ln in st["links"].items():
+            if ln.get("rtt_ms") is not None:
+                rtt.add_metric([node, peer], ln["rtt_ms"] / 1000)
+        yield rtt
+        for suffix, key, doc, kind in _SESSION:
+            fam = family(f"replicator_session_{suffix}", doc, kind, ["node", "peer"])
+            totals: dict[str, float] = {}
+            for s in st["sessions"]:
+                totals[s["peer"] or "?"] = totals.get(s["peer"] or "?", 0.0) + float(s[key])
+            for peer, v in totals.items():
+                fam.add_metric([node, peer], v)
+            yield fam
+        marker = GaugeMetricFamily(
+            "replicator_mirror_marker_ok",
+            "1 if the mirror marker is in place",
+            labels=["node", "mirror"],
+        )
+        unwatched = GaugeMetricFamily(
+            "replicator_mirror_unwatched_dirs",
+            "Directories without an inotify watch (polled)",
+            labels=["node", "mirror"],
+        )
+        for name, m in st["mirrors"].items():
+            marker.add_metric([node, name], 1.0 if m.get("marker_ok") else 0.0)
+            unwatched.add_metric([node, name], float(m.get("unwatched_dirs") or 0))
+        yield marker
+        yield unwatched
+        w = st.get("watcher") or {}
+        ov = CounterMetricFamily(
+            "replicator_inotify_overflows", "inotify queue overflows", labels=["node"]
+        )
+        ov.add_metric([node], float(w.get("overflows") or 0))
+        yield ov
+
+
+def serve(address: str, status: Status) -> object | None:
+    """Start the endpoint; returns the server (None if the library is missing)."""
+    try:
+        from prometheus_client import start_http_server
+        from prometheus_client.core import CollectorRegistry
+    except ImportError:
+        log.error(
+            "node.metrics_listen is set but prometheus_client is not installed "
+            "(pip install 'replicator[metrics]'); running without metrics"
+        )
+        return None
+    host, port = parse_address(address)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    server, _thread = start_http_server(port, host, registry=registry)
+    log.info("metrics on http://%s/metrics", address)
+    return server
