@@ -241,11 +241,22 @@ class LocalCluster:
         na.peers[b] = {"address": nb.address, "key_file": key}
         nb.peers[a] = {"address": na.address, "key_file": key}
 
-    def start(self) -> None:
+    def start(self, wait_links: bool = True) -> None:
+        """Start every node; with ``wait_links``, return once every
+        outbound link is connected."""
         for n in self.nodes.values():
             n.start(wait=False)
         for n in self.nodes.values():
             wait_for(n._ready, 30, f"node {n.name} to start")
+        if wait_links:
+            for n in self.nodes.values():
+                wait_for(
+                    lambda n=n: all(
+                        ln["state"] == "connected" for ln in n.status()["links"].values()
+                    ),
+                    30,
+                    f"node {n.name}'s links to connect",
+                )
 
     def stop(self) -> None:
         for n in self.nodes.values():
