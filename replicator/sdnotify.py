@@ -106,7 +106,7 @@ class Notifier:
                 )
 
     def _send_builtin(self, message: str) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(message.encode(), self._address)
 
 
