@@ -36,6 +36,7 @@ from .link import Link, Pause, SourceMirror
 from .manifest import EntryState, Excludes
 from .marker import Marker
 from .scanner import Scanner
+from .sdnotify import Notifier
 from .session import Session
 from .stats import LinkStats, SessionStats
 from .watcher import OverflowHook, Watcher, watched_inodes
@@ -574,6 +575,40 @@ def _install_signals(daemon: Daemon) -> dict[int, Any]:
     return old
 
 
+#: How long READY=1 waits for the first scan of the mirrors (systemd's
+#: TimeoutStartSec must be longer; a huge tree can take minutes).
+FIRST_SCAN_TIMEOUT = 600.0
+#: STATUS= is refreshed this often.
+STATUS_EVERY = 5.0
+
+
+def serve(daemon: Daemon, notify: Notifier, config_path: str) -> None:
+    """The main thread's loop: readiness, reloads, supervision, watchdog."""
+    notify.status("scanning mirrors")
+    deadline = time.monotonic() + FIRST_SCAN_TIMEOUT
+    while not daemon.first_scan_done() and time.monotonic() < deadline:
+        if daemon.stopping.wait(0.05):
+            return
+    notify.ready(daemon.summary())
+    next_status = time.monotonic() + STATUS_EVERY
+    while not daemon.stopping.wait(1.0):
+        if daemon.reload_requested.is_set():
+            daemon.reload_requested.clear()
+            log.info("SIGHUP: reloading %s", config_path)
+            notify.reloading()
+            try:
+                daemon.reload()
+            except (ConfigError, KeyFileError) as e:
+                log.error("reload refused, the running config stays: %s", e)
+            notify.ready(daemon.summary())
+        if daemon.check_workers():
+            notify.watchdog()  # only while every worker is alive
+        if time.monotonic() >= next_status:
+            notify.status(daemon.summary())
+            next_status = time.monotonic() + STATUS_EVERY
+    log.info("stopping (draining for up to %.0f s)", DRAIN_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="replicatord", description="zero-copy file replication")
     ap.add_argument("--config", "-c", default="/etc/replicator/replicator.toml")
@@ -597,18 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replicatord: cannot start: {e}", file=sys.stderr)
         return 1
     old = _install_signals(daemon)
+    notify = Notifier()
     try:
-        while not daemon.stopping.wait(1.0):
-            if daemon.reload_requested.is_set():
-                daemon.reload_requested.clear()
-                log.info("SIGHUP: reloading %s", args.config)
-                try:
-                    daemon.reload()
-                except (ConfigError, KeyFileError) as e:
-                    log.error("reload refused, the running config stays: %s", e)
-            daemon.check_workers()
-        log.info("stopping (draining for up to %.0f s)", DRAIN_SECONDS)
+        serve(daemon, notify, args.config)
     finally:
+        notify.stopping("draining and stopping")
         daemon.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
