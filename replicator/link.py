@@ -57,8 +57,10 @@ MAX_ACTIVE = 4
 WINDOW = 4096
 #: Dirty paths started per round (between chunks of the large files).
 STARTS_PER_ROUND = 256
-#: After a directory's child changed, wait this long before re-sending its mtime.
-DIR_SETTLE = 0.3
+#: After a directory's child changed, wait this long before re-sending its
+#: mtime (it is pushed back while children are in flight; the queue empties
+#: only after it, so it shows in lag: keep it short).
+DIR_SETTLE = 0.1
 #: A file modified this recently and not yet closed is still being written...
 SETTLE_NS = 200_000_000
 #: ...so look again after this long, but send it anyway once it has been
@@ -219,6 +221,7 @@ class Link(threading.Thread):
         self._last_tx = 0.0
         self._rate = RateMeter()
         self._stats_at = 0.0
+        self._marker_at = 0.0
         self._marker_warned: set[str] = set()
         #: Draining before a stop: nothing new is sent until this time.
         self._drain_until: float | None = None
@@ -465,14 +468,12 @@ class Link(threading.Thread):
                 )
                 self._stopping = True
                 break
-            net.cork(sock, True)
             idle = self._paused or self._drain_until is not None
-            worked = False if idle else self._pump()
+            worked = False if idle else self._pump(sock)
             now = time.monotonic()
             if now - self._last_tx >= hb:
                 self._queue(F.Ping(time.monotonic_ns()))
             self._flush()
-            net.cork(sock, False)
             self._backlog.flush()
             self._update_stats(force=not worked)  # going idle: show the final state
             if worked:
@@ -686,13 +687,20 @@ class Link(threading.Thread):
 
     # -- the pipeline --------------------------------------------------------------------
 
-    def _pump(self) -> bool:
-        """Send what can be sent now; True if anything was sent."""
+    def _pump(self, sock: socket.socket) -> bool:
+        """Send what can be sent now; True if anything was sent.
+
+        Starting paths (mostly small files, a few frames and a sendfile each)
+        happens corked, so many of them share TCP segments; the uncork at the
+        end pushes them out. Chunks of large files go uncorked: their header
+        is sent with MSG_MORE so it joins the payload that follows (corking
+        them measurably cost the sender CPU on loopback)."""
         conn = self._conn
         assert conn is not None
         worked = False
         started = 0
         bl = self._backlog
+        corked = False
         for mid, m in self.mirrors.items():
             if not self._remote[mid].listed or m.paused:
                 continue  # nothing is sent before we know what the peer holds
@@ -702,10 +710,16 @@ class Link(threading.Thread):
                 and conn.unacked() < WINDOW
                 and conn.open_files() < F.MAX_OPEN_FILES - 1
             ):
+                if not corked:
+                    net.cork(sock, True)
+                    corked = True
                 key, info = bl.pop(mid)
                 if self._try_start(key, info):
                     started += 1
                     worked = True
+        if corked:
+            self._flush()
+            net.cork(sock, False)
         for s in list(self._active):
             self._step(s)
             worked = True
@@ -1083,11 +1097,14 @@ class Link(threading.Thread):
         oldest += [w[0][1][0] for w in self._waiting.values() if w]
         st.oldest_change = min(oldest) if oldest else None
         st.rate_bps = self._rate.add(st.payload_bytes_sent)
+        recheck = now - self._marker_at >= 1.0  # a marker read is a syscall: once a second
+        if recheck:
+            self._marker_at = now
         for mid, r in self._remote.items():
             m = self.mirrors[mid]
             ms = self._mirror_stats(m.name)
             ms.update(listed=r.listed)
-            if m.marker is not None and m.marker.ok():
+            if recheck and m.marker is not None and m.marker.ok():
                 ms.pop("marker_missing", None)
                 self._marker_warned.discard(m.name)
 

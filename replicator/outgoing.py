@@ -104,7 +104,7 @@ class FileSend:
         if self.offset and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
             return Step.CHANGED, 0  # a big file: notice a change early, not at the end
         wbuf += conn.send(F.Chunk(self.op, self.offset, n))
-        sock.sendall(wbuf)
+        sock.sendall(wbuf, socket.MSG_MORE)  # the header joins the payload's first segment
         wbuf.clear()
         sent = transfer.send_range(sock.fileno(), self.fd, self.offset, n)
         conn.payload_sent(sent)
