@@ -148,6 +148,7 @@ class Event:
     _fixed: ClassVar[struct.Struct]
     _nfixed: ClassVar[int]
     _var: ClassVar[tuple[tuple[str, str], ...]]
+    _names: ClassVar[tuple[str, ...]]
 
 
 EVENTS: dict[int, type[Event]] = {}
@@ -165,6 +166,7 @@ def _frame(kind: int, layout: str) -> Any:
             raise TypeError(f"{cls.__name__}: fixed fields must come first")
         cls.KIND = kind
         cls.LAYOUT = layout
+        cls._names = tuple(names)
         cls._fixed = struct.Struct("!" + "".join(_FIXED[t] for _, t in fixed))
         cls._nfixed = len(fixed)
         cls._var = tuple((n, t) for n, t in var)
@@ -425,7 +427,7 @@ OPERATIONS: tuple[type[Event], ...] = (File, Mkdir, Symlink, Delete, Rename, Met
 def encode(event: Event) -> bytes:
     """The whole frame (header + body) for ``event``; raises FrameError on limits."""
     cls = type(event)
-    values = [getattr(event, f.name) for f in fields(event)]  # type: ignore[arg-type]
+    values = [getattr(event, n) for n in cls._names]
     try:
         parts = [cls._fixed.pack(*values[: cls._nfixed])]
     except struct.error as e:

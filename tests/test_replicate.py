@@ -27,7 +27,18 @@ def fill(path: Path, size: int, seed: int = 0) -> None:
 
 
 def converged(src: Path, dst: Path) -> bool:
-    return not diff_trees(tree(src), tree(dst))
+    return not diff_trees(tree(src), tree(dst)) and owners(src) == owners(dst)
+
+
+def owners(root: Path) -> dict[str, tuple[int, int]]:
+    """uid/gid of every entry (replicated when the receiver runs as root)."""
+    if os.geteuid() != 0:
+        return {}
+    return {
+        str(p.relative_to(root)): (p.lstat().st_uid, p.lstat().st_gid)
+        for p in root.rglob("*")
+        if ".replicator" not in p.parts
+    }
 
 
 def wait_same(src: Path, dst: Path, timeout: float = 60) -> None:
@@ -60,6 +71,14 @@ def build_tree(root: Path, big: int) -> None:
     os.utime(root / "one", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789))
     os.utime(root / "a" / "b", ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001))
     (root / "emptydir").mkdir(mode=0o711)
+    (root / "readonly").write_text("r")
+    (root / "readonly").chmod(0o444)
+    if os.geteuid() == 0:  # owner and group travel when running as root
+        (root / "owned").write_text("o")
+        os.chown(root / "owned", 1234, 5678)
+        (root / "setuid").write_text("s")
+        os.chown(root / "setuid", 1234, 5678)
+        (root / "setuid").chmod(0o4755)
 
 
 @pytest.mark.slow
