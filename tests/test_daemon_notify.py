@@ -55,13 +55,19 @@ def test_notify_sequence(cluster: LocalCluster, tmp_path: Path, backend: str) ->
     ready = lst.index("READY=1")
     assert "links up" in lst.messages[ready]  # READY carries the summary as STATUS
     wait_for(lambda: lst.seen("WATCHDOG=1"), 30, "WATCHDOG=1")
-    wait_for(lambda: any(m.startswith("STATUS=") for m in lst.drain()[ready + 1:]), 30,
-             "a STATUS= refresh")
+    wait_for(
+        lambda: any(m.startswith("STATUS=") for m in lst.drain()[ready + 1 :]),
+        30,
+        "a STATUS= refresh",
+    )
     a.signal(signal.SIGHUP)
     wait_for(lambda: lst.seen("RELOADING=1"), 30, "RELOADING=1")
     reloading = lst.index("RELOADING=1")
-    wait_for(lambda: any("READY=1" in m for m in lst.drain()[reloading + 1:]), 30,
-             "READY=1 after the reload")
+    wait_for(
+        lambda: any("READY=1" in m for m in lst.drain()[reloading + 1 :]),
+        30,
+        "READY=1 after the reload",
+    )
     assert "MONOTONIC_USEC=" in lst.messages[reloading]
     assert a.stop() == 0
     stopping = lst.index("STOPPING=1")
