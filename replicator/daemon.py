@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -135,7 +136,21 @@ class Daemon:
         for name, m in self.cfg.mirrors.items():
             if name not in self.markers or self.markers[name].root != os.fsencode(m.path):
                 marker = Marker(self.cfg.node.state_dir, name, m.path)
-                marker.ensure()
+                try:
+                    marker.ensure()
+                except OSError as e:
+                    hint = ""
+                    if e.errno == errno.EROFS:
+                        hint = (
+                            "; under systemd, add the mirror root to ReadWritePaths= with a "
+                            "drop-in (docs/deployment.md)"
+                        )
+                    elif e.errno == errno.EACCES:
+                        hint = "; the daemon's user must be able to write there"
+                    raise ConfigError(
+                        f"mirrors.{name}.path: cannot write the mirror marker in {m.path}: "
+                        f"{e.strerror}{hint}"
+                    ) from None
                 self.markers[name] = marker
 
     def _start_watching(self) -> None:
