@@ -318,3 +318,16 @@ def test_metrics_endpoint(cluster: LocalCluster) -> None:
     assert 'replicator_link_up{node="a",peer="b"} 1.0' in text
     assert 'replicator_link_files_sent_total{node="a",peer="b"} 1.0' in text
     assert 'replicator_mirror_marker_ok{mirror="m",node="a"} 1.0' in text
+
+
+def test_wrong_key_shows_auth_failed(cluster: LocalCluster, tmp_path: Path) -> None:
+    a, b = make_pair(cluster)
+    other = tmp_path / "other.key"
+    other.write_text("a completely different shared secret\n")
+    other.chmod(0o600)
+    b.peers["a"]["key_file"] = str(other)
+    cluster.start(wait_links=False)
+    wait_for(lambda: a.link("b")["state"] == "auth_failed", 30, "auth_failed")
+    r = ctl(a, "status")
+    assert r.returncode == 3 and "auth_failed" in r.stderr
+    assert "authentication" in (a.link("b")["last_error"] or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +126,57 @@ def test_peer_down_5000_changes_and_sender_restart(cluster: LocalCluster) -> Non
     wait_same(src, dst, timeout=180)
     # coalesced: 4000 new + 250 changed + the hot file once
     assert a.link("b")["files_sent"] - sent == 4251
+
+
+WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+def _watches_in_use() -> int:
+    """inotify watches held by every process of this user (the limit is per user)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                        total += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+@pytest.mark.slow
+def test_watch_limit_falls_back_to_polling(cluster: LocalCluster) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing fs.inotify.max_user_watches needs root")
+    a, b = make_pair(cluster, rescan_interval=86400.0)
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    for i in range(120):
+        (src / f"d{i:03}").mkdir()
+    old = WATCHES.read_text()
+    # room for the root and about half of the directories, whatever else runs here
+    WATCHES.write_text(f"{_watches_in_use() + 60}\n")
+    try:
+        cluster.start()
+        wait_for(
+            lambda: (a.status()["mirrors"]["m"]["unwatched_dirs"] or 0) > 0,
+            60,
+            "unwatched directories to be noticed",
+        )
+    finally:
+        WATCHES.write_text(old)
+    st = a.status()["mirrors"]["m"]
+    assert st["dirs"] == 121 and st["unwatched_dirs"] >= 30
+    assert "have no inotify watch" in a.log_path.read_text()
+    r = subprocess.run(
+        [sys.executable, "-m", "replicator.ctl", "--socket", a.control_socket, "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 5 and "unwatched dirs" in r.stderr
+    # a change in every directory, watched or not, still reaches the replica
+    for i in range(120):
+        (src / f"d{i:03}" / "f").write_text(str(i))
+    wait_same(src, dst, timeout=120)
