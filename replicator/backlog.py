@@ -169,7 +169,9 @@ class Backlog:
             self._parked[key] = (min(parked[0], info[0]), info[1], parked[2] | info[2])
             return
         if old is None and self._in_memory() >= self.memory_max and self.store is not None:
-            self.spilled += 1  # stays in the store only; read back later
+            if not persist:  # it lives only in the store from now on: it must be there
+                self.store.upsert(self.names[key[0]], key[1], info)
+            self.spilled += 1  # read back by refill() as memory drains
             return
         if old is not None:
             info = (min(old[1][0], info[0]), info[1], old[1][2] | info[2])
@@ -251,6 +253,12 @@ class Backlog:
     def unpark_all(self) -> None:
         for key in list(self._parked):
             self.unpark(key)
+
+    def persist(self, key: Key, info: Info) -> None:
+        """Record ``key`` in the store only (an operation in flight that a
+        crash must not forget, e.g. a rename)."""
+        if self.store is not None:
+            self.store.upsert(self.names[key[0]], key[1], info)
 
     def done(self, key: Key) -> None:
         """The peer holds ``key`` as it is here (or it needed nothing)."""

@@ -17,9 +17,11 @@ class Flag(enum.IntFlag):
     flags only break the ties lstat cannot:
 
     - a file whose size and mtime changed is sent whole, *unless* the only
-      evidence is ATTRIB (+ CLOSED): that is touch/utime, and a Meta frame
-      carries it (measured: touch = IN_ATTRIB + IN_CLOSE_WRITE; write() adds
-      IN_MODIFY; an mmap write gives IN_CLOSE_WRITE alone);
+      evidence is ATTRIB (utime, chmod, chown): then a Meta frame carries it.
+      CLOSED rules that out: an mmap write gives IN_CLOSE_WRITE alone (no
+      IN_MODIFY), and GNU touch opens the file for writing (IN_ATTRIB +
+      IN_CLOSE_WRITE), so the two cannot be told apart and touch(1) sends
+      the data again — slower, never wrong;
     - a file written but not yet CLOSED waits until it settles.
     """
 

@@ -10,7 +10,7 @@ version).
 - local still equals base → the peer made an ordinary update: apply it;
 - otherwise both sides changed it → a conflict: the newer mtime wins, the
   node name that sorts last breaks a tie, and the losing version is kept as
-  ``<stem>.conflict-<node>-<UTC mtime><suffix>`` next to it (``node`` is the
+  ``<stem>.conflict-<node>-<UTC mtime, ns><suffix>`` next to it (``node`` is the
   node that wrote the losing version). Both nodes apply the same rule, so
   they end with the same winner and the same conflict copy.
 
@@ -60,7 +60,10 @@ def conflict_name(name: bytes, node: str, mtime_ns: int) -> bytes:
         stem, suffix = name, b""
     else:
         suffix = b"." + suffix
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(mtime_ns / 1e9)).encode()
+    # nanoseconds: two losing versions from one node in the same second must
+    # not share a name (the second would replace the first)
+    sec, ns = divmod(mtime_ns, 1_000_000_000)
+    stamp = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(sec)) + f".{ns:09d}Z").encode()
     out = stem + b".conflict-" + os.fsencode(node) + b"-" + stamp + suffix
     return out[:255]
 

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -624,12 +625,26 @@ def serve(daemon: Daemon, notify: Notifier, config_path: str) -> None:
     log.info("stopping (draining for up to %.0f s)", DRAIN_SECONDS)
 
 
+def _raise_fd_limit() -> None:
+    """Sessions, partial files and directory fds add up: use the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="replicatord", description="zero-copy file replication")
     ap.add_argument("--config", "-c", default="/etc/replicator/replicator.toml")
     ap.add_argument("--log-level", default=os.environ.get("REPLICATOR_LOG_LEVEL", "INFO"))
     ap.add_argument("--version", action="version", version=f"replicatord {__version__}")
     args = ap.parse_args(argv)
+    # watchdog walks a mirror recursively (os.walk); a legal path can be
+    # ~2,000 directories deep.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    _raise_fd_limit()
     try:
         cfg = config.load(args.config)
         config.check_filesystem(cfg, args.config)

@@ -222,6 +222,7 @@ class Link(threading.Thread):
         self._rate = RateMeter()
         self._stats_at = 0.0
         self._marker_at = 0.0
+        self._backoff: Backoff | None = None
         self._marker_warned: set[str] = set()
         #: Draining before a stop: nothing new is sent until this time.
         self._drain_until: float | None = None
@@ -338,7 +339,7 @@ class Link(threading.Thread):
             if e.code is F.ErrorCode.AUTH:
                 raise AuthFailed(str(e)) from None
             raise
-        backoff.reset()
+        self._backoff = backoff  # reset once the peer served a whole manifest
         self.stats.connects += 1
         self.stats.set_state("connected")
         self.stats.last_error = None
@@ -625,6 +626,10 @@ class Link(threading.Thread):
         t0 = time.monotonic()
         r.known, r.listing = r.listing, None
         r.listed = True
+        if self._backoff is not None:
+            # Only now: a peer that accepts the handshake and then fails
+            # (crashes on some operation) must not be retried at full speed.
+            self._backoff.reset()
         now = time.time()
         seen: set[bytes] = set()
         marked = dirs = 0
@@ -775,7 +780,7 @@ class Link(threading.Thread):
         if src.kind is F.EntryKind.FILE and change is Change.DATA:
             if (
                 flags & Flag.ATTRIB
-                and not flags & Flag.DATA
+                and not flags & (Flag.DATA | Flag.CLOSED)
                 and known is not None
                 and known.kind is F.EntryKind.FILE
                 and known.size == src.size
@@ -857,6 +862,8 @@ class Link(threading.Thread):
             self._conn is not None
             and r.listed
             and not self._paused
+            and not m.paused
+            and self._drain_until is None
             and src in r.known
             and not m.excludes(src)
             and not m.excludes(dst)
@@ -865,6 +872,10 @@ class Link(threading.Thread):
             self._send_op(
                 F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir
             )
+            # A crash before the Ack must not forget it: both paths are then
+            # looked at again after the restart.
+            self._backlog.persist((mid, src), (now, 0, Flag.DATA))
+            self._backlog.persist((mid, dst), (now, 0, Flag.DATA))
             self._flush()
             return
         self._mark((mid, src), (now, 0, Flag.DATA))
@@ -1012,6 +1023,7 @@ class Link(threading.Thread):
         elif rec.kind is F.Rename:
             assert rec.dst is not None
             r.move(rel, rec.dst)
+            self._backlog.done((mid, rec.dst))
             self.stats.renames += 1
             # What moved may have changed on the way: compare it again.
             self._mark((mid, rec.dst), (rec.since, 0, Flag.DATA), persist=False)

@@ -3,6 +3,7 @@ reads with deadlines. No protocol knowledge lives here."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
@@ -52,10 +53,11 @@ def cork(sock: socket.socket, on: bool) -> None:
 
 
 def wait_readable(sock: socket.socket, timeout: float) -> bool:
-    import select
-
-    r, _, _ = select.select([sock], [], [], max(0.0, timeout))
-    return bool(r)
+    """Whether ``sock`` has data (or EOF) within ``timeout`` seconds. poll,
+    not select: select cannot watch fd numbers above 1023."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000))))
 
 
 def recv_some(sock: socket.socket, deadline: float, size: int = 65536) -> bytes:

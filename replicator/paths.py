@@ -170,25 +170,44 @@ class Root:
 
 
 def remove_at(dir_fd: int, name: bytes) -> bool:
-    """Remove ``name`` in ``dir_fd``, recursively, never following symlinks."""
+    """Remove ``name`` in ``dir_fd``, recursively, never following symlinks.
+
+    Iterative (an explicit stack of directory fds): a tree 2,000 levels deep
+    is legal (PATH_MAX) and must not exhaust Python's recursion limit."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if stat.S_ISDIR(st.st_mode):
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-        try:
-            for child in _listdir(fd):
-                remove_at(fd, child)
-        finally:
-            os.close(fd)
-        os.rmdir(name, dir_fd=dir_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
+        return True
+    top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    # (fd of a directory, fd of its parent, its name, its remaining children)
+    stack: list[tuple[int, int, bytes, Iterator[bytes]]] = [(top, dir_fd, name, _listdir(top))]
+    try:
+        while stack:
+            fd, parent, dname, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(dname, dir_fd=parent)
+                continue
+            try:
+                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                cfd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                stack.append((cfd, fd, child, _listdir(cfd)))
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        for fd, *_ in stack:
+            os.close(fd)
     return True
 
 
 def _listdir(fd: int) -> Iterator[bytes]:
     # os.listdir(fd) returns str names; re-encode to keep them as bytes.
-    for name in os.listdir(fd):
-        yield os.fsencode(name)
+    return iter([os.fsencode(name) for name in os.listdir(fd)])

@@ -344,8 +344,9 @@ class _Round:
     ops: list[int] = field(default_factory=list)
     #: Directories whose entries changed (dup'ed fds; closed after the sync).
     dirs: dict[tuple[int, int], int] = field(default_factory=dict)
-    bytes: int = 0
+    nbytes: int = 0
     tree_grew: bool = False
+    paths: set[tuple[bytes, ...]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ class Publisher:
 
     @property
     def pending_bytes(self) -> int:
-        return self._round.bytes
+        return self._round.nbytes
 
     def _note_dir(self, fd: int) -> None:
         st = os.fstat(fd)
@@ -385,7 +386,15 @@ class Publisher:
         p.finish()
         p.decision = decision
         self._round.files.append(p)
-        self._round.bytes += p.size
+        self._round.nbytes += p.size
+        self._round.paths.add(p.parts)
+
+    def blocks(self, parts: tuple[bytes, ...]) -> bool:
+        """Whether a file waiting in this round will be published at
+        ``parts`` or at one of its parents: an operation there must wait for
+        the round, or the late rename would undo it."""
+        paths = self._round.paths
+        return bool(paths) and any(parts[:i] in paths for i in range(1, len(parts) + 1))
 
     def add_noop(self, op: int) -> None:
         """Acknowledge ``op`` with the next round without changing anything."""

@@ -312,8 +312,8 @@ class Session:
         from .publisher import apply_error
 
         err = apply_error(e, paths.show(p.path))
-        self._files.pop(p.op, None)
-        self._refused.add(p.op)
+        if self._files.pop(p.op, None) is not None:
+            self._refused.add(p.op)  # still open: its remaining chunks are drained
         self._target = None
         p.discard()
         self._refuse(p.op, err.code, f"{err}; the partial file was discarded", p.path)
@@ -556,9 +556,13 @@ class Session:
                 pub.rename(ev, src, dst)
             else:
                 parts = paths.check(ev.path)  # type: ignore[attr-defined]
+                if isinstance(ev, (F.Mkdir, F.Symlink)) and pub.blocks(parts):
+                    self._commit(m)  # e.g. "rm p; mkdir -p p/q" while file p is pending
                 if isinstance(ev, F.Mkdir):
                     pub.mkdir(ev, parts)
                 elif isinstance(ev, F.Symlink):
+                    if not ev.target or b"\0" in ev.target:
+                        raise BadPath(f"symlink target {ev.target!r} is empty or has a NUL byte")
                     pub.symlink(ev, parts)
                 elif isinstance(ev, F.Meta):
                     self._commit(m)
@@ -594,6 +598,14 @@ class Session:
             return
         except ApplyError as e:
             self._refuse(op, e.code, f"mirror {m.name!r}: {paths.show(shown)}: {e}", shown)
+            return
+        except (ValueError, RecursionError) as e:  # never fatal for the whole session
+            self._refuse(
+                op,
+                F.ErrorCode.IO_ERROR,
+                f"mirror {m.name!r}: {paths.show(shown)}: cannot apply: {e}",
+                shown,
+            )
             return
         self.stats.ops_applied += 1
         if isinstance(ev, F.Rename):

@@ -8,7 +8,7 @@ a status snapshot being a few microseconds inconsistent is harmless.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -60,7 +60,18 @@ class LinkStats:
             self.state, self.since = state, time.time()
 
     def snapshot(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Called from the control thread while the link thread writes: copy
+        # the containers first (dict/list copies run under the GIL) instead
+        # of letting asdict() iterate them while they change.
+        mirrors = {k: dict(v) for k, v in list(self.mirrors.items())}
+        current = self.current
+        d = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("mirrors", "current")
+        }
+        d["mirrors"] = mirrors
+        d["current"] = None if current is None else asdict(current)
         d["lag_seconds"] = (
             None if self.oldest_change is None else max(0.0, time.time() - self.oldest_change)
         )
@@ -88,7 +99,9 @@ class SessionStats:
     last_error: str | None = None
 
     def snapshot(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mirrors"}
+        d["mirrors"] = list(self.mirrors)
+        return d
 
 
 class RateMeter:

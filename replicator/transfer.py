@@ -122,8 +122,9 @@ class Splicer:
                 os.close(fd)
 
     def _wait_readable(self) -> None:
-        r, _, _ = select.select([self.sock], [], [], self.timeout)
-        if not r:
+        p = select.poll()
+        p.register(self.sock, select.POLLIN)
+        if not p.poll(int(self.timeout * 1000)):
             raise PeerTimeout(f"no payload data for {self.timeout:.0f} s")
 
     def _from_socket(self, want: int) -> int:

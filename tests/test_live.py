@@ -4,6 +4,7 @@ source (content, mode, mtime_ns, tree shape)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -165,8 +166,9 @@ def test_chmod_and_touch_send_no_data(live: tuple[LocalNode, Path, Path]) -> Non
     wait_same(src, dst)
     os.utime(src / "big", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     wait_same(src, dst)
-    subprocess.run(["touch", str(src / "big")], check=True)
+    os.utime(src / "big")  # touch to now, as utimensat does
     os.chmod(src / "dir", 0o705)
+    subprocess.run(["touch", "-h", str(src / "dir")], check=True)
     if os.geteuid() == 0:
         os.chown(src / "big", 1234, 5678)
     wait_same(src, dst)
@@ -174,6 +176,29 @@ def test_chmod_and_touch_send_no_data(live: tuple[LocalNode, Path, Path]) -> Non
     if os.geteuid() == 0:
         st = (dst / "big").stat()
         assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_touch_command_resends_rather_than_risk_an_mmap_write(
+    live: tuple[LocalNode, Path, Path],
+) -> None:
+    """GNU touch opens the file for writing (IN_ATTRIB + IN_CLOSE_WRITE), like
+    an mmap write followed by chmod: the data is sent again (slower, never
+    wrong). The mmap case is the one that must not be mistaken for metadata."""
+    a, src, dst = live
+    (src / "f").write_bytes(b"A" * 8192)
+    wait_same(src, dst)
+    fd = os.open(src / "f", os.O_RDWR)
+    with mmap.mmap(fd, 0) as mm:  # IN_CLOSE_WRITE only, no IN_MODIFY
+        mm[0:4] = b"BBBB"
+        mm.flush()
+    os.close(fd)
+    os.chmod(src / "f", 0o640)  # IN_ATTRIB
+    wait_same(src, dst)
+    assert (dst / "f").read_bytes()[:4] == b"BBBB"
+    sent = a.link("b")["payload_bytes_sent"]
+    subprocess.run(["touch", str(src / "f")], check=True)
+    wait_same(src, dst)
+    assert a.link("b")["payload_bytes_sent"] == sent + 8192
 
 
 def test_symlink_and_hard_link(live: tuple[LocalNode, Path, Path]) -> None:

@@ -180,3 +180,32 @@ def test_watch_limit_falls_back_to_polling(cluster: LocalCluster) -> None:
     for i in range(120):
         (src / f"d{i:03}" / "f").write_text(str(i))
     wait_same(src, dst, timeout=120)
+
+
+def test_very_deep_tree_replicates_and_deletes(cluster: LocalCluster, tmp_path: Path) -> None:
+    """1,100 nested directories (a legal 2,200-byte path): watched, sent and
+    deleted without hitting Python's recursion limit anywhere (regression:
+    a recursive delete crashed every session and the link looped)."""
+    depth = 1100
+    a, b = make_pair(cluster)
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    deep = "/".join(["d"] * depth)
+    try:
+        fd = os.open(src, os.O_RDONLY)
+        for _ in range(depth):  # iteratively: os.makedirs recurses
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("deep")
+        os.close(fd)
+        cluster.start()
+        wait_for(lambda: (dst / deep / "f").exists(), 120, "the deep file on the replica")
+        assert (dst / deep / "f").read_text() == "deep"
+        subprocess.run(["rm", "-rf", str(src / "d")], check=True)
+        wait_for(lambda: not (dst / "d").exists(), 120, "the deep tree deleted on the replica")
+        assert b.proc is not None and b.proc.poll() is None
+        assert "RecursionError" not in a.log_path.read_text() + b.log_path.read_text()
+    finally:  # pytest's own cleanup recurses: never leave a deep tree behind
+        subprocess.run(["rm", "-rf", str(src / "d"), str(dst / "d")], check=False)
