@@ -418,10 +418,7 @@ class Daemon:
         """One line for systemd's STATUS= and the log."""
         up = sum(1 for link in self.links.values() if link.stats.state == "connected")
         queued = sum(link.stats.queue_files for link in self.links.values())
-        lag = max(
-            (link.stats.snapshot()["lag_seconds"] or 0.0 for link in self.links.values()),
-            default=0.0,
-        )
+        lag = max((link.stats.lag() or 0.0 for link in self.links.values()), default=0.0)
         with self._lock:
             sessions = len(self._sessions)
         return (
@@ -606,6 +603,7 @@ def serve(daemon: Daemon, notify: Notifier, config_path: str) -> None:
         if daemon.stopping.wait(0.05):
             return
     notify.ready(daemon.summary())
+    watched = notify.watchdog_interval() is not None  # the loop below runs every second
     next_status = time.monotonic() + STATUS_EVERY
     while not daemon.stopping.wait(1.0):
         if daemon.reload_requested.is_set():
@@ -617,7 +615,7 @@ def serve(daemon: Daemon, notify: Notifier, config_path: str) -> None:
             except (ConfigError, KeyFileError) as e:
                 log.error("reload refused, the running config stays: %s", e)
             notify.ready(daemon.summary())
-        if daemon.check_workers():
+        if daemon.check_workers() and watched:
             notify.watchdog()  # only while every worker is alive
         if time.monotonic() >= next_status:
             notify.status(daemon.summary())

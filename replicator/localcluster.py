@@ -308,10 +308,6 @@ def diff_trees(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> 
     return out
 
 
-def same_tree(src: str | Path, dst: str | Path) -> bool:
-    return not diff_trees(tree(src), tree(dst))
-
-
 def walk_files(root: Path) -> Iterator[Path]:
     for p in root.rglob("*"):
         if ".replicator" not in p.parts and p.is_file():

@@ -27,7 +27,6 @@ class Marker:
         self.mirror = mirror
         self.root = os.fsencode(root)
         self.record = os.path.join(state_dir, "markers", mirror)
-        self._ok = False
         self._warned = False
         self.expected: str | None = None
 
@@ -47,7 +46,7 @@ class Marker:
             if on_disk is None:
                 if not os.path.isdir(self.root):
                     self.expected = None
-                    return self.ok(force=True)
+                    return self.ok()
                 on_disk = uuid.uuid4().hex
                 d = os.path.join(self.root, STATE_DIR)
                 os.makedirs(d, mode=0o700, exist_ok=True)
@@ -62,9 +61,9 @@ class Marker:
             os.makedirs(os.path.dirname(self.record), mode=0o750, exist_ok=True)
             _write_atomic(self.record, on_disk)
         self.expected = self._read(self.record)
-        return self.ok(force=True)
+        return self.ok()
 
-    def ok(self, force: bool = False) -> bool:
+    def ok(self) -> bool:
         """Whether the marker is in place. Never cached: a disk can vanish
         between two deletions, and one open+read costs microseconds."""
         found = self._read(os.path.join(self.root, MARKER))
@@ -86,8 +85,7 @@ class Marker:
                 extra={"MIRROR": self.mirror},
             )
             self._warned = False
-        self._ok = ok
-        return self._ok
+        return ok
 
 
 def _write_atomic(path: bytes | str, text: str) -> None:

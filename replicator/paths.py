@@ -159,15 +159,6 @@ class Root:
         except FileNotFoundError:
             return None
 
-    def remove(self, parts: tuple[bytes, ...]) -> bool:
-        """Remove ``parts`` (recursively for a directory); False if absent."""
-        self.forget()
-        try:
-            pfd = self.parent(parts, create=False)
-        except FileNotFoundError:
-            return False
-        return remove_at(pfd, parts[-1])
-
 
 def remove_at(dir_fd: int, name: bytes) -> bool:
     """Remove ``name`` in ``dir_fd``, recursively, never following symlinks.

@@ -38,6 +38,7 @@ from .publisher import (
     Inbox,
     PartialFile,
     Publisher,
+    apply_error,
     start_writeback,
 )
 from .stats import SessionStats
@@ -309,8 +310,6 @@ class Session:
             self._fail_file(p, e)
 
     def _fail_file(self, p: PartialFile, e: OSError) -> None:
-        from .publisher import apply_error
-
         err = apply_error(e, paths.show(p.path))
         if self._files.pop(p.op, None) is not None:
             self._refused.add(p.op)  # still open: its remaining chunks are drained

@@ -59,6 +59,11 @@ class LinkStats:
         if state != self.state:
             self.state, self.since = state, time.time()
 
+    def lag(self) -> float | None:
+        """Age of the oldest unacknowledged change, in seconds."""
+        oldest = self.oldest_change
+        return None if oldest is None else max(0.0, time.time() - oldest)
+
     def snapshot(self) -> dict[str, Any]:
         # Called from the control thread while the link thread writes: copy
         # the containers first (dict/list copies run under the GIL) instead
@@ -72,9 +77,7 @@ class LinkStats:
         }
         d["mirrors"] = mirrors
         d["current"] = None if current is None else asdict(current)
-        d["lag_seconds"] = (
-            None if self.oldest_change is None else max(0.0, time.time() - self.oldest_change)
-        )
+        d["lag_seconds"] = self.lag()
         return d
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import socket
+
+from .net import wait_readable
 
 #: The pipe size we ask for. The kernel refuses more than
 #: /proc/sys/fs/pipe-max-size (1 MiB here) with EPERM for unprivileged users.
@@ -122,9 +123,7 @@ class Splicer:
                 os.close(fd)
 
     def _wait_readable(self) -> None:
-        p = select.poll()
-        p.register(self.sock, select.POLLIN)
-        if not p.poll(int(self.timeout * 1000)):
+        if not wait_readable(self.sock, self.timeout):
             raise PeerTimeout(f"no payload data for {self.timeout:.0f} s")
 
     def _from_socket(self, want: int) -> int:

@@ -26,10 +26,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from replicator.localcluster import wait_for as _wait_for
 
 SUITE = "bookworm"
 #: procps, python3 and libsystemd0 are what the .deb depends on; minbase lacks them.
@@ -95,21 +96,8 @@ def ensure_rootfs(path: Path = ROOTFS, timeout: float = 900) -> Path:
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while True:
-        try:
-            v = cond()
-            if v:
-                return v
-        except Exception as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"timed out after {timeout:.0f} s waiting for {what}"
-                + (f" (last error: {last})" if last else "")
-            )
-        time.sleep(interval)
+    """localcluster.wait_for, polling slower: conditions here start nsenter."""
+    return _wait_for(cond, timeout, what, interval)
 
 
 @contextlib.contextmanager
