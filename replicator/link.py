@@ -43,6 +43,7 @@ from .errors import LinkError, ProtocolError, RemoteProtocolError
 from .manifest import Change, EntryState, Excludes, compare, lstat_entry, scan
 from .marker import Marker
 from .outgoing import CHUNK, FileSend, Step, open_source, version_of
+from .paths import Source
 from .protocol import NEED_DATA, Connection, Established, Role
 from .publisher import IS_ROOT
 from .remote import RemoteMirror
@@ -910,9 +911,9 @@ class Link(threading.Thread):
 
     def _start_file(self, m: SourceMirror, key: Key, since: float) -> bool:
         rel = key[1]
-        path = os.path.join(m.root, rel)
+        source = Source(m.root)
         try:
-            opened = open_source(path)
+            opened = open_source(source, rel)
         except OSError as e:
             self._source_error(m, rel, e)
             return False
@@ -952,7 +953,7 @@ class Link(threading.Thread):
         )
         self._track(op, _InFlight(F.File, key, since, EntryState.from_stat(st), size=st.st_size))
         self.stats.ops_sent += 1
-        s = FileSend(op, key, m.name, path, fd, st, offset, since)
+        s = FileSend(op, key, m.name, source, fd, st, offset, since)
         if s.left <= CHUNK:
             while s.fd >= 0:
                 self._step(s)

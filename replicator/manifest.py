@@ -3,7 +3,7 @@
 The sender compares its own scan with the receiver's manifest (and, live,
 with what each target last acknowledged) to decide what to send. Both sides
 scan with ``scan``, which never descends into the daemon's own folder and
-never follows a symlink.
+never follows a symlink at any depth (``paths.Source``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .frames import EntryKind
-from .paths import STATE_DIR
+from .paths import STATE_DIR, Source
 
 #: Names the receiver uses for entries it is about to rename into place.
 TEMP_PREFIX = b".replicator-"
@@ -117,42 +117,25 @@ class Excludes:
 
 
 def lstat_entry(root: bytes, rel: bytes) -> EntryState | None:
-    """The state of ``root/rel`` now, or None if it is gone or not replicable."""
-    full = os.path.join(root, rel)
-    try:
-        st = os.lstat(full)
-        target = os.readlink(full) if stat.S_ISLNK(st.st_mode) else b""
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return EntryState.from_stat(st, target)
+    """The state of ``rel`` in the mirror at ``root`` now, or None if it is
+    gone, not replicable, or only reachable through a symlink (confined:
+    ``paths.Source``)."""
+    found = Source(root).lstat(rel)
+    return None if found is None else EntryState.from_stat(*found)
 
 
 def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[bytes, EntryState]]:
     """Every entry below ``root/top`` (parents before children), as
-    (relative path, state). Vanishing entries are skipped; a missing ``top``
+    (relative path, state). Walks by directory fds with no-follow
+    (``paths.walk``); vanishing entries are skipped; a missing ``top``
     yields nothing."""
-    stack = [top]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        subdirs: list[bytes] = []
-        with it:
-            for de in it:
-                rel = rel_dir + b"/" + de.name if rel_dir else de.name
-                if excludes(rel):
-                    continue
-                try:
-                    st = de.stat(follow_symlinks=False)
-                    target = os.readlink(de.path) if stat.S_ISLNK(st.st_mode) else b""
-                except FileNotFoundError:
-                    continue
-                state = EntryState.from_stat(st, target)
-                if state is None:
-                    continue
-                yield rel, state
-                if state.kind is EntryKind.DIR:
-                    subdirs.append(rel)
-        stack.extend(reversed(subdirs))
+    for rel, st, dir_fd, name in Source(root).walk(excludes, top):
+        target = b""
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                continue  # replaced since it was listed
+        state = EntryState.from_stat(st, target)
+        if state is not None:
+            yield rel, state

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import uuid
 
-from .paths import STATE_DIR
+from .paths import STATE_DIR, open_dir_at, open_root
 
 log = logging.getLogger(__name__)
 
-MARKER = STATE_DIR + b"/marker"
+MARKER_NAME = b"marker"
+MARKER = STATE_DIR + b"/" + MARKER_NAME
 
 
 class Marker:
@@ -30,27 +32,69 @@ class Marker:
         self._warned = False
         self.expected: str | None = None
 
-    def _read(self, path: bytes | str) -> str | None:
+    def _read_record(self) -> str | None:
         try:
-            with open(path, "rb") as f:
-                return f.read(200).decode("ascii", "replace").strip() or None
+            with open(self.record, "rb") as f:
+                return _parse(f.read(200))
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def _read_marker(self) -> str | None:
+        """The marker in the root, read confined: the mirror is written by
+        untrusted users, who may swap .replicator for a symlink or the marker
+        for a fifo."""
+        try:
+            rfd = open_root(self.root)
+        except OSError:
+            return None
+        try:
+            dfd = open_dir_at(rfd, [STATE_DIR])
+        except OSError:
+            return None
+        finally:
+            os.close(rfd)
+        try:
+            fd = os.open(
+                MARKER_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd
+            )
+        except OSError:
+            return None
+        finally:
+            os.close(dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return _parse(os.read(fd, 200))
+        finally:
+            os.close(fd)
+
+    def _write_marker(self, text: str) -> None:
+        rfd = open_root(self.root)
+        try:
+            try:
+                os.mkdir(STATE_DIR, 0o700, dir_fd=rfd)
+            except FileExistsError:
+                pass
+            dfd = open_dir_at(rfd, [STATE_DIR])
+        finally:
+            os.close(rfd)
+        try:
+            _write_atomic(MARKER_NAME, text, dfd)
+        finally:
+            os.close(dfd)
 
     def ensure(self) -> bool:
         """At start: create the marker on first use, adopt an existing one if
         the state was lost; True if the mirror is usable for deletions."""
-        recorded = self._read(self.record)
-        on_disk = self._read(os.path.join(self.root, MARKER))
+        recorded = self._read_record()
+        on_disk = self._read_marker()
         if recorded is None:
             if on_disk is None:
                 if not os.path.isdir(self.root):
                     self.expected = None
                     return self.ok()
                 on_disk = uuid.uuid4().hex
-                d = os.path.join(self.root, STATE_DIR)
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                _write_atomic(os.path.join(self.root, MARKER), on_disk)
+                self._write_marker(on_disk)
                 log.info(
                     "mirror %s: created marker %s in %s",
                     self.mirror,
@@ -60,13 +104,13 @@ class Marker:
                 )
             os.makedirs(os.path.dirname(self.record), mode=0o750, exist_ok=True)
             _write_atomic(self.record, on_disk)
-        self.expected = self._read(self.record)
+        self.expected = self._read_record()
         return self.ok()
 
     def ok(self) -> bool:
         """Whether the marker is in place. Never cached: a disk can vanish
         between two deletions, and one open+read costs microseconds."""
-        found = self._read(os.path.join(self.root, MARKER))
+        found = self._read_marker()
         ok = self.expected is not None and found == self.expected
         if not ok and not self._warned:
             log.error(
@@ -88,12 +132,21 @@ class Marker:
         return ok
 
 
-def _write_atomic(path: bytes | str, text: str) -> None:
+def _parse(raw: bytes) -> str | None:
+    return raw.decode("ascii", "replace").strip() or None
+
+
+def _write_atomic(path: bytes | str, text: str, dir_fd: int | None = None) -> None:
     tmp = os.fsencode(path) + b".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
+        dir_fd=dir_fd,
+    )
     try:
         os.write(fd, text.encode() + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
+    os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -10,16 +10,15 @@ write that lands after sendfile returned may still have reached the wire.
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 
 from . import frames as F
 from . import transfer
 from .backlog import Key
+from .paths import Source
 from .protocol import Connection
 
 #: Payload bytes per Chunk frame. Bigger chunks cost fewer headers and peeks
@@ -53,22 +52,11 @@ class Step(enum.Enum):
     GONE = "gone"
 
 
-def open_source(path: bytes) -> tuple[int, os.stat_result] | None:
-    """An fd and stat of the regular file at ``path``; None if it is gone or
-    not a regular file any more (it changed type: look at it again)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink, socket or fifo now
-            return None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        return None
-    return fd, st
+def open_source(source: Source, rel: bytes) -> tuple[int, os.stat_result] | None:
+    """An fd and stat of the regular file ``rel`` of the mirror; None if it
+    is gone, not a regular file any more (it changed type: look at it
+    again) or only reachable through a symlink. Confined: ``paths.Source``."""
+    return source.open_file(rel)
 
 
 @dataclass
@@ -76,7 +64,7 @@ class FileSend:
     op: int
     key: Key
     mirror: str
-    path: bytes  # full source path
+    source: Source
     fd: int
     st: os.stat_result
     offset: int
@@ -119,9 +107,11 @@ class FileSend:
     def _verdict(self) -> Step:
         try:
             now = os.fstat(self.fd)
-            at_path = os.lstat(self.path)
+            at_path = self.source.inode(self.key[1])
         except OSError:
             return Step.GONE
-        if changed(self.st, now) or at_path.st_ino != self.st.st_ino:
+        if at_path is None:
+            return Step.GONE
+        if changed(self.st, now) or at_path != self.st.st_ino:
             return Step.CHANGED
         return Step.DONE

@@ -1,12 +1,23 @@
-"""Confining paths from the wire to a mirror root.
+"""Confinement to a mirror root, on both sides of a link.
 
-A path from a peer is only ever used as a list of components, each opened
-relative to its parent's directory fd with O_NOFOLLOW: no string is ever
-handed to the kernel as a whole path, so neither ``..`` nor a symlink planted
-in the replica can lead outside the root. ``check`` rejects what is not a
-plain relative path before any file system call is made.
+Every mirror is written by people we do not trust: a peer (over the wire)
+and local users (on disk). So a path inside a mirror is only ever used as a
+list of components, each opened relative to its parent's directory fd with
+O_NOFOLLOW: no string longer than one component is ever handed to the
+kernel, so neither ``..``, nor a symlink planted in a directory's place, nor
+a path longer than PATH_MAX can lead anywhere but the entry it names inside
+the root. Only the mirror root itself (the operator's configured path) is
+opened as a whole path.
 
-This module must never follow a symlink in a path that came from the wire.
+- ``check`` rejects what is not a plain relative path before any file
+  system call is made (paths from the wire).
+- ``Root`` is the receiving side's view: confined operations with a cache
+  of parent directory fds, invalidated by the receiver's own shape changes.
+- ``Source`` is the sending side's view: lookups, opens and ``walk`` go from
+  a freshly opened root fd each time and cache nothing, because other
+  processes reshape the tree under it at any moment.
+
+This module must never follow a symlink below a mirror root.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import BadPath
 from .frames import MAX_NAME, MAX_PATH
@@ -51,6 +62,217 @@ def check(path: bytes) -> tuple[bytes, ...]:
 def show(path: bytes) -> str:
     """A path for logs and messages (undecodable bytes escaped)."""
     return path.decode("utf-8", "backslashreplace")
+
+
+#: errno values that mean "there is no such entry inside the mirror": it is
+#: gone, or a component is not a directory, or a component is a symlink.
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+def open_root(root: bytes | str) -> int:
+    """A directory fd for a configured mirror root. The operator's path is
+    trusted and resolved as usual; nothing below it ever is."""
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_dir_at(dir_fd: int, parts: tuple[bytes, ...] | list[bytes]) -> int:
+    """A new fd for the directory ``parts`` below ``dir_fd``, each component
+    opened no-follow (the caller closes it). OSError with ENOENT, ENOTDIR or
+    ELOOP when a component is missing, not a directory, or a symlink."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Source:
+    """A mirror root on the sending side.
+
+    The tree is written by local users and two-way peers while we read it,
+    so no directory fd is cached: each lookup opens the root and walks down
+    component by component with no-follow. A path that passes through a
+    symlink names nothing (the symlink is replicated as a symlink at its own
+    path). Costs a few µs of open/close per lookup: cheap next to the
+    per-entry work around it, and never wrong after a rename.
+    """
+
+    def __init__(self, root: bytes) -> None:
+        self.path = root
+
+    def _parent(self, rel: bytes) -> tuple[int, bytes]:
+        """(an fd of the parent directory of ``rel``, the last component);
+        the caller closes the fd. Raises OSError (see _ABSENT)."""
+        parts = rel.split(b"/")
+        rfd = open_root(self.path)
+        if len(parts) == 1:
+            return rfd, parts[0]
+        try:
+            return open_dir_at(rfd, parts[:-1]), parts[-1]
+        finally:
+            os.close(rfd)
+
+    def lstat(self, rel: bytes) -> tuple[os.stat_result, bytes] | None:
+        """(lstat, symlink target or b"") of ``rel``; None if nothing is there."""
+        try:
+            pfd, name = self._parent(rel)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else b""
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
+                return None
+            raise
+        finally:
+            os.close(pfd)
+        return st, target
+
+    def open_file(self, rel: bytes) -> tuple[int, os.stat_result] | None:
+        """A read-only fd and fstat of the regular file ``rel``; None if it is
+        gone or not a regular file any more (look at it again)."""
+        try:
+            pfd, name = self._parent(rel)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        try:
+            # O_NONBLOCK: a fifo swapped in must not block us in open().
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=pfd
+            )
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
+                return None
+            raise
+        finally:
+            os.close(pfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st
+
+    def inode(self, rel: bytes) -> int | None:
+        """The inode number at ``rel`` now (no-follow), or None."""
+        found = self.lstat(rel)
+        return None if found is None else found[0].st_ino
+
+    def listing(self, rel: bytes) -> dict[bytes, os.stat_result] | None:
+        """Name → lstat of the directory ``rel`` (b"" for the root); None if
+        it is not a directory inside the mirror any more."""
+        try:
+            rfd = open_root(self.path)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        try:
+            fd = open_dir_at(rfd, rel.split(b"/") if rel else ())
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        finally:
+            os.close(rfd)
+        try:
+            out: dict[bytes, os.stat_result] = {}
+            for name, st in _entries(fd):
+                out[name] = st
+            return out
+        finally:
+            os.close(fd)
+
+    def walk(
+        self, skip: Callable[[bytes], bool], top: bytes = b""
+    ) -> Iterator[tuple[bytes, os.stat_result, int, bytes]]:
+        """See ``walk``; a missing root or ``top`` yields nothing."""
+        try:
+            rfd = open_root(self.path)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return
+            raise
+        try:
+            yield from walk(rfd, skip, top)
+        finally:
+            os.close(rfd)
+
+
+def walk(
+    root_fd: int, skip: Callable[[bytes], bool], top: bytes = b""
+) -> Iterator[tuple[bytes, os.stat_result, int, bytes]]:
+    """Every entry below ``top`` of the tree at ``root_fd``, parents before
+    children, as (relative path, lstat, fd of its directory, its name). The
+    directory fd is valid only until the next item: use it at once (readlink).
+
+    Walks by directory fds only, no-follow at every step: a directory
+    swapped for a symlink is not entered, and depth is bounded by the tree,
+    not by PATH_MAX. Entries that vanish mid-walk are skipped; entries for
+    which ``skip(rel)`` is true are neither yielded nor entered. Holds one fd
+    per level of the current branch."""
+    try:
+        first = open_dir_at(root_fd, top.split(b"/") if top else ())
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return
+        raise
+    # (directory fd, its relative path, names of its subdirectories to enter)
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    fd, rel_dir = first, top
+    try:
+        while True:
+            subdirs: list[bytes] = []
+            for name, st in _entries(fd):
+                rel = rel_dir + b"/" + name if rel_dir else name
+                if skip(rel):
+                    continue
+                yield rel, st, fd, name
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(name)
+            stack.append((fd, rel_dir, iter(subdirs)))
+            fd = -1
+            while stack and fd < 0:
+                pfd, prel, names = stack[-1]
+                child = next(names, None)
+                if child is None:
+                    stack.pop()
+                    os.close(pfd)
+                    continue
+                try:
+                    fd = os.open(child, _DIR_FLAGS, dir_fd=pfd)
+                except OSError as e:
+                    if e.errno not in _ABSENT:
+                        raise
+                    continue  # gone, or swapped for a symlink or a file
+                rel_dir = prel + b"/" + child if prel else child
+            if fd < 0:
+                return
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for pfd, _, _ in stack:
+            os.close(pfd)
+
+
+def _entries(dir_fd: int) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(name, lstat) of each entry of the directory ``dir_fd``."""
+    with os.scandir(dir_fd) as it:
+        for de in it:
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield os.fsencode(de.name), st
 
 
 class Root:

@@ -27,12 +27,15 @@ from typing import Any
 from .changes import Dirty, Flag
 from .frames import EntryKind
 from .manifest import Excludes, scan
-from .paths import STATE_DIR
+from .paths import STATE_DIR, Source
 from .watcher import watched_inodes
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 10.0
+#: inotify_add_watch takes a path string: directories whose path is this
+#: long (PATH_MAX with its NUL) cannot be watched, only polled.
+INOTIFY_PATH_MAX = 4096
 WATCH_CHECK_INTERVAL = 60.0
 
 Listing = dict[bytes, tuple[int, int, int, int]]  # name → (mode, size, mtime_ns, ino)
@@ -47,19 +50,12 @@ class _MirrorScan:
     last_check: float | None = None
 
 
-def _list(path: bytes) -> Listing | None:
-    out: Listing = {}
-    try:
-        with os.scandir(path) as it:
-            for de in it:
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                out[de.name] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
-    except (FileNotFoundError, NotADirectoryError):
+def _list(root: bytes, rel: bytes) -> Listing | None:
+    """The directory ``rel`` of the mirror at ``root``, confined (no-follow)."""
+    entries = Source(root).listing(rel)
+    if entries is None:
         return None
-    return out
+    return {n: (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino) for n, st in entries.items()}
 
 
 class Scanner(threading.Thread):
@@ -115,8 +111,21 @@ class Scanner(threading.Thread):
         ms = self.mirrors.get(mirror)
         if ms is None:
             return
+        self._poll_if_too_long(ms, rel)
         for path, st in scan(ms.root, ms.excludes, rel):
             self.route(Dirty(mirror, path, Flag.DATA, st.size))
+            if st.kind is EntryKind.DIR:
+                self._poll_if_too_long(ms, path)
+
+    @staticmethod
+    def _poll_if_too_long(ms: _MirrorScan, rel: bytes) -> None:
+        """inotify takes whole paths: a directory whose path is too long can
+        never be watched. Poll it from now on, instead of waiting for the
+        next watch check to notice."""
+        if rel and len(ms.root) + 1 + len(rel) >= INOTIFY_PATH_MAX and rel not in ms.unwatched:
+            listing = _list(ms.root, rel)
+            if listing is not None:
+                ms.unwatched[rel] = listing
 
     def _check(self) -> None:
         """Compare each mirror's directories with the inotify watches held."""
@@ -130,27 +139,23 @@ class Scanner(threading.Thread):
                 continue
             if (top.st_dev, top.st_ino) not in watched:
                 missing.append(b"")
-            for rel, entry in scan(ms.root, ms.excludes):
-                if entry.kind is not EntryKind.DIR:
+            for rel, st, _, _ in Source(ms.root).walk(ms.excludes):
+                if not stat.S_ISDIR(st.st_mode):
                     continue
                 n += 1
-                try:
-                    st = os.lstat(os.path.join(ms.root, rel))
-                except OSError:
-                    continue
                 if (st.st_dev, st.st_ino) not in watched:
                     missing.append(rel)
             ms.dirs, ms.last_check = n + 1, time.time()
             before = set(ms.unwatched)
             ms.unwatched = {
-                rel: ms.unwatched.get(rel) or _list(os.path.join(ms.root, rel)) or {}
-                for rel in missing
+                rel: ms.unwatched.get(rel) or _list(ms.root, rel) or {} for rel in missing
             }
             if missing and set(missing) != before:
                 log.warning(
                     "mirror %s: %d of %d directories have no inotify watch (watch limit "
-                    "fs.inotify.max_user_watches reached?); polling them every %.0f s. Raise "
-                    "the limit: sysctl fs.inotify.max_user_watches=1048576",
+                    "fs.inotify.max_user_watches reached, or a path longer than inotify "
+                    "takes?); polling them every %.0f s. Raise the limit: "
+                    "sysctl fs.inotify.max_user_watches=1048576",
                     name,
                     len(missing),
                     ms.dirs,
@@ -168,7 +173,7 @@ class Scanner(threading.Thread):
     def _poll(self) -> None:
         for name, ms in self.mirrors.items():
             for rel, before in list(ms.unwatched.items()):
-                now_listing = _list(os.path.join(ms.root, rel) if rel else ms.root)
+                now_listing = _list(ms.root, rel)
                 if now_listing is None:
                     del ms.unwatched[rel]
                     continue

@@ -1,0 +1,195 @@
+"""The sending side's confinement (paths.Source, paths.walk, manifest.scan,
+outgoing.open_source, the mirror marker): a symlink anywhere below a mirror
+root is never followed, a directory swapped for a symlink mid-walk is not
+entered, and paths longer than PATH_MAX work because no path string longer
+than one component reaches the kernel."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from replicator.frames import EntryKind
+from replicator.manifest import Excludes, lstat_entry, scan
+from replicator.marker import Marker
+from replicator.outgoing import open_source
+from replicator.paths import Source, walk
+
+NOTHING = Excludes(())
+
+
+@pytest.fixture
+def trees(tmp_path: Path) -> tuple[Path, Path]:
+    """A mirror root and an outside folder holding a secret."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"TOPSECRET")
+    (outside / "sub").mkdir()
+    (outside / "sub" / "deeper.txt").write_bytes(b"TOPSECRET too")
+    return root, outside
+
+
+def test_plain_lookups(trees: tuple[Path, Path]) -> None:
+    root, _ = trees
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"hello")
+    os.symlink("f", root / "d" / "link")
+    src = Source(os.fsencode(root))
+    found = src.lstat(b"d/f")
+    assert found is not None and found[0].st_size == 5 and found[1] == b""
+    found = src.lstat(b"d/link")
+    assert found is not None and stat.S_ISLNK(found[0].st_mode) and found[1] == b"f"
+    assert src.lstat(b"d/missing") is None
+    assert src.lstat(b"d/f/under-a-file") is None
+    opened = src.open_file(b"d/f")
+    assert opened is not None
+    fd, st = opened
+    try:
+        assert os.read(fd, 100) == b"hello" and st.st_size == 5
+    finally:
+        os.close(fd)
+    assert src.open_file(b"d/link") is None  # a symlink is not opened, even to a file inside
+    assert src.open_file(b"d") is None
+
+
+def test_symlinked_directory_component_names_nothing(trees: tuple[Path, Path]) -> None:
+    root, outside = trees
+    os.symlink(outside, root / "d")
+    os.symlink("../outside", root / "rel")
+    src = Source(os.fsencode(root))
+    for path in (b"d/secret.txt", b"rel/secret.txt", b"d/sub/deeper.txt"):
+        assert src.lstat(path) is None, path
+        assert src.open_file(path) is None, path
+        assert lstat_entry(os.fsencode(root), path) is None, path
+        assert open_source(src, path) is None, path
+    # the symlink itself is an entry of its own, replicated as a symlink
+    st = lstat_entry(os.fsencode(root), b"d")
+    assert st is not None and st.kind is EntryKind.SYMLINK and st.target == os.fsencode(outside)
+    assert src.listing(b"d") is None
+
+
+def test_scan_never_enters_symlinks(trees: tuple[Path, Path]) -> None:
+    root, outside = trees
+    (root / "a").mkdir()
+    (root / "a" / "x").write_bytes(b"x")
+    os.symlink(outside, root / "a" / "out")
+    os.symlink(outside / "secret.txt", root / "s")
+    got = dict(scan(os.fsencode(root), NOTHING))
+    assert set(got) == {b"a", b"a/x", b"a/out", b"s"}
+    assert got[b"a/out"].kind is EntryKind.SYMLINK
+    assert got[b"s"].kind is EntryKind.SYMLINK and got[b"s"].size == 0
+    # a scan of a subtree reached through a symlink finds nothing
+    assert list(scan(os.fsencode(root), NOTHING, b"a/out")) == []
+
+
+def test_directory_swapped_for_symlink_mid_walk_is_not_entered(
+    trees: tuple[Path, Path],
+) -> None:
+    root, outside = trees
+    (root / "d").mkdir()
+    (root / "d" / "secret.txt").write_bytes(b"harmless")
+    swapped = []
+
+    def skip(rel: bytes) -> bool:
+        # Called while the root is being listed, before "d" is entered: the
+        # attacker's swap lands between the listing and the descent.
+        if rel == b"d" and not swapped:
+            os.rename(root / "d", root / "d.old")
+            os.symlink(outside, root / "d")
+            swapped.append(rel)
+        return False
+
+    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen = [rel for rel, *_ in walk(rfd, skip)]
+    finally:
+        os.close(rfd)
+    assert swapped
+    assert not any(rel.startswith(b"d/") for rel in seen), seen
+
+
+def test_walk_closes_its_fds_when_abandoned(trees: tuple[Path, Path]) -> None:
+    root, _ = trees
+    d = root
+    for i in range(20):
+        d = d / f"level{i}"
+        d.mkdir()
+        (d / "f").write_bytes(b"x")
+    before = len(os.listdir("/proc/self/fd"))
+    src = Source(os.fsencode(root))
+    it = src.walk(NOTHING)
+    for _ in range(25):
+        next(it)
+    it.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(list(src.walk(NOTHING))) == 40
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _make_deep(root: Path, depth: int, width: int) -> bytes:
+    """Directories ``depth`` levels deep with names ``width`` bytes long,
+    made fd by fd (the whole path is longer than PATH_MAX); returns the
+    relative path of a file at the bottom."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    parts = []
+    try:
+        for i in range(depth):
+            name = (b"%03d" % i) + b"d" * (width - 3)
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            parts.append(name)
+        wfd = os.open(b"bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(wfd, b"deep")
+        os.close(wfd)
+    finally:
+        os.close(fd)
+    return b"/".join([*parts, b"bottom.txt"])
+
+
+def test_paths_longer_than_path_max(trees: tuple[Path, Path]) -> None:
+    root, _ = trees
+    rel = _make_deep(root, 24, 200)
+    assert len(os.fsencode(root)) + len(rel) > 4096
+    (root / "plain.txt").write_bytes(b"plain")
+    src = Source(os.fsencode(root))
+    found = src.lstat(rel)
+    assert found is not None and found[0].st_size == 4
+    opened = src.open_file(rel)
+    assert opened is not None
+    os.close(opened[0])
+    got = dict(scan(os.fsencode(root), NOTHING))
+    assert rel in got and b"plain.txt" in got
+    assert src.listing(rel.rpartition(b"/")[0]) is not None
+
+
+def test_fifo_swapped_in_does_not_block(trees: tuple[Path, Path]) -> None:
+    root, _ = trees
+    os.mkfifo(root / "f")
+    assert Source(os.fsencode(root)).open_file(b"f") is None
+
+
+def test_marker_is_read_confined(tmp_path: Path, trees: tuple[Path, Path]) -> None:
+    root, outside = trees
+    m = Marker(str(tmp_path / "state"), "m", str(root))
+    assert m.ensure()
+    marker = root / ".replicator" / "marker"
+    assert marker.is_file()
+    # a local user swaps the daemon's folder for a symlink to a copy of it
+    (outside / ".replicator").mkdir()
+    (outside / ".replicator" / "marker").write_bytes(marker.read_bytes())
+    os.rename(root / ".replicator", root / "old")
+    os.symlink(outside / ".replicator", root / ".replicator")
+    assert not m.ok()
+    os.unlink(root / ".replicator")
+    os.rename(root / "old", root / ".replicator")
+    assert m.ok()
+    # a fifo in the marker's place must not hang the daemon
+    os.rename(marker, root / "marker.saved")
+    os.mkfifo(marker)
+    assert not m.ok()
