@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES="python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 rsync lsyncd
-  systemd systemd-container debootstrap dpkg-dev debhelper build-essential fakeroot lintian man-db"
+  systemd systemd-container debootstrap dpkg-dev debhelper build-essential fakeroot lintian man-db gdb util-linux"
 
 missing=""
 for p in $APT_PACKAGES; do

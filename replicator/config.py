@@ -9,10 +9,12 @@ every error names the file, the TOML key path and what is wrong, e.g.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -59,6 +61,9 @@ class NodeConfig(_Strict):
     inline_max: int = Field(16384, ge=0, le=1 << 20)
     #: Optional Prometheus endpoint, HOST:PORT.
     metrics_listen: str | None = None
+    #: Partial files (of interrupted transfers) untouched for this many
+    #: seconds are removed, unless a session holds them open (janitor.py).
+    partial_max_age: float = Field(7 * 86400.0, gt=0)
 
     _listen = field_validator("listen")(_address)
 
@@ -86,6 +91,10 @@ class MirrorConfig(_Strict):
     #: Must be true when a peer is in both push_to and accept_from: changes
     #: then flow both ways and conflicts are resolved (docs/topologies.md).
     two_way: bool = False
+    #: What this node applies as a pushing peer declared it; the rest it
+    #: keeps its own (docs/security.md): "owners" (uid/gid, when running as
+    #: root), "special_bits" (setuid, setgid, sticky). Default: neither.
+    preserve: list[Literal["owners", "special_bits"]] = []
 
     @field_validator("path")
     @classmethod
@@ -199,8 +208,23 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(text, str(p))
 
 
-def read_key(path: str) -> bytes:
-    """The shared secret in ``path``; refused if others may read it."""
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def key_owners() -> frozenset[int]:
+    """Who may own a key file: root, or the user the daemon runs as."""
+    return frozenset({0, os.geteuid()})
+
+
+def read_key(path: str, owners: Collection[int] | None = None) -> bytes:
+    """The shared secret in ``path``; refused if others may read it, or if
+    it belongs to anyone but ``owners`` (default ``key_owners()``): its
+    owner could rewrite it, or chmod it readable."""
+    allowed = key_owners() if owners is None else owners
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
@@ -209,6 +233,17 @@ def read_key(path: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"key file {path}: not a regular file")
+        if st.st_uid not in allowed:
+            mine = max(allowed, default=0)  # the service user rather than root, if allowed
+            try:
+                name = pwd.getpwuid(mine).pw_name
+            except KeyError:
+                name = str(mine)
+            raise KeyFileError(
+                f"key file {path}: owned by {_user(st.st_uid)}, who could rewrite it; it must "
+                f"belong to {' or '.join(_user(u) for u in sorted(allowed))}; run: "
+                f"chown {name} {path}"
+            )
         if st.st_mode & 0o077:
             raise KeyFileError(
                 f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group/others read "
@@ -225,13 +260,15 @@ def read_key(path: str) -> bytes:
     return key
 
 
-def read_keys(cfg: Config, source: str | None = None) -> dict[str, bytes]:
+def read_keys(
+    cfg: Config, source: str | None = None, owners: Collection[int] | None = None
+) -> dict[str, bytes]:
     """Every peer's key; KeyFileError naming the file, peer and problem."""
     keys = {}
     prefix = f"{source}: " if source else ""
     for name, peer in cfg.peers.items():
         try:
-            keys[name] = read_key(peer.key_file)
+            keys[name] = read_key(peer.key_file, owners)
         except KeyFileError as e:
             raise KeyFileError(f"{prefix}peers.{name}.key_file: {e}") from None
     return keys

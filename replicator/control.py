@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,39 @@ MAX_CLIENTS = 16
 _LEN = struct.Struct("!I")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: The control socket's mode: root and the daemon's group may connect.
+SOCKET_MODE = 0o660
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """A Unix stream socket bound at ``path`` with ``mode``, never reachable
+    with wider permissions, and without touching the umask (process-wide:
+    other threads create files meanwhile).
+
+    bind() creates the socket file with 0777 minus the umask, and an
+    AF_UNIX socket cannot be fchmod'ed before it has a name. So it is bound
+    in a fresh 0700 folder next to ``path`` (mkdtemp: only we can reach
+    it), chmod'ed there, then renamed over ``path`` (atomic; a stale socket
+    of an earlier run is replaced). Connecting goes by the file's inode, so
+    the rename keeps it working. (The names are short: a socket path is
+    limited to 107 bytes, and the temporary one is about as long as ``path``.)"""
+    parent = os.path.dirname(path) or "."
+    tmpdir = tempfile.mkdtemp(prefix=".ctl", dir=parent)
+    tmp = os.path.join(tmpdir, "s")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(tmp)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        s.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        os.rmdir(tmpdir)
+    return s
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -87,15 +121,7 @@ class ControlServer:
         d = os.path.dirname(self.path)
         if d:
             os.makedirs(d, mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)  # the socket is born 0660: no window with wider access
-        try:
-            s.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o660)
+        s = bind_unix(self.path, SOCKET_MODE)
         s.listen(16)
         self._sock = s
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)

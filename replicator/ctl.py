@@ -8,13 +8,14 @@ Exit codes (for monitoring scripts; docs/operations.md):
     3  a link is not connected (status)
     4  a link's lag exceeds --max-lag (status)
     5  a mirror needs attention: marker missing, directories without a
-       watch, or the watcher is dead (status)
+       watch, or the watcher or another worker thread is dead (status)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pwd
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,25 @@ from .control import request
 from .errors import ConfigError, ControlError, KeyFileError
 
 OK, UNREACHABLE, USAGE, LINK_DOWN, LAGGING, ATTENTION = 0, 1, 2, 3, 4, 5
+
+#: The user the packaged systemd unit runs replicatord as.
+DAEMON_USER = "replicator"
+
+
+def _key_owners(user: str | None) -> set[int]:
+    """Who may own key files for check-config: root, whoever runs it, and
+    the daemon's user (a name or a uid; without ``user``, DAEMON_USER if
+    that user exists)."""
+    owners = set(config.key_owners())
+    if user is not None and user.isdigit():
+        owners.add(int(user))
+        return owners
+    try:
+        owners.add(pwd.getpwnam(user or DAEMON_USER).pw_uid)
+    except KeyError:
+        if user is not None:
+            raise ConfigError(f"--user {user}: no such user") from None
+    return owners
 
 
 def fmt_bytes(n: float) -> str:
@@ -49,6 +69,10 @@ def fmt_age(s: float | None) -> str:
 
 def _when(t: float | None) -> str:
     return "never" if not t else f"{fmt_age(time.time() - t)} ago"
+
+
+def _days(s: float) -> str:
+    return f"{s / 86400:.3g} days" if s >= 86400 else fmt_age(s)
 
 
 def _link_state(ln: dict[str, Any]) -> str:
@@ -76,6 +100,30 @@ def render(st: dict[str, Any]) -> str:
             f"    watcher: {'alive' if w['alive'] else 'DEAD'}, {w['restarts']} restarts, "
             f"{w['overflows']} inotify overflows"
         )
+    li = st.get("listener")
+    if li:
+        lim = li["limits"]
+        lines.append(
+            f"    inbound: {li['authenticated']} authenticated, {li['unauthenticated']} "
+            f"unauthenticated (at most {lim['unauthenticated']}, "
+            f"{lim['unauthenticated_per_address']} per address); "
+            f"{li['refused_unauthenticated']} refused, {li['accept_errors']} accept errors"
+        )
+    if st.get("dead_workers"):
+        lines.append(
+            f"    DEAD workers: {', '.join(st['dead_workers'])} (watchdog pings stopped: "
+            "systemd restarts the daemon)"
+        )
+    j = st.get("janitor")
+    if j:
+        lines.append(
+            f"    janitor: last run {_when(j['last_run'])}; since start removed "
+            f"{j['files_removed']} partial files ({fmt_bytes(j['bytes_freed'])}), "
+            f"{j['folders_removed']} folders of peers no longer accepted; partials expire "
+            f"after {_days(j['partial_max_age'])}"
+        )
+        for err in j.get("last_errors") or ():
+            lines.append(f"        last run: {err}")
     if st["links"]:
         lines.append("  Outbound links (this node sends):")
     for peer, ln in sorted(st["links"].items()):
@@ -168,6 +216,8 @@ def health(st: dict[str, Any], max_lag: float | None) -> tuple[int, list[str]]:
             reasons.append((ATTENTION, f"mirror {name}: {m['unwatched_dirs']} unwatched dirs"))
     if (st.get("watcher") or {}).get("alive") is False:
         reasons.append((ATTENTION, "the file watcher is dead"))
+    for worker in st.get("dead_workers") or ():
+        reasons.append((ATTENTION, f"worker thread died: {worker}"))
     code = min((c for c, _ in reasons), default=OK)
     return code, [r for _, r in reasons]
 
@@ -228,8 +278,12 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
     )
 
 
+#: A reload waits for the daemon's main thread, which may be restarting links.
+RELOAD_TIMEOUT = 130.0
+
+
 def _call(sock: str, req: dict[str, Any]) -> dict[str, Any]:
-    reply = request(sock, req)
+    reply = request(sock, req, timeout=RELOAD_TIMEOUT if req.get("cmd") == "reload" else 10.0)
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "request failed")))
     return reply
@@ -262,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--mirror")
     sub.add_parser("reload", help="re-read the config (like SIGHUP); errors are shown")
     p = sub.add_parser("check-config", help="validate a config file offline")
+    p.add_argument(
+        "--user",
+        help="the user replicatord runs as: key files may belong to it or to root "
+        f"(default: {DAEMON_USER}, the packaged unit's user, if it exists; "
+        "run-as-root deployments: --user root)",
+    )
     p.add_argument("file")
     args = ap.parse_args(argv)
 
@@ -269,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = config.load(args.file)
             config.check_filesystem(cfg, args.file)
-            config.read_keys(cfg, args.file)
+            config.read_keys(cfg, args.file, _key_owners(args.user))
         except (ConfigError, KeyFileError) as e:
             print(e, file=sys.stderr)
             return USAGE

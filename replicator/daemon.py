@@ -1,11 +1,20 @@
 """replicatord: startup, main loop, reload and shutdown of one node.
 
-Threads: the listener (accepts peers, one Session thread each), one Link per
-peer this node pushes to (plus its reader), the watcher and the scanner, the
-control server. The main thread only handles signals and supervises:
-SIGTERM/SIGINT stop with a bounded drain (a second one forces exit), SIGHUP
-reloads the config (see ``reload``), and once a second ``check_workers``
-restarts a dead watcher and tells systemd whether everything is alive.
+Threads: the listener (accepts peers, one Session thread each; listener.py),
+one Link per peer this node pushes to (plus its reader), the watcher and the
+scanner, the control server. The main thread only handles signals and
+supervises: SIGTERM/SIGINT stop with a bounded drain (a second one forces
+exit), SIGHUP reloads the config (see ``reload``), and once a second
+``check_workers`` restarts a dead watcher and tells systemd whether every
+other worker is alive (a dead one stops the watchdog pings: systemd restarts);
+every few minutes the janitor removes partial files nobody will finish.
+
+Only the main thread changes the daemon's shape (links, watcher, scanner,
+config): a ``replicatorctl reload`` is posted to it and waited for
+(``request_reload``), so reloads never overlap each other or a watcher
+restart. Other threads only read: ``self.links`` is replaced whole, never
+changed in place, so a reader that took it once iterates a dict that stays
+as it was.
 
 Changes flow through ``route``: watcher and scanner produce Dirty/Moved
 messages for the links pushing that mirror; sessions produce PeerHas
@@ -20,21 +29,25 @@ import errno
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from . import __version__, config, logs, metrics, net
+from . import __version__, config, janitor, logs, metrics
 from .backlog import Store
 from .changes import PeerHas, Rescan
 from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, ControlError, KeyFileError
+from .janitor import Janitor
 from .link import Link, Pause, SourceMirror
+from .listener import Listener
 from .manifest import EntryState, Excludes
 from .marker import Marker
 from .scanner import Scanner
@@ -45,15 +58,56 @@ from .watcher import OverflowHook, Watcher, watched_inodes
 
 log = logging.getLogger("replicator")
 
-#: Sessions beyond this many are refused at once (a flood of half-open
-#: connections must not exhaust threads).
-MAX_SESSIONS = 64
 #: How often every mirror root's inotify watch is verified.
 ROOT_CHECK_INTERVAL = 2.0
 #: Rescan once inotify has not overflowed for this long.
 OVERFLOW_QUIET = 0.5
 #: On SIGTERM, links get this long to see their operations in flight acknowledged.
 DRAIN_SECONDS = 5.0
+#: How long a control request waits for the main thread to run its reload.
+RELOAD_WAIT = 120.0
+
+
+class Wakeup:
+    """Wakes the main thread from signal handlers and other threads.
+
+    A pipe, not a threading.Event: Event.set takes a lock, and a signal
+    handler that runs on the main thread while it holds that same lock
+    (inside Event.wait) would wait for itself forever; os.write cannot."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._r, select.POLLIN)
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except OSError:
+            pass  # full: a wakeup is pending anyway (or closed: nobody waits)
+
+    def wait(self, timeout: float) -> None:
+        """Until ``set`` (since the last wait) or ``timeout`` seconds."""
+        if self._poll.poll(max(0, int(timeout * 1000))):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._r, 4096):
+                    pass
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
+@dataclass
+class _ReloadRequest:
+    """A reload asked for through the control socket, run by the main thread."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        self.done.set()
 
 
 def _link_spec(cfg: Config, keys: dict[str, bytes], peer: str) -> tuple[Any, ...]:
@@ -74,10 +128,9 @@ class Daemon:
         self.stopping = threading.Event()
         self.links: dict[str, Link] = {}
         self._specs: dict[str, tuple[Any, ...]] = {}
-        self._sessions: dict[int, Session] = {}
-        self._by_peer: dict[str, Session] = {}
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
+        self.listener = Listener(
+            cfg.node.listen, self._new_session, self.stopping, self._inbound_peers
+        )
         self.control = ControlServer(cfg.node.control_socket, self._control)
         self.markers: dict[str, Marker] = {}
         self.watcher: Watcher | None = None
@@ -89,7 +142,14 @@ class Daemon:
         self.watcher_restarts = 0
         self.reloads = 0
         self._next_root_check = 0.0
-        self.reload_requested = threading.Event()
+        self.wakeup = Wakeup()
+        #: SIGHUPs received: counted by the handler (a plain attribute, see
+        #: Wakeup), compared with those reloaded for by the main thread.
+        self.hups = 0
+        self._hups_done = 0
+        self._lock = threading.Lock()  # guards _reload_requests
+        self._reload_requests: list[_ReloadRequest] = []
+        self.janitor = Janitor(cfg.node.partial_max_age, self._receiving)
         self._metrics: object | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -105,21 +165,14 @@ class Daemon:
         node = self.cfg.node
         os.makedirs(node.state_dir, mode=0o750, exist_ok=True)
         self._ensure_markers()
-        host, port = net.parse_address(node.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        ls = socket.socket(family, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            ls.bind((host, port))
+            self.listener.bind()
         except OSError as e:
-            ls.close()
             raise ConfigError(
                 f"node.listen: cannot listen on {node.listen}: {e.strerror}"
             ) from None
-        ls.listen(128)
-        self._listener = ls
         self._start_watching()
-        threading.Thread(target=self._accept, name="listener", daemon=True).start()
+        self.listener.start()
         for peer in self._pushed_peers(self.cfg):
             self._start_link(peer)
         if node.metrics_listen:
@@ -198,12 +251,14 @@ class Daemon:
             LinkStats(peer, pcfg.address),
             store,
         )
-        self.links[peer] = link
+        self.links = {**self.links, peer: link}  # replaced whole: readers hold the old one
         self._specs[peer] = _link_spec(self.cfg, self.keys, peer)
         link.start()
 
     def _stop_link(self, peer: str) -> None:
-        link = self.links.pop(peer)
+        links = dict(self.links)
+        link = links.pop(peer)
+        self.links = links
         self._specs.pop(peer, None)
         link.stop()
         link.join(10)
@@ -211,12 +266,12 @@ class Daemon:
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop accepting, let links drain what is in flight (bounded), stop."""
         self.stopping.set()
+        with self._lock:
+            waiting, self._reload_requests = self._reload_requests, []
+        for req in waiting:
+            req.finish({"ok": False, "error": "the daemon is stopping: not reloaded"})
         self._stop_watching()
-        ls, self._listener = self._listener, None
-        if ls is not None:
-            with contextlib.suppress(OSError):
-                ls.shutdown(socket.SHUT_RDWR)
-            ls.close()
+        self.listener.close()
         for link in self.links.values():
             link.stop(drain)
         deadline = time.monotonic() + drain + 2
@@ -225,8 +280,7 @@ class Daemon:
             if link.is_alive():  # stuck in a send: cut the connection
                 link.stop()
                 link.join(5)
-        with self._lock:
-            sessions = list(self._sessions.values())
+        sessions = self.listener.sessions()
         for s in sessions:  # they publish what is complete before closing
             s.shutdown()
         for s in sessions:
@@ -238,8 +292,61 @@ class Daemon:
 
     # -- reload ------------------------------------------------------------------
 
+    def request_reload(self, timeout: float = RELOAD_WAIT) -> dict[str, Any]:
+        """From a thread other than the main one: have the main thread
+        reload, wait for it, and return the control reply. Requests made
+        while a reload runs are served by the next one (which reads the
+        file after they were made); requests waiting together share one."""
+        req = _ReloadRequest()
+        with self._lock:
+            if self.stopping.is_set():
+                return {"ok": False, "error": "the daemon is stopping: not reloaded"}
+            self._reload_requests.append(req)
+        self.wakeup.set()
+        if not req.done.wait(timeout):
+            return {
+                "ok": False,
+                "error": f"the reload did not finish within {timeout:.0f} s (see the log)",
+            }
+        return req.reply
+
+    def handle_reloads(self, notify: Notifier | None = None) -> bool:
+        """On the main thread: one reload for the SIGHUP and the control
+        requests that came since the last one, if any. True if it ran."""
+        with self._lock:
+            waiting, self._reload_requests = self._reload_requests, []
+        # Only the handler writes hups: a SIGHUP arriving now is either
+        # counted in this read or seen next time, never lost.
+        hups = self.hups
+        hup, self._hups_done = hups != self._hups_done, hups
+        if not waiting and not hup:
+            return False
+        why = ["SIGHUP"] if hup else []
+        if waiting:
+            why.append(f"{len(waiting)} control request{'s' if len(waiting) > 1 else ''}")
+        log.info("reloading %s (%s)", self.config_path, " and ".join(why))
+        if notify is not None:
+            notify.reloading()
+        try:
+            reply = {"ok": True, "message": self.reload()}
+        except (ConfigError, KeyFileError) as e:
+            log.error("reload refused, the running config stays: %s", e)
+            reply = {"ok": False, "error": f"reload refused, the running config stays:\n{e}"}
+        except BaseException as e:
+            # Half applied: let the daemon fail (systemd restarts it), but
+            # answer first.
+            for req in waiting:
+                req.finish({"ok": False, "error": f"reload failed: {e!r} (see the log)"})
+            raise
+        for req in waiting:
+            req.finish(reply)
+        if notify is not None:
+            notify.ready(self.summary())
+        return True
+
     def reload(self) -> str:
-        """Re-read the config file and apply it. Links whose peer or mirrors
+        """Re-read the config file and apply it (on the main thread only:
+        ``request_reload`` from others). Links whose peer or mirrors
         did not change stay up. An invalid config changes nothing: the error
         is raised (ConfigError/KeyFileError) and the old config keeps running."""
         if self.config_path is None:
@@ -278,6 +385,7 @@ class Daemon:
             self._stop_watching()
             self._start_watching()
         self._drop_stale_sessions(old_cfg, old_keys)
+        self.janitor.run_soon()  # peers or mirrors may have gone
         self.reloads += 1
         restarted = sorted(set(started) & set(stopped))
         summary = (
@@ -292,9 +400,7 @@ class Daemon:
         """Close sessions whose peer, key or accepted mirrors changed: the
         peer reconnects and is judged by the new config."""
         new = self.cfg
-        with self._lock:
-            sessions = list(self._sessions.values())
-        for s in sessions:
+        for s in self.listener.sessions():
             peer = s.peer
             if not peer:
                 continue
@@ -391,12 +497,20 @@ class Daemon:
             if reason is not None:
                 ok = False
                 self._restart_watcher(reason)
-        if self.scanner is not None and not self.scanner.is_alive():
-            ok = False
-        for link in self.links.values():
-            if not link.is_alive() and not self.stopping.is_set():
-                ok = False
-        return ok and (self._listener is not None) and self.control.alive()
+        return ok and not self.dead_workers()
+
+    def dead_workers(self) -> list[str]:
+        """Long-lived threads that died (the watcher is restarted instead)."""
+        if self.stopping.is_set():
+            return []
+        dead = self.listener.dead()
+        scanner = self.scanner
+        if scanner is not None and not scanner.is_alive():
+            dead.append("scanner")
+        if not self.control.alive():
+            dead.append("control")
+        dead += [f"link to {p}" for p, link in self.links.items() if not link.is_alive()]
+        return dead
 
     def _restart_watcher(self, reason: str) -> None:
         self.watcher_restarts += 1
@@ -416,95 +530,65 @@ class Daemon:
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log."""
-        up = sum(1 for link in self.links.values() if link.stats.state == "connected")
-        queued = sum(link.stats.queue_files for link in self.links.values())
-        lag = max((link.stats.lag() or 0.0 for link in self.links.values()), default=0.0)
-        with self._lock:
-            sessions = len(self._sessions)
+        links = self.links.values()
+        up = sum(1 for link in links if link.stats.state == "connected")
+        queued = sum(link.stats.queue_files for link in links)
+        lag = max((link.stats.lag() or 0.0 for link in links), default=0.0)
+        sessions = len(self.listener.sessions())
+        dead = self.dead_workers()
         return (
-            f"{up}/{len(self.links)} links up, {sessions} inbound, {queued} queued, lag {lag:.1f} s"
+            f"{up}/{len(links)} links up, {sessions} inbound, {queued} queued, lag {lag:.1f} s"
+            + (f"; DEAD: {', '.join(dead)} (watchdog pings stopped)" if dead else "")
         )
 
-    # -- listener ------------------------------------------------------------------
+    # -- inbound sessions ------------------------------------------------------------
 
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            ls = self._listener
-            if ls is None:
-                return
+    def _new_session(self, sock: socket.socket, where: str) -> Session:
+        return Session(
+            sock,
+            where,
+            self.cfg,
+            self.keys,
+            self.stopping,
+            SessionStats("", where),
+            markers=self.markers,
+            peer_state=self.peer_state,
+            notify=self.route,
+        )
+
+    def _inbound_peers(self) -> int:
+        return len({p for m in self.cfg.mirrors.values() for p in m.accept_from})
+
+    def _receiving(self) -> set[tuple[str, str]]:
+        """(mirror, peer) of every inbound session with the mirror open."""
+        return {
+            (m, s.peer) for s in self.listener.sessions() if s.peer for m in list(s.stats.mirrors)
+        }
+
+    def run_janitor(self) -> None:
+        """On the main thread: a janitor run, if one is due. Housekeeping:
+        whatever goes wrong in it is logged, replication goes on."""
+        if self.janitor.due() and not self.stopping.is_set():
             try:
-                sock, addr = ls.accept()
-            except OSError:
-                if self.stopping.is_set():
-                    return
-                time.sleep(0.05)  # EMFILE and friends: do not spin
-                continue
-            with self._lock:
-                crowded = len(self._sessions) >= MAX_SESSIONS
-            if crowded:
-                log.warning("refusing connection from %s: %d sessions open", addr[0], MAX_SESSIONS)
-                sock.close()
-                continue
-            where = f"{addr[0]}:{addr[1]}"
-            session = Session(
-                sock,
-                where,
-                self.cfg,
-                self.keys,
-                self.stopping,
-                SessionStats("", where),
-                on_established=self._established,
-                markers=self.markers,
-                peer_state=self.peer_state,
-                notify=self.route,
-            )
-            t = threading.Thread(
-                target=self._run_session, args=(session,), name=f"session-{where}", daemon=True
-            )
-            with self._lock:
-                self._sessions[id(session)] = session
-            t.start()
-
-    def _run_session(self, session: Session) -> None:
-        try:
-            session.run()
-        finally:
-            with self._lock:
-                self._sessions.pop(id(session), None)
-                if self._by_peer.get(session.peer) is session:
-                    del self._by_peer[session.peer]
-
-    def _established(self, session: Session) -> None:
-        """A peer authenticated: an older session from it is stale (its TCP
-        connection died without us noticing yet); the newest one wins."""
-        with self._lock:
-            old = self._by_peer.get(session.peer)
-            self._by_peer[session.peer] = session
-        if old is not None and old is not session:
-            log.info(
-                "peer %s reconnected; closing its previous session",
-                session.peer,
-                extra={"PEER": session.peer},
-            )
-            old.shutdown()
-            # It may still hold this peer's partial files open: let it
-            # checkpoint and close them before the new session lists them.
-            if not old.done.wait(15):
-                log.warning("previous session of %s did not end in 15 s", session.peer)
+                self.janitor.run(self.cfg.mirrors)
+            except Exception:
+                log.exception("janitor: the run failed (next one in %.0f s)", janitor.INTERVAL)
 
     # -- control ---------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            sessions = [s.stats.snapshot() for s in self._sessions.values()]
+        """Everything ``replicatorctl status`` shows. Called from the control
+        and metrics threads: it reads what other threads write, so it takes
+        each of them once (links, config, scanner, watcher) and copies."""
+        cfg, links, scanner, watcher = self.cfg, self.links, self.scanner, self.watcher
+        sessions = [s.stats.snapshot() for s in self.listener.sessions()]
+        link_status = {p: link.status() for p, link in links.items()}
         mirrors = {}
-        scans = self.scanner.status() if self.scanner is not None else {}
-        for name, m in self.cfg.mirrors.items():
+        scans = scanner.status() if scanner is not None else {}
+        for name, m in cfg.mirrors.items():
             marker = self.markers.get(name)
             per_link = {
-                p: link.stats.mirrors.get(name, {})
-                for p, link in self.links.items()
-                if p in m.push_to
+                p: ls["mirrors"].get(name, {}) for p, ls in link_status.items() if p in m.push_to
             }
             scan = scans.get(name, {})
             mirrors[name] = {
@@ -520,22 +604,25 @@ class Daemon:
                 "links": per_link,
             }
         return {
-            "node": self.cfg.node.name,
+            "node": cfg.node.name,
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
             "uptime": time.time() - self.started,
-            "listen": self.cfg.node.listen,
+            "listen": cfg.node.listen,
             "config": self.config_path,
             "reloads": self.reloads,
-            "links": {p: link.status() for p, link in self.links.items()},
+            "links": link_status,
             "sessions": sessions,
+            "listener": self.listener.status(),
+            "dead_workers": self.dead_workers(),
             "mirrors": mirrors,
             "watcher": {
-                "alive": self.watcher.alive() if self.watcher else None,
+                "alive": watcher.alive() if watcher else None,
                 "restarts": self.watcher_restarts,
                 "overflows": self.overflows,
             },
+            "janitor": self.janitor.status(),
         }
 
     def _control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -551,20 +638,17 @@ class Daemon:
         if cmd in ("pause", "resume"):
             return self._pause(req, cmd == "pause")
         if cmd == "reload":
-            try:
-                return {"ok": True, "message": self.reload()}
-            except (ConfigError, KeyFileError) as e:
-                log.error("reload refused, the running config stays: %s", e)
-                return {"ok": False, "error": f"reload refused, the running config stays:\n{e}"}
+            return self.request_reload()
         raise ControlError(f"unknown command {cmd!r}")
 
     def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
         peer, mirror = req.get("peer"), req.get("mirror")
-        if peer is not None and peer not in self.links:
+        links = self.links
+        if peer is not None and peer not in links:
             raise ControlError(f"this node does not push to a peer {peer!r}")
         if mirror is not None and mirror not in self.cfg.mirrors:
             raise ControlError(f"no mirror {mirror!r} on this node")
-        for name, link in self.links.items():
+        for name, link in links.items():
             if peer is None or name == peer:
                 link.post(Pause(on, mirror))
         return {"ok": True}
@@ -573,14 +657,18 @@ class Daemon:
 def _install_signals(daemon: Daemon) -> dict[int, Any]:
     old: dict[int, Any] = {}
 
+    # The main thread never waits on daemon.stopping (only on the wakeup
+    # pipe), so setting it here cannot meet its own lock.
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if daemon.stopping.is_set():
             os.write(2, b"replicatord: second signal: exiting now\n")
             os._exit(1)
         daemon.stopping.set()
+        daemon.wakeup.set()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
-        daemon.reload_requested.set()
+        daemon.hups += 1
+        daemon.wakeup.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         old[sig] = signal.signal(sig, on_stop)
@@ -595,26 +683,25 @@ FIRST_SCAN_TIMEOUT = 600.0
 STATUS_EVERY = 5.0
 
 
-def serve(daemon: Daemon, notify: Notifier, config_path: str) -> None:
-    """The main thread's loop: readiness, reloads, supervision, watchdog."""
+def serve(daemon: Daemon, notify: Notifier) -> None:
+    """The main thread's loop: readiness, reloads, supervision, watchdog,
+    janitor. It wakes at once for a signal or a reload request."""
     notify.status("scanning mirrors")
     deadline = time.monotonic() + FIRST_SCAN_TIMEOUT
     while not daemon.first_scan_done() and time.monotonic() < deadline:
-        if daemon.stopping.wait(0.05):
+        daemon.wakeup.wait(0.05)
+        if daemon.stopping.is_set():
             return
+        daemon.handle_reloads()  # not ready yet: systemd hears of it with READY=1
     notify.ready(daemon.summary())
     watched = notify.watchdog_interval() is not None  # the loop below runs every second
     next_status = time.monotonic() + STATUS_EVERY
-    while not daemon.stopping.wait(1.0):
-        if daemon.reload_requested.is_set():
-            daemon.reload_requested.clear()
-            log.info("SIGHUP: reloading %s", config_path)
-            notify.reloading()
-            try:
-                daemon.reload()
-            except (ConfigError, KeyFileError) as e:
-                log.error("reload refused, the running config stays: %s", e)
-            notify.ready(daemon.summary())
+    while True:
+        daemon.wakeup.wait(1.0)
+        if daemon.stopping.is_set():
+            break
+        daemon.handle_reloads(notify)
+        daemon.run_janitor()
         if daemon.check_workers() and watched:
             notify.watchdog()  # only while every worker is alive
         if time.monotonic() >= next_status:
@@ -662,10 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     old = _install_signals(daemon)
     notify = Notifier()
     try:
-        serve(daemon, notify, args.config)
+        serve(daemon, notify)
     finally:
         notify.stopping("draining and stopping")
         daemon.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        daemon.wakeup.close()
     return 0

@@ -4,9 +4,12 @@ Every frame is an 8-byte header followed by a body::
 
     kind: u8 | flags: u8 (0) | reserved: u16 (0) | body_length: u32
 
-all big-endian. A ``Chunk`` frame is followed by ``length`` raw payload bytes
-that are *not* part of its body: the transfer layer moves them with
-sendfile/splice, so they never enter Python. See docs/protocol.md.
+all big-endian. Once the handshake is complete every frame also carries a
+``TAG_SIZE``-byte tag right after its body (not counted in ``body_length``;
+``protocol.Connection`` adds and checks it, this codec never sees it). A
+``Chunk`` frame is followed by ``length`` raw payload bytes that are *not*
+part of its body: the transfer layer moves them with sendfile/splice, so they
+never enter Python. See docs/protocol.md.
 
 This module is pure: it imports no socket and no os. It knows nothing about
 connection state; that is ``protocol.Connection``'s job.
@@ -19,9 +22,10 @@ import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-#: Protocol versions this implementation speaks.
-VERSION_MIN = 1
-VERSION_MAX = 1
+#: Protocol versions this implementation speaks. Version 1 did not
+#: authenticate frames after the handshake and is refused.
+VERSION_MIN = 2
+VERSION_MAX = 2
 MAGIC = b"RPLC"
 
 HEADER = struct.Struct("!BBHI")
@@ -39,6 +43,8 @@ MAX_OPEN_FILES = 64
 #: Operations the sender may have sent and not had acknowledged.
 MAX_UNACKED = 8192
 NONCE_SIZE = 32
+#: Bytes of the tag that follows the body of every frame once established.
+TAG_SIZE = 16
 #: Longest human-readable message (Error, Opened), in UTF-8 bytes.
 MAX_TEXT = 4096
 
@@ -88,6 +94,9 @@ class ErrorCode(enum.IntEnum):
     CONFLICT = 15
     #: The peer sent nothing for too long.
     TIMEOUT = 16
+    #: A frame failed its integrity check: it was altered, replayed, reordered,
+    #: dropped or injected on the way (or the peer has a bug).
+    INTEGRITY = 17
 
 
 #: Codes that describe a transient condition on the receiver: the sender keeps
@@ -208,13 +217,17 @@ class Open(Event):
     name: str
 
 
-@_frame(4, "mirror:u16 code:u16 message:text")
+@_frame(4, "mirror:u16 code:u16 preserve:u8 message:text")
 @dataclass(frozen=True)
 class Opened(Event):
-    """Receiver → sender: mirror accepted (``code`` 0) or refused (an ErrorCode)."""
+    """Receiver → sender: mirror accepted (``code`` 0) or refused (an
+    ErrorCode). ``preserve``: what the receiver applies as sent (bit 0 owners,
+    bit 1 setuid/setgid/sticky; ``manifest.Preserve``), so the sender does not
+    resend what would not change."""
 
     mirror: int
     code: int
+    preserve: int
     message: str
 
     def __post_init__(self) -> None:

@@ -40,10 +40,10 @@ from .backlog import Backlog, Info, Key, Store
 from .changes import Dirty, Flag, Moved, PeerHas, Rescan
 from .config import MirrorConfig, NodeConfig, PeerConfig
 from .errors import LinkError, ProtocolError, RemoteProtocolError
-from .manifest import Change, EntryState, Excludes, compare, lstat_entry, scan
+from .manifest import Change, EntryState, Excludes, Preserve, compare, scan
 from .marker import Marker
 from .outgoing import CHUNK, FileSend, Step, open_source, version_of
-from .paths import Source
+from .paths import Located, Source
 from .protocol import NEED_DATA, Connection, Established, Role
 from .publisher import IS_ROOT
 from .remote import RemoteMirror
@@ -124,6 +124,8 @@ class SourceMirror:
     #: delete and only push what is newer here.
     two_way: bool = False
     paused: bool = False
+    #: What this node applies from peers that push this mirror here.
+    preserve: Preserve = Preserve.NONE
 
     @classmethod
     def from_config(
@@ -138,6 +140,7 @@ class SourceMirror:
             cfg.rescan_interval,
             marker,
             two_way=peer in cfg.accept_from,
+            preserve=Preserve.from_names(cfg.preserve),
         )
 
     def deletes_allowed(self) -> bool:
@@ -598,6 +601,7 @@ class Link(threading.Thread):
             )
             return
         r.opened, r.refused = True, None
+        r.preserve = Preserve(ev.preserve & (Preserve.OWNERS | Preserve.SPECIAL_BITS))
         self._mirror_stats(m.name).pop("refused", None)
         self._list(m.id)
 
@@ -611,6 +615,18 @@ class Link(threading.Thread):
         r.partials = {}
         r.next_scan = float("inf")
         self._queue(F.List(mid, r.list_id))
+
+    def _compare(self, mid: int, src: EntryState, there: EntryState | None) -> Change:
+        """What to send to turn ``there`` into ``src``, counting only what the
+        peer applies as sent (its ``Opened``). In a two-way mirror, only what
+        both sides apply: what we keep our own (owners, special bits) must not
+        flow back and overwrite the peer's."""
+        applied = self._remote[mid].preserve
+        m = self.mirrors[mid]
+        if m.two_way:
+            applied &= m.preserve
+        owners = IS_ROOT and bool(applied & Preserve.OWNERS)
+        return compare(src, there, owners, bool(applied & Preserve.SPECIAL_BITS))
 
     def _schedule_scans(self) -> None:
         now = time.monotonic()
@@ -638,7 +654,7 @@ class Link(threading.Thread):
             seen.add(rel)
             dirs += st.kind is F.EntryKind.DIR
             there = r.known.get(rel)
-            if compare(st, there, IS_ROOT) is Change.NONE:
+            if self._compare(m.id, st, there) is Change.NONE:
                 continue
             if m.two_way and there is not None and there.mtime_ns >= st.mtime_ns:
                 continue  # newer (or as new) there: it is the peer's to send
@@ -759,12 +775,23 @@ class Link(threading.Thread):
 
     def _start(self, key: Key, info: Info) -> bool:
         """Turn one dirty path into an operation, if it really changed."""
+        m = self.mirrors[key[0]]
+        # One confined walk per path: the file is opened, and later checked,
+        # through the directory fd this lookup found.
+        found = None if m.excludes(key[1]) else Source(m.root).locate(key[1])
+        try:
+            return self._start_found(key, info, found)
+        finally:
+            if found is not None:
+                found.close()  # a no-op if a FileSend took it
+
+    def _start_found(self, key: Key, info: Info, found: Located | None) -> bool:
         mid, rel = key
         m = self.mirrors[mid]
         r = self._remote[mid]
         since, _, flags = info
         known = r.known.get(rel)
-        src = None if m.excludes(rel) else lstat_entry(m.root, rel)
+        src = None if found is None else EntryState.from_stat(found.st, found.target)
         if src is None:
             if known is None or not m.delete:
                 self._backlog.done(key)
@@ -774,7 +801,7 @@ class Link(threading.Thread):
                 self._backlog.done(key)
                 return False
             return self._send_op(F.Delete(self._op(), mid, rel), key, since, None)
-        change = compare(src, known, IS_ROOT)
+        change = self._compare(mid, src, known)
         if change is Change.NONE:
             self._backlog.done(key)
             return False
@@ -802,7 +829,8 @@ class Link(threading.Thread):
         if src.kind is F.EntryKind.SYMLINK:
             ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
             return self._send_op(ev, key, since, src)
-        return self._start_file(m, key, since)
+        assert found is not None
+        return self._start_file(m, key, since, found)
 
     def _send_op(
         self,
@@ -904,16 +932,15 @@ class Link(threading.Thread):
         m = self.mirrors[mid]
         known = self._remote[mid].known
         for rel, st in scan(m.root, m.excludes, top):
-            if not only_changed or compare(st, known.get(rel), IS_ROOT) is not Change.NONE:
+            if not only_changed or self._compare(mid, st, known.get(rel)) is not Change.NONE:
                 self._mark((mid, rel), (since, st.size, Flag.DATA))
 
     # -- files -------------------------------------------------------------------------
 
-    def _start_file(self, m: SourceMirror, key: Key, since: float) -> bool:
+    def _start_file(self, m: SourceMirror, key: Key, since: float, found: Located) -> bool:
         rel = key[1]
-        source = Source(m.root)
         try:
-            opened = open_source(source, rel)
+            opened = open_source(found)
         except OSError as e:
             self._source_error(m, rel, e)
             return False
@@ -953,7 +980,7 @@ class Link(threading.Thread):
         )
         self._track(op, _InFlight(F.File, key, since, EntryState.from_stat(st), size=st.st_size))
         self.stats.ops_sent += 1
-        s = FileSend(op, key, m.name, source, fd, st, offset, since)
+        s = FileSend(op, key, m.name, found.take(), fd, st, offset, since)
         if s.left <= CHUNK:
             while s.fd >= 0:
                 self._step(s)

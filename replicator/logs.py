@@ -10,6 +10,14 @@ same facts.
 
 Nothing here may fail the daemon's start: without systemd-python the journal
 is simply not used.
+
+Log lines carry names from the wire and from local users (file paths, peer
+messages), so both handlers escape every control character in a record's
+message and fields: a file whose name holds a newline and a fake record, or
+terminal escape sequences, logs as ``x\\n2024-... ERROR fake`` / ``\\x1b[31m``,
+and one record stays one line. Only a traceback spans several lines, each
+indented on stderr, so no line of it can pass for a record of its own (in the
+journal an entry is one record, whatever lines it holds).
 """
 
 from __future__ import annotations
@@ -42,15 +50,78 @@ JOURNAL_FIELDS = frozenset(
 
 Sender = Callable[..., Any]
 
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escapes() -> dict[int, str]:
+    """What ``escape`` replaces: C0 and C1 controls and DEL, line and
+    paragraph separators, bidirectional overrides (they reorder what a
+    terminal shows), and lone surrogates (undecodable bytes that slipped
+    through as surrogateescape; they cannot even be encoded to UTF-8)."""
+    cps = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+    cps += [*range(0x200E, 0x2010), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    cps += range(0xD800, 0xE000)
+    out = {}
+    for cp in cps:
+        ch = chr(cp)
+        out[cp] = _NAMED.get(ch) or (f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}")
+    return out
+
+
+_ESCAPES = _escapes()
+
+
+def escape(text: str) -> str:
+    """``text`` on one line, with every control character escaped
+    (``\\n``, ``\\x1b``, ``\\u2028``): safe to write to a log or a terminal."""
+    return text.translate(_ESCAPES)
+
+
+def _lines(text: str, indent: str) -> str:
+    """A traceback (or stack) for below its record: each line escaped and
+    indented (an exception's message may hold a file name, newlines and
+    all: indented, no line of it can pass for a record in a text log)."""
+    return "\n".join(indent + escape(line) for line in text.split("\n"))
+
+
+def _render(record: logging.LogRecord, formatter: logging.Formatter, indent: str) -> str:
+    """``formatter``'s format with the message escaped, then the traceback
+    (and stack) if any, below it. Fields are left to the caller."""
+    record.message = escape(record.getMessage())
+    if formatter.usesTime():
+        record.asctime = formatter.formatTime(record, formatter.datefmt)
+    text = formatter.formatMessage(record)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_text:
+        text += "\n" + _lines(record.exc_text, indent)
+    if record.stack_info:
+        text += "\n" + _lines(formatter.formatStack(record.stack_info), indent)
+    return text
+
 
 class _Formatter(logging.Formatter):
+    """stderr: one line per record, fields appended in brackets."""
+
     def __init__(self, node: str) -> None:
         super().__init__("%(asctime)s %(levelname)-7s replicatord[" + node + "] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        extra = [f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None)]
-        return f"{text} [{' '.join(extra)}]" if extra else text
+        text = _render(record, self, "    ")
+        extra = [f"{f}={escape(str(v))}" for f in FIELDS if (v := getattr(record, f, None))]
+        if not extra:
+            return text
+        head, nl, tail = text.partition("\n")  # the fields go on the record's own line
+        return f"{head} [{' '.join(extra)}]{nl}{tail}"
+
+
+class _JournalFormatter(logging.Formatter):
+    """journald's MESSAGE: the message escaped, a traceback below it (each
+    line escaped; not indented: a journal entry is one record whatever it
+    holds, and journalctl indents continuation lines itself)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _render(record, self, "")
 
 
 def under_systemd() -> bool:
@@ -68,14 +139,22 @@ def journal_handler(node: str, send: Sender | None = None) -> logging.Handler | 
     target: Sender = send or systemd.journal.send
 
     def forward(message: str, /, **fields: Any) -> None:
-        # positional-only: every record carries a "message" attribute too
-        target(
-            message, **{k: v for k, v in fields.items() if k in JOURNAL_FIELDS and v is not None}
-        )
+        # positional-only: every record carries a "message" attribute too.
+        # MESSAGE comes escaped from _JournalFormatter; field values are
+        # escaped here (a traceback keeps its line breaks).
+        kept = {}
+        for k, v in fields.items():
+            if k not in JOURNAL_FIELDS or v is None:
+                continue
+            if isinstance(v, str):
+                v = _lines(v, "") if k == "EXCEPTION_TEXT" else escape(v)
+            kept[k] = v
+        target(message, **kept)
 
     handler: logging.Handler = systemd.journal.JournalHandler(
         sender_function=forward, SYSLOG_IDENTIFIER="replicatord", NODE=node
     )
+    handler.setFormatter(_JournalFormatter())
     return handler
 
 

@@ -51,6 +51,32 @@ class EntryState:
         return cls(kind, stat.S_IMODE(m), size, st.st_mtime_ns, st.st_uid, st.st_gid, target)
 
 
+class Preserve(enum.IntFlag):
+    """What a receiving mirror applies as the sender declared it. Everything
+    else it keeps its own: files belong to the receiving daemon's user and
+    group, and setuid, setgid and sticky bits are dropped. A peer that could
+    choose owners and special bits could plant a setuid-root binary."""
+
+    NONE = 0
+    OWNERS = 1
+    SPECIAL_BITS = 2
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> Preserve:
+        out = cls.NONE
+        for name in names:
+            out |= cls[name.upper()]
+        return out
+
+    def mode(self, mode: int) -> int:
+        """The permission bits applied for a declared ``mode``."""
+        return mode & (0o7777 if self & Preserve.SPECIAL_BITS else 0o777)
+
+
+#: Mode bits that only a mirror preserving SPECIAL_BITS applies.
+SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+
 class Change(enum.Enum):
     #: Nothing to send.
     NONE = "none"
@@ -60,11 +86,14 @@ class Change(enum.Enum):
     META = "meta"
 
 
-def compare(src: EntryState, dst: EntryState | None, owners: bool) -> Change:
+def compare(src: EntryState, dst: EntryState | None, owners: bool, special: bool = True) -> Change:
     """What must be sent to turn ``dst`` into ``src``.
 
     Files are judged by size and mtime like rsync's quick check; directories'
-    mtimes are metadata. ``owners``: whether uid/gid count (we run as root).
+    mtimes are metadata. ``owners``: whether uid/gid count (we run as root and
+    the receiver applies them); ``special``: whether setuid, setgid and sticky
+    bits count (the receiver applies them). What the receiver would not apply
+    never counts: sending it again and again would change nothing.
     """
     if dst is None or dst.kind != src.kind:
         return Change.DATA
@@ -72,8 +101,10 @@ def compare(src: EntryState, dst: EntryState | None, owners: bool) -> Change:
         return Change.DATA
     if src.kind is EntryKind.SYMLINK and src.target != dst.target:
         return Change.DATA
-    if src.kind is not EntryKind.SYMLINK and src.mode != dst.mode:
-        return Change.META
+    if src.kind is not EntryKind.SYMLINK:
+        ignored = 0 if special else SPECIAL_BITS
+        if src.mode & ~ignored != dst.mode & ~ignored:
+            return Change.META
     if src.mtime_ns != dst.mtime_ns:
         return Change.META
     if owners and (src.uid, src.gid) != (dst.uid, dst.gid):

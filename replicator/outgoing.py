@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from . import frames as F
 from . import transfer
 from .backlog import Key
-from .paths import Source
+from .paths import Located
 from .protocol import Connection
 
 #: Payload bytes per Chunk frame. Bigger chunks cost fewer headers and peeks
@@ -52,11 +52,11 @@ class Step(enum.Enum):
     GONE = "gone"
 
 
-def open_source(source: Source, rel: bytes) -> tuple[int, os.stat_result] | None:
-    """An fd and stat of the regular file ``rel`` of the mirror; None if it
-    is gone, not a regular file any more (it changed type: look at it
-    again) or only reachable through a symlink. Confined: ``paths.Source``."""
-    return source.open_file(rel)
+def open_source(found: Located) -> tuple[int, os.stat_result] | None:
+    """An fd and stat of the regular file ``found``; None if it is gone or
+    not a regular file any more (it changed type: look at it again).
+    Confined: ``paths.Source.locate`` found it without following symlinks."""
+    return found.open_file()
 
 
 @dataclass
@@ -64,7 +64,8 @@ class FileSend:
     op: int
     key: Key
     mirror: str
-    source: Source
+    #: where the file was found: its directory stays open until the end
+    found: Located
     fd: int
     st: os.stat_result
     offset: int
@@ -82,6 +83,7 @@ class FileSend:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+        self.found.close()
 
     def step(self, sock: socket.socket, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:
         """Send the next chunk (``wbuf`` holds frames queued before it and is
@@ -107,7 +109,7 @@ class FileSend:
     def _verdict(self) -> Step:
         try:
             now = os.fstat(self.fd)
-            at_path = self.source.inode(self.key[1])
+            at_path = self.found.inode()
         except OSError:
             return Step.GONE
         if at_path is None:

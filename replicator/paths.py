@@ -91,6 +91,62 @@ def open_dir_at(dir_fd: int, parts: tuple[bytes, ...] | list[bytes]) -> int:
     return fd
 
 
+class Located:
+    """An entry found inside a mirror: the fd of its parent directory (held
+    open, so later looks at the entry need no new walk) and its name."""
+
+    __slots__ = ("dir_fd", "name", "st", "target")
+
+    def __init__(self, dir_fd: int, name: bytes, st: os.stat_result, target: bytes) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        #: lstat when it was found
+        self.st = st
+        #: symlink target, b"" for anything else
+        self.target = target
+
+    def close(self) -> None:
+        # -1 first: fd numbers are reused at once, a second close must not
+        # close somebody else's file.
+        fd, self.dir_fd = self.dir_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def take(self) -> Located:
+        """A new owner of the directory fd; this one closes nothing any more."""
+        fd, self.dir_fd = self.dir_fd, -1
+        return Located(fd, self.name, self.st, self.target)
+
+    def open_file(self) -> tuple[int, os.stat_result] | None:
+        """A read-only fd and fstat of the entry if it is a regular file now;
+        None if it is gone or something else (look at it again)."""
+        try:
+            # O_NONBLOCK: a fifo swapped in must not block us in open().
+            fd = os.open(
+                self.name,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                dir_fd=self.dir_fd,
+            )
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
+                return None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st
+
+    def inode(self) -> int | None:
+        """The inode number under this name in its directory now, or None."""
+        try:
+            return os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+
+
 class Source:
     """A mirror root on the sending side.
 
@@ -117,8 +173,9 @@ class Source:
         finally:
             os.close(rfd)
 
-    def lstat(self, rel: bytes) -> tuple[os.stat_result, bytes] | None:
-        """(lstat, symlink target or b"") of ``rel``; None if nothing is there."""
+    def locate(self, rel: bytes) -> Located | None:
+        """The entry at ``rel`` with its parent directory held open, or None
+        if nothing is there. The caller closes it."""
         try:
             pfd, name = self._parent(rel)
         except OSError as e:
@@ -129,43 +186,30 @@ class Source:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else b""
         except OSError as e:
+            os.close(pfd)
             if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
                 return None
             raise
-        finally:
-            os.close(pfd)
-        return st, target
+        return Located(pfd, name, st, target)
+
+    def lstat(self, rel: bytes) -> tuple[os.stat_result, bytes] | None:
+        """(lstat, symlink target or b"") of ``rel``; None if nothing is there."""
+        found = self.locate(rel)
+        if found is None:
+            return None
+        found.close()
+        return found.st, found.target
 
     def open_file(self, rel: bytes) -> tuple[int, os.stat_result] | None:
         """A read-only fd and fstat of the regular file ``rel``; None if it is
         gone or not a regular file any more (look at it again)."""
-        try:
-            pfd, name = self._parent(rel)
-        except OSError as e:
-            if e.errno in _ABSENT:
-                return None
-            raise
-        try:
-            # O_NONBLOCK: a fifo swapped in must not block us in open().
-            fd = os.open(
-                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=pfd
-            )
-        except OSError as e:
-            if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
-                return None
-            raise
-        finally:
-            os.close(pfd)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
+        found = self.locate(rel)
+        if found is None:
             return None
-        return fd, st
-
-    def inode(self, rel: bytes) -> int | None:
-        """The inode number at ``rel`` now (no-follow), or None."""
-        found = self.lstat(rel)
-        return None if found is None else found[0].st_ino
+        try:
+            return found.open_file()
+        finally:
+            found.close()
 
     def listing(self, rel: bytes) -> dict[bytes, os.stat_result] | None:
         """Name → lstat of the directory ``rel`` (b"" for the root); None if

@@ -6,6 +6,13 @@ authenticated handshake itself and enforces every ordering rule and limit of
 docs/protocol.md, raising ``RemoteProtocolError`` when the peer breaks one and
 ``LocalProtocolError`` when we would.
 
+Once established, every frame carries a tag (keyed BLAKE2b over an implicit
+per-direction sequence number, the header and the body) under a key derived
+from the handshake for that direction (``frame_keys``): a frame that was
+altered, replayed, reordered, dropped or injected on the way fails the check
+(``ErrorCode.INTEGRITY``). Chunk payloads are not covered; they never enter
+Python.
+
 Chunk payloads are placeholders here: after a ``Chunk`` event the connection
 is in the payload state; the caller moves the bytes itself (splice on the
 receiver, sendfile on the sender) and reports how many it moved. Bytes that
@@ -23,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,6 +123,57 @@ def proof(
     return hmac.new(key, msg, hashlib.sha256).digest()
 
 
+def frame_keys(
+    key: bytes,
+    version: int,
+    initiator: str,
+    acceptor: str,
+    initiator_nonce: bytes,
+    acceptor_nonce: bytes,
+) -> tuple[bytes, bytes]:
+    """(initiator→acceptor, acceptor→initiator) keys for frame tags.
+
+    HMAC-SHA256 under the shared key over the connection's version, both names
+    and both nonces (each length-prefixed), with a label per direction: fresh
+    for every connection, and a frame tagged for one direction never verifies
+    in the other (reflection)."""
+
+    def derive(label: bytes) -> bytes:
+        parts = (
+            b"replicator-frames",
+            version.to_bytes(2, "big"),
+            label,
+            initiator.encode(),
+            acceptor.encode(),
+            initiator_nonce,
+            acceptor_nonce,
+        )
+        msg = b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+        return hmac.new(key, msg, hashlib.sha256).digest()
+
+    return derive(b"i2a"), derive(b"a2i")
+
+
+#: BLAKE2b personalization of frame tags (exactly 16 bytes).
+_TAG_PERSON = b"replicator-frame"
+_SEQ = struct.Struct("!Q")
+
+
+def _tag_state(key: bytes) -> hashlib.blake2b:
+    # Keying costs a compression round: done once, then copied per frame
+    # (measured: 0.46 us per frame instead of 0.73, HMAC-SHA256 1.3 us).
+    return hashlib.blake2b(key=key, digest_size=F.TAG_SIZE, person=_TAG_PERSON)
+
+
+def frame_tag(key: bytes, seq: int, frame: bytes | bytearray | memoryview) -> bytes:
+    """The tag of ``frame`` (header + body) sent as number ``seq`` (from 0) of
+    its direction: keyed BLAKE2b-128 of ``seq`` (u64) then the frame."""
+    h = _tag_state(key)
+    h.update(_SEQ.pack(seq))
+    h.update(frame)
+    return h.digest()
+
+
 @dataclass
 class _OpenFile:
     size: int
@@ -144,6 +203,11 @@ class Connection:
         self._key: bytes | None = None
         self._key_for = key_for
         self._expect_peer = expect_peer
+        # Frame tags, once established; each counter belongs to its half.
+        self._rx_tag: hashlib.blake2b | None = None
+        self._rx_seq = 0
+        self._tx_tag: hashlib.blake2b | None = None
+        self._tx_seq = 0
         self._out = bytearray()
         self._receives = _ACCEPTOR_RECEIVES if role is Role.ACCEPTOR else _INITIATOR_RECEIVES
         # receiving half
@@ -198,11 +262,19 @@ class Connection:
             raise RemoteProtocolError(F.ErrorCode.MALFORMED, "not a replicator peer (bad magic)")
         lo, hi = max(ev.version_min, F.VERSION_MIN), min(ev.version_max, F.VERSION_MAX)
         if lo > hi:
-            raise RemoteProtocolError(
-                F.ErrorCode.VERSION,
-                f"no common protocol version: peer speaks {ev.version_min}..{ev.version_max}, "
-                f"we speak {F.VERSION_MIN}..{F.VERSION_MAX}",
+            ours, theirs = (
+                f"{F.VERSION_MIN}..{F.VERSION_MAX}",
+                f"{ev.version_min}..{ev.version_max}",
             )
+            if ev.version_max < F.VERSION_MIN:
+                why = (
+                    f"peer {ev.name!r} speaks protocol {theirs}, we need {ours}: upgrade "
+                    "replicator on the peer (protocol 1 does not authenticate frames "
+                    "after the handshake)"
+                )
+            else:
+                why = f"peer {ev.name!r} speaks protocol {theirs}, we speak {ours}: upgrade us"
+            raise RemoteProtocolError(F.ErrorCode.VERSION, f"no common protocol version: {why}")
         if len(ev.nonce) != F.NONCE_SIZE:
             raise RemoteProtocolError(F.ErrorCode.MALFORMED, "Hello nonce must be 32 bytes")
         if self._expect_peer is not None and ev.name != self._expect_peer:
@@ -226,8 +298,13 @@ class Connection:
             )
         if self.role is Role.ACCEPTOR:
             self._out += F.encode(F.Auth(self._my_proof()))
+        assert self.peer is not None and self.version is not None and self._key is not None
+        # Every frame from here on is tagged, in both directions (the Auth
+        # just queued is the acceptor's last untagged one).
+        i2a, a2i = frame_keys(self._key, self.version, *self._names())
+        tx, rx = (i2a, a2i) if self.role is Role.INITIATOR else (a2i, i2a)
+        self._tx_tag, self._rx_tag = _tag_state(tx), _tag_state(rx)
         self.state = State.ESTABLISHED
-        assert self.peer is not None and self.version is not None
         return Established(self.peer, self.version)
 
     # -- receiving half ----------------------------------------------------
@@ -280,17 +357,39 @@ class Connection:
         except F.FrameError as e:
             raise RemoteProtocolError(e.code, str(e)) from None
         end = F.HEADER_SIZE + length
-        if len(self._buf) < end:
+        tag = self._rx_tag
+        full = end if tag is None else end + F.TAG_SIZE
+        if len(self._buf) < full:
             return NEED_DATA
         # Release the views on exit: a view left alive in the traceback of a
         # FrameError would pin _buf (BufferError on the next resize).
-        with memoryview(self._buf) as view, view[F.HEADER_SIZE : end] as body:
-            try:
-                ev = F.decode_body(kind, body)
-            except F.FrameError as e:
-                raise RemoteProtocolError(e.code, str(e)) from None
-        del self._buf[:end]
+        with memoryview(self._buf) as view:
+            if tag is not None:
+                # Check before decoding: no field of an unauthenticated body
+                # is ever looked at.
+                h = tag.copy()
+                h.update(_SEQ.pack(self._rx_seq))
+                with view[:end] as frame, view[end:full] as got:
+                    h.update(frame)
+                    if not hmac.compare_digest(h.digest(), got):
+                        raise self._integrity_error(kind, length)
+                self._rx_seq += 1
+            with view[F.HEADER_SIZE : end] as body:
+                try:
+                    ev = F.decode_body(kind, body)
+                except F.FrameError as e:
+                    raise RemoteProtocolError(e.code, str(e)) from None
+        del self._buf[:full]
         return self._receive(ev)
+
+    def _integrity_error(self, kind: int, length: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            F.ErrorCode.INTEGRITY,
+            f"frame #{self._rx_seq} from {self.peer!r} ({F.EVENTS[kind].__name__}, "
+            f"{length}-byte body) failed its integrity check: it was altered, replayed, "
+            "reordered, dropped or injected between the nodes; check the network path "
+            "(anything that rewrites TCP payload, or an attacker)",
+        )
 
     def _receive(self, ev: F.Event) -> F.Event | Established | _Sentinel:
         t = type(ev)
@@ -456,7 +555,18 @@ class Connection:
             elif t is F.Ack:
                 with self._lock:
                     self._unacked.discard(ev.op)  # type: ignore[attr-defined]
-        return data
+        return self._seal(data)
+
+    def _seal(self, frame: bytes) -> bytes:
+        """``frame`` with its tag, as the next frame we send (once established)."""
+        tag = self._tx_tag
+        if tag is None:
+            return frame
+        h = tag.copy()
+        h.update(_SEQ.pack(self._tx_seq))
+        h.update(frame)
+        self._tx_seq += 1
+        return frame + h.digest()
 
     def _check_outgoing_op(self, ev: F.Event) -> None:
         t = type(ev)

@@ -32,7 +32,7 @@ from . import frames as F
 from .conflicts import Decision, Verdict
 from .errors import ApplyError, BadPath
 from .frames import EntryKind
-from .manifest import TEMP_PREFIX, EntryState
+from .manifest import TEMP_PREFIX, EntryState, Preserve
 from .paths import STATE_DIR, Root, remove_at, show
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,14 @@ class PartialFile:
         when that or the creator's ids differ from what the sender declared
         (two syscalls a file saved on bursts of small files)."""
         fd = self.fd
-        mode = self.mode & 0o7777
+        policy = self.inbox.preserve
+        mode = policy.mode(self.mode)
         chowned = False
-        if IS_ROOT and ((self.uid, self.gid) != (EUID, EGID) or self.inbox.setgid):
+        if (
+            policy & Preserve.OWNERS
+            and IS_ROOT
+            and ((self.uid, self.gid) != (EUID, EGID) or self.inbox.setgid)
+        ):
             os.fchown(fd, self.uid, self.gid)
             chowned = True
         if chowned or creation_mode(mode) != mode:
@@ -182,9 +187,11 @@ class HeldPartial:
 class Inbox:
     """The partial files one peer is sending into one mirror."""
 
-    def __init__(self, root: Root, peer: str) -> None:
+    def __init__(self, root: Root, peer: str, preserve: Preserve = Preserve.NONE) -> None:
         self.root = root
         self.peer = peer
+        #: What this mirror applies as the peer declared it (the rest: ours).
+        self.preserve = preserve
         sd = os.fsencode(peer)
         fd = root.fd
         for name in (STATE_DIR, b"partial", sd):
@@ -543,7 +550,7 @@ class Publisher:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=parent)
             os.symlink(ev.target, tmp, dir_fd=parent)
-            if IS_ROOT:
+            if IS_ROOT and self.inbox.preserve & Preserve.OWNERS:
                 os.chown(tmp, ev.uid, ev.gid, dir_fd=parent, follow_symlinks=False)
             os.utime(tmp, ns=(ev.mtime_ns, ev.mtime_ns), dir_fd=parent, follow_symlinks=False)
             self._clear_for(parent, name, want_dir=False)
@@ -583,11 +590,17 @@ class Publisher:
             self._note_dir(dparent)
             self._round.ops.append(ev.op)
 
-    @staticmethod
-    def _set_meta(parent: int, name: bytes, mode: int, mtime_ns: int, uid: int, gid: int) -> None:
+    def _set_meta(
+        self, parent: int, name: bytes, mode: int, mtime_ns: int, uid: int, gid: int
+    ) -> None:
+        """Apply declared metadata to ``name`` as this mirror's policy allows:
+        owners only if it preserves them (else they stay as they are), mode
+        without setuid/setgid/sticky unless it preserves those."""
+        policy = self.inbox.preserve
+        owners = IS_ROOT and bool(policy & Preserve.OWNERS)
         st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
-            if IS_ROOT:
+            if owners:
                 os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
             return
@@ -596,9 +609,9 @@ class Publisher:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         try:
             proc = f"/proc/self/fd/{fd}"
-            if IS_ROOT:
+            if owners:
                 os.chown(proc, uid, gid)
-            os.chmod(proc, mode & 0o7777)
+            os.chmod(proc, policy.mode(mode))
             os.utime(proc, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)

@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from . import frames as F
-from .manifest import EntryState
+from .manifest import EntryState, Preserve
 
 
 @dataclass
 class RemoteMirror:
     #: The peer accepted the mirror (Opened with code 0) on this connection.
     opened: bool = False
+    #: What the peer applies as we declare it (its Opened).
+    preserve: Preserve = Preserve.NONE
     #: Why the peer refused it, if it did.
     refused: str | None = None
     #: A complete manifest arrived on this connection: sending may start.

@@ -29,7 +29,7 @@ from .changes import Dirty, Flag, PeerHas
 from .config import Config
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, LinkError, RemoteProtocolError
-from .manifest import EntryState, Excludes, scan
+from .manifest import EntryState, Excludes, Preserve, scan
 from .marker import Marker
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
 from .publisher import (
@@ -45,7 +45,22 @@ from .stats import SessionStats
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
+#: An unauthenticated connection must complete its handshake this fast: a
+#: real peer needs two round trips; the slot it holds is scarce (listener.py).
+HANDSHAKE_TIMEOUT = 3.0
+#: File descriptors one session may hold at most (its socket and pipe, each
+#: open mirror's root, partial folder and cached directories, partial files,
+#: files and directories waiting for a commit round). The listener lowers it
+#: when the process's limit is small, never below MIN_SESSION_FDS.
+SESSION_FDS = 4096
+MIN_SESSION_FDS = 128
+#: Kept free for one operation: directory walks, a sidecar, a partial file.
+OP_FDS = 8
+#: What an open mirror needs: its root and its partial folder.
+MIRROR_FDS = 2
+#: Opens a session may have refused (unknown or forbidden mirrors) before
+#: the connection is closed: each one is logged.
+MAX_REFUSED_OPENS = 32
 #: Commit a group once it holds this many operations or bytes.
 GROUP_OPS = 1024
 GROUP_BYTES = 256 * 1024 * 1024
@@ -69,6 +84,13 @@ class _Mirror:
         self.publisher.close()
         self.inbox.close()
         self.root.close()
+
+    def fds_held(self) -> int:
+        """Descriptors held now, plus one per pending operation: its commit
+        may open a directory for it."""
+        root = self.root
+        cached = len(root._cache) + len(root._stale)  # directory fds of the walk cache
+        return 2 + cached + 2 * self.publisher.pending
 
 
 class Session:
@@ -98,6 +120,10 @@ class Session:
         self.peer_state = peer_state or (lambda peer, mirror, path: None)
         self.notify = notify
         self.peer = ""
+        #: Set by the listener: told why a connection ended before it
+        #: authenticated (it counts and rate-limits those instead of logging).
+        self.on_preauth_end: Callable[[Session, str, int, str], None] | None = None
+        self.fd_budget = SESSION_FDS
         self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
         self._wbuf = bytearray()
         self._mirrors: dict[int, _Mirror] = {}
@@ -106,7 +132,12 @@ class Session:
         self._refused: set[int] = set()
         self._target: PartialFile | None = None
         self._chunk_offset = 0
-        self._splicer = transfer.Splicer(sock, config.node.dead_after)
+        #: Mirror names this connection asked to open (each may be asked once).
+        self._open_names: set[str] = set()
+        self._open_refused = 0
+        #: Made once the peer authenticated: an unauthenticated connection
+        #: costs one descriptor, its socket.
+        self._splicer: transfer.Splicer | None = None
         self._closed = False
         #: Set when run() has returned and every file of the session is closed.
         self.done = threading.Event()
@@ -120,6 +151,28 @@ class Session:
         except OSError:
             pass
 
+    @property
+    def introduced(self) -> bool:
+        """The peer sent a valid Hello (it may still fail to authenticate)."""
+        return self.conn.peer is not None
+
+    def fds_held(self) -> int:
+        """File descriptors this session holds (see SESSION_FDS)."""
+        n = 1 + len(self._files)
+        if self._splicer is not None:
+            n += self._splicer.fds_held()
+        for m in self._mirrors.values():
+            n += m.fds_held()
+        return n
+
+    def _ended(self, reason: str, level: int, message: str, code: str = "") -> None:
+        """Log why the connection ended; before authentication, the listener
+        decides (a flood must not become a flood of log lines)."""
+        if not self.peer and self.on_preauth_end is not None:
+            self.on_preauth_end(self, reason, level, message)
+            return
+        log.log(level, "%s", message, extra={"PEER": self.peer, "CODE": code})
+
     def run(self) -> None:
         who = self.addr
         try:
@@ -131,13 +184,14 @@ class Session:
             self._loop()
         except RemoteProtocolError as e:
             msg = f"{who}: protocol error ({e.code.name}): {e}; closing the connection"
-            log.warning(msg, extra={"PEER": self.peer, "CODE": e.code.name})
+            self._ended(e.code.name.lower(), logging.WARNING, msg, e.code.name)
             self.stats.last_error = msg
             self._send_fatal(e.code, str(e))
         except (LinkError, transfer.PeerClosed, transfer.PeerTimeout, ConnectionError) as e:
-            log.info("%s: connection ended: %s", who, e, extra={"PEER": self.peer})
+            reason = "timed out" if "timed out" in str(e) else "closed"
+            self._ended(reason, logging.INFO, f"{who}: connection ended: {e}")
         except OSError as e:
-            log.warning("%s: connection failed: %s", who, e, extra={"PEER": self.peer})
+            self._ended("failed", logging.WARNING, f"{who}: connection failed: {e}")
         except Exception:
             log.exception("%s: internal error; closing the connection", who)
             self._send_fatal(F.ErrorCode.INTERNAL, "internal error on the receiver")
@@ -169,7 +223,8 @@ class Session:
         self._files.clear()
         for m in self._mirrors.values():
             m.close()
-        self._splicer.close()
+        if self._splicer is not None:
+            self._splicer.close()
         try:
             self.sock.close()
         except OSError:
@@ -207,7 +262,8 @@ class Session:
                 self.peer = ev.peer
                 self.stats.peer = ev.peer
                 if self.on_established is not None:
-                    self.on_established(self)
+                    self.on_established(self)  # may refuse: LinkError/RemoteProtocolError
+                self._splicer = transfer.Splicer(self.sock, self.cfg.node.dead_after)
                 return
             if isinstance(ev, F.Error):
                 raise LinkError(f"peer refused the handshake: {ev.message}")
@@ -285,16 +341,18 @@ class Session:
 
     def _payload_splice(self, n: int) -> None:
         p = self._target
+        splicer = self._splicer
+        assert splicer is not None  # made by the handshake
         if p is None:
-            self._splicer.discard(n)
+            splicer.discard(n)
             return
         try:
-            self._splicer.to_file(p.fd, self._chunk_offset, n)
+            splicer.to_file(p.fd, self._chunk_offset, n)
         except transfer.SinkError as e:
             self._fail_file(p, e)
             return
         finally:
-            self.stats.mode = self._splicer.mode
+            self.stats.mode = splicer.mode
         self._wrote(p, n)
 
     def _wrote(self, p: PartialFile, n: int) -> None:
@@ -401,19 +459,23 @@ class Session:
         raise AssertionError("partial file of an unknown mirror")
 
     def _on_open(self, ev: F.Open) -> None:
+        """Open a mirror the peer may push into: each name once per
+        connection, within the session's descriptor budget."""
         mcfg = self.cfg.mirrors.get(ev.name)
         me = self.cfg.node.name
-        if mcfg is None:
-            self._queue(
-                F.Opened(
-                    ev.mirror, F.ErrorCode.UNKNOWN_MIRROR, f"node {me!r} has no mirror {ev.name!r}"
-                )
+        if ev.name in self._open_names:
+            raise RemoteProtocolError(
+                F.ErrorCode.UNEXPECTED,
+                f"mirror {ev.name!r} was already opened on this connection (a peer opens "
+                "each mirror once)",
             )
-            log.warning(
-                "peer %s pushes mirror %r, which this node does not have",
-                self.peer,
-                ev.name,
-                extra={"PEER": self.peer, "MIRROR": ev.name},
+        self._open_names.add(ev.name)
+        if mcfg is None:
+            self._refuse_open(
+                ev,
+                F.ErrorCode.UNKNOWN_MIRROR,
+                f"node {me!r} has no mirror {ev.name!r}",
+                f"peer {self.peer} pushes mirror {ev.name!r}, which this node does not have",
             )
             return
         if self.peer not in mcfg.accept_from:
@@ -421,8 +483,7 @@ class Session:
                 f"node {me!r} does not accept mirror {ev.name!r} from {self.peer!r} "
                 f"(add it to mirrors.{ev.name}.accept_from)"
             )
-            self._queue(F.Opened(ev.mirror, F.ErrorCode.FORBIDDEN, msg))
-            log.warning("refused: %s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            self._refuse_open(ev, F.ErrorCode.FORBIDDEN, msg, f"refused: {msg}")
             return
         marker = self.markers.get(ev.name)
         if marker is not None and not marker.ok():
@@ -430,28 +491,68 @@ class Session:
                 f"mirror {ev.name!r} on {me!r}: its marker is missing in {mcfg.path} "
                 "(disk not mounted?); refusing to write into it"
             )
-            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
-            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            self._refuse_open(ev, F.ErrorCode.IO_ERROR, msg, msg, logging.ERROR)
+            return
+        # Room for this mirror and, after that, for every partial file the
+        # protocol allows in flight plus one operation's walk.
+        need = MIRROR_FDS + F.MAX_OPEN_FILES + OP_FDS
+        if self.fds_held() + need > self.fd_budget:
+            self._release_fds()
+        if self.fds_held() + need > self.fd_budget:
+            msg = (
+                f"mirror {ev.name!r} on {me!r}: this connection already holds "
+                f"{self.fds_held()} of its {self.fd_budget} file descriptors "
+                f"({len(self._mirrors)} mirrors open)"
+            )
+            self._refuse_open(ev, F.ErrorCode.LIMIT, msg, msg)
             return
         try:
             root = paths.Root(mcfg.path)
         except OSError as e:
             msg = f"mirror {ev.name!r} on {me!r}: cannot open {mcfg.path}: {e.strerror}"
-            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
-            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            self._refuse_open(ev, F.ErrorCode.IO_ERROR, msg, msg, logging.ERROR)
             return
         try:
-            inbox = Inbox(root, self.peer)
+            inbox = Inbox(root, self.peer, Preserve.from_names(mcfg.preserve))
         except OSError as e:
             root.close()
             msg = f"mirror {ev.name!r} on {me!r}: cannot create partial folder: {e.strerror}"
-            self._queue(F.Opened(ev.mirror, F.ErrorCode.IO_ERROR, msg))
-            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": ev.name})
+            self._refuse_open(ev, F.ErrorCode.IO_ERROR, msg, msg, logging.ERROR)
             return
         two_way = self.peer in mcfg.push_to
         self._mirrors[ev.mirror] = _Mirror(ev.name, root, inbox, Publisher(root, inbox), two_way)
         self.stats.mirrors.append(ev.name)
-        self._queue(F.Opened(ev.mirror, 0, ""))
+        self._queue(F.Opened(ev.mirror, 0, inbox.preserve, ""))
+
+    def _refuse_open(
+        self,
+        ev: F.Open,
+        code: F.ErrorCode,
+        message: str,
+        logged: str,
+        level: int = logging.WARNING,
+    ) -> None:
+        self._open_refused += 1
+        if self._open_refused > MAX_REFUSED_OPENS:
+            raise RemoteProtocolError(
+                F.ErrorCode.LIMIT,
+                f"more than {MAX_REFUSED_OPENS} mirrors refused on this connection",
+            )
+        self._queue(F.Opened(ev.mirror, code, 0, message))
+        log.log(level, "%s", logged, extra={"PEER": self.peer, "MIRROR": ev.name})
+
+    def _release_fds(self) -> None:
+        """Commit what is pending and drop cached directories: afterwards the
+        session holds only its socket, pipe, mirrors and files in flight."""
+        self._commit_all()
+        for m in self._mirrors.values():
+            m.root.forget()
+            m.root.reap()
+
+    def _fit_fd_budget(self) -> None:
+        """Called before an operation that may open files."""
+        if self.fds_held() + OP_FDS > self.fd_budget:
+            self._release_fds()
 
     def _on_list(self, ev: F.List) -> None:
         m = self._mirror(ev.mirror)
@@ -479,6 +580,7 @@ class Session:
 
     def _on_file(self, ev: F.File) -> None:
         m = self._mirror(ev.mirror)
+        self._fit_fd_budget()
         try:
             parts = paths.check(ev.path)
             p = m.inbox.begin(ev, parts)
@@ -546,6 +648,7 @@ class Session:
     def _on_namespace(self, ev: object) -> None:
         m = self._mirror(ev.mirror)  # type: ignore[attr-defined]
         op: int = ev.op  # type: ignore[attr-defined]
+        self._fit_fd_budget()
         pub = m.publisher
         shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
         try:

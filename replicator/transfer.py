@@ -122,6 +122,9 @@ class Splicer:
             if fd >= 0:
                 os.close(fd)
 
+    def fds_held(self) -> int:
+        return sum(fd >= 0 for fd in (self._r, self._w, self._devnull))
+
     def _wait_readable(self) -> None:
         if not wait_readable(self.sock, self.timeout):
             raise PeerTimeout(f"no payload data for {self.timeout:.0f} s")

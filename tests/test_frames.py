@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 
 from replicator import frames as F
 from replicator.errors import RemoteProtocolError
-from replicator.protocol import NEED_DATA, PAYLOAD, Connection, Established, Role, State, proof
+from replicator.protocol import (
+    NEED_DATA,
+    PAYLOAD,
+    Connection,
+    Established,
+    Role,
+    State,
+    frame_keys,
+    frame_tag,
+    proof,
+)
 
 #: Deterministic and tolerant of slow machines.
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=60)
@@ -31,7 +41,7 @@ WIRE = {
     1: ("Hello", "version_min:u16 version_max:u16 magic:blob name:name nonce:blob"),
     2: ("Auth", "proof:blob"),
     3: ("Open", "mirror:u16 name:name"),
-    4: ("Opened", "mirror:u16 code:u16 message:text"),
+    4: ("Opened", "mirror:u16 code:u16 preserve:u8 message:text"),
     5: ("List", "mirror:u16 list_id:u32"),
     6: (
         "Entry",
@@ -71,7 +81,8 @@ def test_wire_layouts_are_pinned() -> None:
 def test_constants() -> None:
     assert (F.HEADER_SIZE, F.MAX_BODY, F.MAX_PATH, F.MAX_NAME) == (8, 16384, 4096, 255)
     assert (F.MAX_CHUNK, F.MAX_OPEN_FILES, F.MAX_UNACKED) == (16 << 20, 64, 8192)
-    assert (F.MAGIC, F.NONCE_SIZE, F.VERSION_MIN, F.VERSION_MAX) == (b"RPLC", 32, 1, 1)
+    assert (F.MAGIC, F.NONCE_SIZE, F.VERSION_MIN, F.VERSION_MAX) == (b"RPLC", 32, 2, 2)
+    assert (F.TAG_SIZE, F.ErrorCode.INTEGRITY) == (16, 17)
     assert {
         F.ErrorCode.NO_SPACE,
         F.ErrorCode.IO_ERROR,
@@ -223,10 +234,16 @@ def handshaken() -> tuple[Connection, Connection]:
     ini.receive_data(acc.data_to_send())
     assert ini.next_event() is NEED_DATA
     acc.receive_data(ini.data_to_send())
-    assert acc.next_event() == Established("a", 1)
+    assert acc.next_event() == Established("a", 2)
     ini.receive_data(acc.data_to_send())
-    assert ini.next_event() == Established("b", 1)
+    assert ini.next_event() == Established("b", 2)
     return ini, acc
+
+
+def sealed(sender: Connection, *frames: F.Event | bytes) -> bytes:
+    """The frames (events, or raw frames without tag) as ``sender`` puts them
+    on the wire once established, tags included, but without its checks."""
+    return b"".join(sender._seal(f if isinstance(f, bytes) else F.encode(f)) for f in frames)
 
 
 def deliver(src: Connection, dst: Connection, ev: F.Event) -> None:
@@ -237,7 +254,7 @@ def deliver(src: Connection, dst: Connection, ev: F.Event) -> None:
 
 def open_mirror(ini: Connection, acc: Connection, mirror: int = 1) -> None:
     deliver(ini, acc, F.Open(mirror, "m"))
-    deliver(acc, ini, F.Opened(mirror, 0, ""))
+    deliver(acc, ini, F.Opened(mirror, 0, 0, ""))
 
 
 def file_frame(op: int, size: int, offset: int = 0) -> F.File:
@@ -274,8 +291,8 @@ ACC, INI = Role.ACCEPTOR, Role.INITIATOR
 #: it, setup that makes it legal there).
 SAMPLES: list[tuple[F.Event, Role, Callable[[Connection, Connection], None]]] = [
     (F.Open(1, "médias ☃"), ACC, nothing),
-    (F.Opened(1, 0, ""), INI, with_open_sent),
-    (F.Opened(1, F.ErrorCode.FORBIDDEN, "not from you ✗"), INI, with_open_sent),
+    (F.Opened(1, 0, 0, ""), INI, with_open_sent),
+    (F.Opened(1, F.ErrorCode.FORBIDDEN, 0, "not from you ✗"), INI, with_open_sent),
     (F.List(1, 77), ACC, with_open),
     (F.Entry(1, F.EntryKind.SYMLINK, 0o777, 9, -5, 0, 0, b"l\xfe", b"../t"), INI, with_open),
     (F.Partial(1, 4 << 20, b"\x00ver", b"big/file"), INI, with_open),
@@ -307,10 +324,13 @@ def test_samples_cover_every_frame() -> None:
     assert covered == set(F.EVENTS.values())
 
 
-def receiver_for(role: Role, setup: Callable[[Connection, Connection], None]) -> Connection:
+def receiver_for(
+    role: Role, setup: Callable[[Connection, Connection], None]
+) -> tuple[Connection, Connection]:
+    """(the receiver of a sample, its sender)."""
     ini, acc = handshaken()
     setup(ini, acc)
-    return acc if role is ACC else ini
+    return (acc, ini) if role is ACC else (ini, acc)
 
 
 def after(ev: F.Event) -> object:
@@ -324,8 +344,8 @@ def sample_id(sample: tuple[F.Event, Role, object]) -> str:
 @pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
 def test_whole(sample: tuple[F.Event, Role, Callable[[Connection, Connection], None]]) -> None:
     ev, role, setup = sample
-    conn = receiver_for(role, setup)
-    conn.receive_data(F.encode(ev))
+    conn, sender = receiver_for(role, setup)
+    conn.receive_data(sealed(sender, ev))
     got = conn.next_event()
     assert got == ev and type(got) is type(ev)
     assert conn.next_event() is after(ev)
@@ -337,8 +357,9 @@ def test_byte_by_byte(
     sample: tuple[F.Event, Role, Callable[[Connection, Connection], None]],
 ) -> None:
     ev, role, setup = sample
-    conn = receiver_for(role, setup)
-    raw = F.encode(ev)
+    conn, sender = receiver_for(role, setup)
+    raw = sealed(sender, ev)
+    assert len(raw) == len(F.encode(ev)) + F.TAG_SIZE
     for i, byte in enumerate(raw[:-1]):
         conn.receive_data(bytes([byte]))
         assert conn.next_event() is NEED_DATA
@@ -353,11 +374,12 @@ def test_trailing_bytes(
     sample: tuple[F.Event, Role, Callable[[Connection, Connection], None]],
 ) -> None:
     ev, role, setup = sample
-    conn = receiver_for(role, setup)
+    conn, sender = receiver_for(role, setup)
     payload = PAYLOAD_BYTES if isinstance(ev, F.Chunk) else b""
-    trailer = F.encode(TRAILER)
+    raw = sealed(sender, ev)
+    trailer = sealed(sender, TRAILER)
     # the frame, its payload, and the first 5 bytes of the next frame
-    conn.receive_data(F.encode(ev) + payload + trailer[:5])
+    conn.receive_data(raw + payload + trailer[:5])
     assert conn.next_event() == ev
     if payload:
         assert conn.next_event() is PAYLOAD
@@ -375,9 +397,10 @@ def test_two_frames_in_one_read(
     sample: tuple[F.Event, Role, Callable[[Connection, Connection], None]],
 ) -> None:
     ev, role, setup = sample
-    conn = receiver_for(role, setup)
+    conn, sender = receiver_for(role, setup)
     payload = PAYLOAD_BYTES if isinstance(ev, F.Chunk) else b""
-    conn.receive_data(F.encode(ev) + payload + F.encode(TRAILER))
+    raw = sealed(sender, ev)
+    conn.receive_data(raw + payload + sealed(sender, TRAILER))
     assert conn.next_event() == ev
     if payload:
         assert conn.payload_from_buffer(len(payload)) == payload
@@ -389,7 +412,7 @@ def test_two_frames_in_one_read(
 
 
 def initiator_hello() -> bytes:
-    return F.encode(F.Hello(1, 1, F.MAGIC, "a", NONCE_I))
+    return F.encode(F.Hello(2, 2, F.MAGIC, "a", NONCE_I))
 
 
 def initiator_auth() -> bytes:
@@ -404,9 +427,9 @@ def test_hello_whole() -> None:
     acc = fresh_acceptor()
     acc.receive_data(initiator_hello())
     assert acc.next_event() is NEED_DATA
-    assert (acc.state, acc.peer, acc.version) == (State.AWAIT_AUTH, "a", 1)
+    assert (acc.state, acc.peer, acc.version) == (State.AWAIT_AUTH, "a", 2)
     assert F.decode_body(F.Hello.KIND, acc.data_to_send()[8:]) == F.Hello(
-        1, 1, F.MAGIC, "b", NONCE_A
+        2, 2, F.MAGIC, "b", NONCE_A
     )
 
 
@@ -429,10 +452,10 @@ def test_hello_with_trailing_auth() -> None:
     assert acc.next_event() is NEED_DATA
     assert acc.buffered() == 3
     acc.receive_data(initiator_auth()[3:])
-    assert acc.next_event() == Established("a", 1)
+    assert acc.next_event() == Established("a", 2)
     acc = fresh_acceptor()
     acc.receive_data(initiator_hello() + initiator_auth())
-    assert acc.next_event() == Established("a", 1)
+    assert acc.next_event() == Established("a", 2)
 
 
 def test_auth_whole_byte_by_byte_and_trailing() -> None:
@@ -447,9 +470,11 @@ def test_auth_whole_byte_by_byte_and_trailing() -> None:
                 assert acc.next_event() is NEED_DATA
             raw = raw[-1:]
         if pieces == "trailing":
-            raw += F.encode(TRAILER)
+            # the initiator's first tagged frame, computed from the spec
+            i2a, _ = frame_keys(KEY, 2, "a", "b", NONCE_I, NONCE_A)
+            raw += F.encode(TRAILER) + frame_tag(i2a, 0, F.encode(TRAILER))
         acc.receive_data(raw)
-        assert acc.next_event() == Established("a", 1)
+        assert acc.next_event() == Established("a", 2)
         assert acc.state is State.ESTABLISHED
         if pieces == "trailing":
             assert acc.next_event() == TRAILER
@@ -474,7 +499,7 @@ def test_any_split_of_a_stream_gives_the_same_events(cuts: list[int]) -> None:
         F.End(5),
         TRAILER,
     ]
-    data = b"".join(x if isinstance(x, bytes) else F.encode(x) for x in frames)
+    data = b"".join(x if isinstance(x, bytes) else sealed(ini, x) for x in frames)
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     events: list[object] = []
     payload = b""
@@ -533,11 +558,11 @@ BAD: list[tuple[str, bytes, F.ErrorCode]] = [
     ("cut UTF-8 name", frame(F.Open.KIND, b"\0\1\1\xc3"), M),
     ("surrogate in name", frame(F.Open.KIND, b"\0\1\3\xed\xa0\x80"), M),
     ("overlong UTF-8 name", frame(F.Open.KIND, b"\0\1\2\xc0\xaf"), M),
-    ("non-UTF-8 text", frame(F.Opened.KIND, b"\0\1\0\0\0\1\xff"), M),
+    ("non-UTF-8 text", frame(F.Opened.KIND, b"\0\1\0\0\0\0\1\xff"), M),
     ("non-UTF-8 Error text", frame(F.Error.KIND, b"\0\1\0\0\0\0\1\0\1\x80"), M),
     ("path 4097", frame(F.Delete.KIND, b"\0\0\0\1\0\1" + b"\x10\x01" + b"p" * 4097), TL),
     ("path 65535", frame(F.Delete.KIND, b"\0\0\0\1\0\1" + b"\xff\xff" + b"p" * 100), TL),
-    ("text 4097", frame(F.Opened.KIND, b"\0\1\0\0" + b"\x10\x01" + b"t" * 4097), TL),
+    ("text 4097", frame(F.Opened.KIND, b"\0\1\0\0\0" + b"\x10\x01" + b"t" * 4097), TL),
     ("target 4097", frame(F.Symlink.KIND, bytes(22) + b"\0\1p" + b"\x10\x01" + bytes(4097)), TL),
 ]
 
@@ -557,7 +582,10 @@ def test_connection_rejects(what: str, raw: bytes, code: F.ErrorCode, role: Role
     """Through Connection, established or not; a body length over MAX_BODY is
     refused from the header alone, before any body byte arrived."""
     ini, acc = handshaken()
-    conn = acc if role is ACC else ini
+    conn, sender = (acc, ini) if role is ACC else (ini, acc)
+    # with a valid tag, so that the body is decoded (a bad header is refused
+    # before its tag even arrived)
+    raw = sealed(sender, raw)
     conn.receive_data(raw)
     with pytest.raises(RemoteProtocolError) as exc:
         conn.next_event()
@@ -594,7 +622,7 @@ def test_header_needs_all_eight_bytes() -> None:
 OVERSIZE: list[tuple[str, F.Event]] = [
     ("name 256 bytes", F.Open(1, "n" * 256)),
     ("name 128 chars, 256 bytes", F.Open(1, "é" * 128)),
-    ("Hello name", F.Hello(1, 1, F.MAGIC, "x" * 256, NONCE_I)),
+    ("Hello name", F.Hello(2, 2, F.MAGIC, "x" * 256, NONCE_I)),
     ("blob 256", F.Auth(b"p" * 256)),
     ("version blob 256", F.File(1, 1, 0, 0, 0, 0, 0, 0, b"v" * 256, b"p")),
     ("path 4097", F.Delete(1, 1, b"p" * 4097)),
@@ -603,7 +631,7 @@ OVERSIZE: list[tuple[str, F.Event]] = [
 ]
 
 
-@pytest.mark.parametrize("ev", [F.Error(1, 0, 1, "t" * 4097), F.Opened(1, 0, "€" * 1366)])
+@pytest.mark.parametrize("ev", [F.Error(1, 0, 1, "t" * 4097), F.Opened(1, 0, 0, "€" * 1366)])
 def test_messages_are_clipped_not_refused(ev: F.Event) -> None:
     """An error about a long path must still be sendable: messages are cut
     to MAX_TEXT bytes instead of making encode() fail."""

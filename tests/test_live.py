@@ -27,6 +27,7 @@ NO_RESCAN = {"rescan_interval": 86400.0}
 @pytest.fixture
 def live(cluster: LocalCluster) -> Iterator[tuple[LocalNode, Path, Path]]:
     a, b = make_pair(cluster, **NO_RESCAN)
+    b.mirrors["m"]["preserve"] = ["owners", "special_bits"]  # owners travel (as root)
     src, dst = a.mirror_path("m"), b.mirror_path("m")
     cluster.start()
     wait_for(lambda: a.link("b")["mirrors"].get("m", {}).get("listed"), 30, "first reconcile")

@@ -65,6 +65,7 @@ key_file = "/etc/replicator/keys/ab.key"
 [mirrors.m]
 path = "/srv/b/m"
 accept_from = ["a"]
+preserve = ["owners"]
 """
 
 UNIT = "replicatord.service"
@@ -301,7 +302,9 @@ def test_run_as_root_example_preserves_owners(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     c = a.c
     # Owners travel only between root daemons: the sender compares them
-    # only as root, the receiver sets them only as root.
+    # only as root, the receiver sets them only as root. A root daemon
+    # takes only keys that belong to root.
+    c.run("chown", "root:root", "/etc/replicator/keys/ab.key")
     for n in (a, b):
         c.run(
             "install",

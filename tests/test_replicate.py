@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from replicator.localcluster import LocalCluster, diff_trees, tree, wait_for, walk_files
+from replicator.localcluster import (
+    LocalCluster,
+    LocalNode,
+    diff_trees,
+    tree,
+    wait_for,
+    walk_files,
+)
 
 from .conftest import make_pair
 
@@ -81,13 +88,25 @@ def build_tree(root: Path, big: int) -> None:
         (root / "setuid").chmod(0o4755)
 
 
+def exact_pair(cluster: LocalCluster, **mirror: object) -> tuple[LocalNode, LocalNode]:
+    """Like make_pair, with a replica that takes owners and setuid/setgid/
+    sticky bits as sent (by default it keeps its own: tests/test_modes.py)."""
+    a, b = make_pair(cluster, **mirror)
+    b.mirrors["m"]["preserve"] = ["owners", "special_bits"]
+    return a, b
+
+
 @pytest.mark.slow
 def test_tree_with_big_file_replicates_exactly(cluster: LocalCluster) -> None:
-    a, b = make_pair(cluster)
+    a, b = exact_pair(cluster)
     src, dst = a.mirror_path("m"), b.mirror_path("m")
     build_tree(src, 256 * MiB)
     cluster.start()
     wait_same(src, dst, timeout=120)
+    if os.geteuid() == 0:
+        for name in ("owned", "setuid"):
+            st = (dst / name).lstat()
+            assert (st.st_uid, st.st_gid) == (1234, 5678), name
     link = a.link("b")
     assert link["state"] == "connected"
     assert link["files_sent"] >= 10
@@ -109,7 +128,7 @@ def apply_changes(src: Path) -> None:
 
 
 def test_live_changes_of_every_kind(cluster: LocalCluster) -> None:
-    a, b = make_pair(cluster, delete=True)
+    a, b = exact_pair(cluster, delete=True)
     src, dst = a.mirror_path("m"), b.mirror_path("m")
     build_tree(src, 3 * MiB)
     cluster.start()
@@ -123,7 +142,7 @@ def test_live_changes_of_every_kind(cluster: LocalCluster) -> None:
 
 
 def test_changes_while_sender_stopped_found_at_start(cluster: LocalCluster) -> None:
-    a, b = make_pair(cluster, delete=True)
+    a, b = exact_pair(cluster, delete=True)
     src, dst = a.mirror_path("m"), b.mirror_path("m")
     build_tree(src, 3 * MiB)
     cluster.start()
