@@ -119,6 +119,30 @@ def _link_spec(cfg: Config, keys: dict[str, bytes], peer: str) -> tuple[Any, ...
     return (cfg.peers[peer].model_dump_json(), keys.get(peer), mirrors)
 
 
+#: Kernel protections a mirror written by untrusted local users relies on
+#: (docs/security.md): without them a user can link a file they cannot read
+#: into a mirror, and the root daemon would replicate it.
+PROTECTIONS = ("fs.protected_hardlinks", "fs.protected_symlinks")
+
+
+def unsafe_sysctls(proc: str = "/proc/sys") -> list[str]:
+    """One warning per protection that is off on this host."""
+    out = []
+    for key in PROTECTIONS:
+        try:
+            with open(os.path.join(proc, *key.split("."))) as f:
+                value = f.read().strip()
+        except OSError:
+            continue  # not this kernel, or no /proc: nothing to say
+        if value == "0":
+            out.append(
+                f"{key} = 0: a local user who can write into a mirror can link a file "
+                f"they cannot read into it, and this daemon would replicate it; set "
+                f"{key} = 1 (sysctl -w {key}=1, and in /etc/sysctl.d)"
+            )
+    return out
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         self.cfg = cfg
@@ -165,6 +189,8 @@ class Daemon:
         node = self.cfg.node
         os.makedirs(node.state_dir, mode=0o750, exist_ok=True)
         self._ensure_markers()
+        for problem in unsafe_sysctls():
+            log.warning("%s", problem)
         try:
             self.listener.bind()
         except OSError as e:

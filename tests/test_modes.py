@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from replicator import frames as F
+from replicator.daemon import unsafe_sysctls
 from replicator.localcluster import LocalCluster, LocalNode, wait_for, write_key
 from replicator.manifest import Change, EntryState, Preserve, compare
 from replicator.paths import Root
@@ -262,3 +263,16 @@ def test_hostile_peer_cannot_plant_a_setuid_root_file(
         os.geteuid(),
         os.getegid(),
     )
+
+
+def test_unsafe_sysctls_are_named(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    assert unsafe_sysctls(str(tmp_path)) == []  # unknown: nothing to say
+    (fs / "protected_hardlinks").write_text("0\n")
+    (fs / "protected_symlinks").write_text("1\n")
+    out = unsafe_sysctls(str(tmp_path))
+    assert len(out) == 1 and "fs.protected_hardlinks = 0" in out[0]
+    assert "sysctl -w fs.protected_hardlinks=1" in out[0]
+    (fs / "protected_hardlinks").write_text("1\n")
+    assert unsafe_sysctls(str(tmp_path)) == []
