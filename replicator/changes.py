@@ -17,11 +17,13 @@ class Flag(enum.IntFlag):
     flags only break the ties lstat cannot:
 
     - a file whose size and mtime changed is sent whole, *unless* the only
-      evidence is ATTRIB (utime, chmod, chown): then a Meta frame carries it.
-      CLOSED rules that out: an mmap write gives IN_CLOSE_WRITE alone (no
-      IN_MODIFY), and GNU touch opens the file for writing (IN_ATTRIB +
-      IN_CLOSE_WRITE), so the two cannot be told apart and touch(1) sends
-      the data again — slower, never wrong;
+      evidence is ATTRIB (utime, chmod, chown): then a Meta frame carries it
+      (a guess, see plan.Action.META_GUESS: a CLOSED that follows sends the
+      data, since an mmap write raises no IN_MODIFY). CLOSED rules the
+      guess out: an mmap write gives IN_CLOSE_WRITE alone, and GNU touch
+      opens the file for writing (IN_ATTRIB + IN_CLOSE_WRITE), so the two
+      cannot be told apart and touch(1) sends the data again — slower,
+      never wrong;
     - a file written but not yet CLOSED waits until it settles.
     """
 

@@ -30,7 +30,7 @@ import socket
 import stat
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +40,12 @@ from .backlog import Backlog, Info, Key, Store
 from .changes import Dirty, Flag, Moved, PeerHas, Rescan
 from .config import MirrorConfig, NodeConfig, PeerConfig
 from .errors import LinkError, ProtocolError, RemoteProtocolError
+from .inflight import Admit, InFlight, Record, parent
 from .manifest import Change, EntryState, Excludes, Preserve, compare, scan
 from .marker import Marker
 from .outgoing import CHUNK, FileSend, Step, open_source, version_of
 from .paths import Located, Source
+from .plan import Action, plan_path, reconcile
 from .protocol import NEED_DATA, Connection, Established, Role
 from .publisher import IS_ROOT
 from .remote import RemoteMirror
@@ -62,11 +64,8 @@ STARTS_PER_ROUND = 256
 #: mtime (it is pushed back while children are in flight; the queue empties
 #: only after it, so it shows in lag: keep it short).
 DIR_SETTLE = 0.1
-#: A file modified this recently and not yet closed is still being written...
-SETTLE_NS = 200_000_000
-#: ...so look again after this long, but send it anyway once it has been
-#: dirty this long (a log file that is never closed).
-SETTLE_RETRY, SETTLE_MAX = 0.1, 5.0
+#: A file still being written (plan.SETTLE_NS) is looked at again after this long.
+SETTLE_RETRY = 0.1
 #: Retry delays for operations the peer refused with a transient error.
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
 #: Wait before re-sending a file that changed while it was sent.
@@ -77,16 +76,18 @@ RESEND_DELAY = 0.1
 
 
 @dataclass(frozen=True)
-class _Frame:
+class _Received:
+    """Bytes the reader thread read; the link thread parses them (one thread
+    drives the connection's state machine)."""
+
     gen: int
-    event: object
+    data: bytes
 
 
 @dataclass(frozen=True)
 class _Down:
     gen: int
     reason: str
-    error: RemoteProtocolError | None = None
 
 
 @dataclass(frozen=True)
@@ -147,21 +148,6 @@ class SourceMirror:
         return self.delete and (self.marker is None or self.marker.ok())
 
 
-@dataclass
-class _InFlight:
-    kind: type[F.Event]
-    key: Key
-    since: float
-    state: EntryState | None = None
-    dst: bytes | None = None
-    size: int = 0
-    is_dir: bool = False
-
-
-def _parent(rel: bytes) -> bytes:
-    return rel.rpartition(b"/")[0]
-
-
 class Backoff:
     """Exponential backoff with ±20 % jitter."""
 
@@ -214,13 +200,7 @@ class Link(threading.Thread):
         self._remote = {m.id: RemoteMirror() for m in mirrors}
         self._backlog = Backlog({m.id: m.name for m in mirrors}, store)
         self._retries: Counter[Key] = Counter()
-        self._inflight: dict[int, _InFlight] = {}
-        self._busy: dict[Key, int] = {}
-        self._busy_under: Counter[Key] = Counter()
-        #: Directories being renamed (src and dst) → the Rename op in flight.
-        self._renaming: dict[Key, int] = {}
-        #: Entries waiting for an op (a rename of an ancestor) to be acknowledged.
-        self._waiting: defaultdict[int, list[tuple[Key, Info]]] = defaultdict(list)
+        self._inflight = InFlight()
         self._active: list[FileSend] = []
         self._last_tx = 0.0
         self._rate = RateMeter()
@@ -352,7 +332,7 @@ class Link(threading.Thread):
         )
         threading.Thread(
             target=self._reader,
-            args=(sock, conn, self._gen),
+            args=(sock, self._gen),
             name=f"link-{self.peer}-rx",
             daemon=True,
         ).start()
@@ -360,6 +340,7 @@ class Link(threading.Thread):
             self._remote[m.id].reset()
             self._queue(F.Open(m.id, m.name))
         self._flush()
+        self._receive(conn, b"")  # frames that came with the handshake's last bytes
         self._main_loop()
 
     def _handshake(self, sock: socket.socket, conn: Connection) -> None:
@@ -384,8 +365,8 @@ class Link(threading.Thread):
             else:
                 raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"{ev} during handshake")
 
-    def _reader(self, sock: socket.socket, conn: Connection, gen: int) -> None:
-        """Reader thread: decode frames and post them; report the link down."""
+    def _reader(self, sock: socket.socket, gen: int) -> None:
+        """Reader thread: post what arrives; report the link down."""
         dead_after = self.node.dead_after
         last = time.monotonic()
         try:
@@ -400,15 +381,7 @@ class Link(threading.Thread):
                     self.post(_Down(gen, "connection closed by the peer"))
                     break
                 last = time.monotonic()
-                conn.receive_data(data)
-                while (ev := conn.next_event()) is not NEED_DATA:
-                    self.post(_Frame(gen, ev))
-                    if isinstance(ev, F.Error) and ev.fatal:
-                        return  # the peer is closing; _Frame raises in the link thread
-        except RemoteProtocolError as e:
-            # Only the link thread writes to the socket (it may be in the
-            # middle of a payload): it tells the peer why as it tears down.
-            self.post(_Down(gen, f"protocol error from the peer ({e.code.name}): {e}", e))
+                self.post(_Received(gen, data))
         except (OSError, ValueError) as e:
             self.post(_Down(gen, f"connection failed: {e}"))
         with contextlib.suppress(OSError):
@@ -426,20 +399,15 @@ class Link(threading.Thread):
             s.close()
         self._active.clear()
         # Nothing in flight was acknowledged: all of it is dirty again.
-        for rec in self._inflight.values():
+        records, waiting = self._inflight.clear()
+        for rec in records:
             self._mark(rec.key, (rec.since, rec.size, Flag.DATA))
             if rec.dst is not None:
                 self._mark((rec.key[0], rec.dst), (rec.since, 0, Flag.DATA))
                 if rec.is_dir:
                     self._mark_tree(rec.key[0], rec.dst, rec.since)
-        self._inflight.clear()
-        self._busy.clear()
-        self._busy_under.clear()
-        self._renaming.clear()
-        for waiting in self._waiting.values():
-            for key, info in waiting:
-                self._mark(key, info)
-        self._waiting.clear()
+        for key, info in waiting:
+            self._mark(key, info)
         self._backlog.unpark_all()
         for r in self._remote.values():
             r.reset()
@@ -460,7 +428,7 @@ class Link(threading.Thread):
                     break
                 self._handle(msg)
             self._backlog.promote()
-            self._backlog.refill(lambda k: k in self._busy)
+            self._backlog.refill(self._inflight.busy)
             self._schedule_scans()
             if self._drain_until is not None and (
                 not self._inflight or time.monotonic() >= self._drain_until
@@ -522,17 +490,11 @@ class Link(threading.Thread):
             m = self.by_name.get(msg.mirror)
             if m is not None:
                 self._on_moved(m, msg)
-        elif isinstance(msg, _Frame):
+        elif isinstance(msg, _Received):
             if msg.gen == self._gen and self._conn is not None:
-                self._on_frame(msg.event)
+                self._receive(self._conn, msg.data)
         elif isinstance(msg, _Down):
             if msg.gen == self._gen and self._conn is not None:
-                conn, sock = self._conn, self._sock
-                if msg.error is not None and sock is not None and not conn.payload_owed:
-                    with contextlib.suppress(Exception):
-                        sock.sendall(
-                            self._wbuf + conn.send(F.Error(msg.error.code, 0, 1, str(msg.error)))
-                        )
                 raise LinkError(msg.reason)
         elif isinstance(msg, Rescan):
             for mid, r in self._remote.items():
@@ -559,6 +521,21 @@ class Link(threading.Thread):
                 self._drain_until = time.monotonic() + msg.drain
             else:
                 self._stopping = True
+
+    def _receive(self, conn: Connection, data: bytes) -> None:
+        """Parse what the peer sent and act on every whole frame in it."""
+        try:
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                self._on_frame(ev)
+        except RemoteProtocolError as e:
+            # Tell the peer why, unless a payload is half sent (the Error
+            # would land inside it).
+            sock = self._sock
+            if sock is not None and not conn.payload_owed:
+                with contextlib.suppress(Exception):
+                    sock.sendall(self._wbuf + conn.send(F.Error(e.code, 0, 1, str(e))))
+            raise LinkError(f"protocol error from the peer ({e.code.name}): {e}") from None
 
     def _on_frame(self, ev: object) -> None:
         if isinstance(ev, F.Ack):
@@ -648,31 +625,23 @@ class Link(threading.Thread):
             # (crashes on some operation) must not be retried at full speed.
             self._backoff.reset()
         now = time.time()
-        seen: set[bytes] = set()
-        marked = dirs = 0
-        for rel, st in scan(m.root, m.excludes):
-            seen.add(rel)
-            dirs += st.kind is F.EntryKind.DIR
-            there = r.known.get(rel)
-            if self._compare(m.id, st, there) is Change.NONE:
-                continue
-            if m.two_way and there is not None and there.mtime_ns >= st.mtime_ns:
-                continue  # newer (or as new) there: it is the peer's to send
-            self._mark((m.id, rel), (now, st.size, Flag.DATA), persist=False)
-            marked += 1
-        gone = sorted(rel for rel in r.known if rel not in seen and not m.excludes(rel))
-        if m.two_way:
-            gone = []  # without history a rescan cannot tell "deleted here" from "new there"
-        if gone and m.delete and not m.deletes_allowed():
-            self._marker_missing(m, len(gone))
-        elif gone and m.delete:
-            top: bytes | None = None
-            for rel in gone:
-                if top is not None and rel.startswith(top + b"/"):
-                    continue  # removed with its parent
-                top = rel
+        diff = reconcile(
+            scan(m.root, m.excludes),
+            r.known,
+            lambda a, b: self._compare(m.id, a, b),
+            m.two_way,
+            m.excludes,
+            m.delete,
+        )
+        for rel, size in diff.send:
+            self._mark((m.id, rel), (now, size, Flag.DATA), persist=False)
+        marked = len(diff.send)
+        if diff.gone and not m.deletes_allowed():
+            self._marker_missing(m, len(diff.gone))
+        else:
+            for rel in diff.gone:
                 self._mark((m.id, rel), (now, 0, Flag.DATA), persist=False)
-                marked += 1
+            marked += len(diff.gone)
         dur = time.monotonic() - t0
         r.last_scan, r.last_scan_duration = time.time(), dur
         r.next_scan = time.monotonic() + m.rescan_interval
@@ -680,14 +649,14 @@ class Link(threading.Thread):
             last_scan=r.last_scan,
             last_scan_duration=dur,
             remote_entries=len(r.known),
-            source_entries=len(seen),
-            source_dirs=dirs,
+            source_entries=diff.entries,
+            source_dirs=diff.dirs,
         )
         log.info(
             "link to %s: mirror %s reconciled: %d entries here, %d there, %d to send (%.2f s)",
             self.peer,
             m.name,
-            len(seen),
+            diff.entries,
             len(r.known),
             marked,
             dur,
@@ -748,30 +717,19 @@ class Link(threading.Thread):
         return worked
 
     def _try_start(self, key: Key, info: Info) -> bool:
-        if key in self._busy:
+        verdict, op = self._inflight.admit(key)
+        if verdict is Admit.BUSY:
             self._backlog.park(key, info)
             return False
-        if self._busy_under[key]:
+        if verdict is Admit.DIR_BUSY:
             # A directory whose children are in flight: its mtime will change
             # again on the peer; look at it once they are acknowledged.
             self._mark(key, info, DIR_SETTLE, persist=False)
             return False
-        if self._renaming:
-            op = self._renaming_above(key)
-            if op is not None:
-                self._waiting[op].append((key, info))
-                return False
+        if verdict is Admit.RENAMING:
+            self._inflight.wait(op, key, info)
+            return False
         return self._start(key, info)
-
-    def _renaming_above(self, key: Key) -> int | None:
-        mid, rel = key
-        i = rel.rfind(b"/")
-        while i > 0:
-            op = self._renaming.get((mid, rel[:i]))
-            if op is not None:
-                return op
-            i = rel.rfind(b"/", 0, i)
-        return None
 
     def _start(self, key: Key, info: Info) -> bool:
         """Turn one dirty path into an operation, if it really changed."""
@@ -788,49 +746,48 @@ class Link(threading.Thread):
     def _start_found(self, key: Key, info: Info, found: Located | None) -> bool:
         mid, rel = key
         m = self.mirrors[mid]
-        r = self._remote[mid]
         since, _, flags = info
-        known = r.known.get(rel)
         src = None if found is None else EntryState.from_stat(found.st, found.target)
-        if src is None:
-            if known is None or not m.delete:
-                self._backlog.done(key)
-                return False
+        r = self._remote[mid]
+        action = plan_path(
+            src,
+            r.known.get(rel),
+            flags,
+            since,
+            lambda a, b: self._compare(mid, a, b),
+            m.delete,
+            time.time(),
+            time.time_ns(),
+            rel in r.guessed,
+        )
+        if action is Action.META_GUESS:
+            r.guessed.add(rel)
+        elif action is not Action.NOTHING and action is not Action.SETTLE:
+            r.guessed.discard(rel)
+        if action is Action.NOTHING:
+            self._backlog.done(key)
+            return False
+        if action is Action.SETTLE:
+            self._mark(key, info, SETTLE_RETRY, persist=False)
+            return False
+        if action is Action.DELETE:
             if not m.deletes_allowed():
                 self._marker_missing(m, 1)
                 self._backlog.done(key)
                 return False
             return self._send_op(F.Delete(self._op(), mid, rel), key, since, None)
-        change = self._compare(mid, src, known)
-        if change is Change.NONE:
-            self._backlog.done(key)
-            return False
-        if src.kind is F.EntryKind.FILE and change is Change.DATA:
-            if (
-                flags & Flag.ATTRIB
-                and not flags & (Flag.DATA | Flag.CLOSED)
-                and known is not None
-                and known.kind is F.EntryKind.FILE
-                and known.size == src.size
-            ):
-                change = Change.META  # chmod/touch: no data to send
-            elif not flags & Flag.CLOSED:
-                age = time.time_ns() - src.mtime_ns
-                if 0 <= age < SETTLE_NS and time.time() - since < SETTLE_MAX:
-                    # Still being written and not closed: wait for it to settle.
-                    self._mark(key, info, SETTLE_RETRY, persist=False)
-                    return False
-        if change is Change.META:
-            ev: F.Event = F.Meta(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
-            return self._send_op(ev, key, since, src)
-        if src.kind is F.EntryKind.DIR:
+        assert src is not None
+        ev: F.Event
+        if action is Action.META or action is Action.META_GUESS:
+            ev = F.Meta(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
+        elif action is Action.MKDIR:
             ev = F.Mkdir(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
-            return self._send_op(ev, key, since, src)
-        if src.kind is F.EntryKind.SYMLINK:
+        elif action is Action.SYMLINK:
             ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
-            return self._send_op(ev, key, since, src)
-        assert found is not None
-        return self._start_file(m, key, since, found)
+        else:
+            assert found is not None
+            return self._start_file(m, key, since, found)
+        return self._send_op(ev, key, since, src)
 
     def _send_op(
         self,
@@ -843,39 +800,20 @@ class Link(threading.Thread):
     ) -> bool:
         op: int = ev.op  # type: ignore[attr-defined]
         self._queue(ev)
-        self._track(op, _InFlight(type(ev), key, since, state, dst, is_dir=is_dir))
+        self._inflight.track(op, Record(type(ev), key, since, state, dst, is_dir=is_dir))
         self.stats.ops_sent += 1
         return True
 
-    def _track(self, op: int, rec: _InFlight) -> None:
-        self._inflight[op] = rec
-        mid, rel = rec.key
-        self._busy[rec.key] = op
-        self._busy_under[(mid, _parent(rel))] += 1
-        if rec.dst is not None:
-            self._busy[(mid, rec.dst)] = op
-            self._busy_under[(mid, _parent(rec.dst))] += 1
-            if rec.is_dir:
-                self._renaming[rec.key] = self._renaming[(mid, rec.dst)] = op
-
-    def _release(self, op: int) -> _InFlight | None:
-        rec = self._inflight.pop(op, None)
-        if rec is None:
+    def _release(self, op: int) -> Record | None:
+        """``op`` was answered: what waited on it may go."""
+        out = self._inflight.release(op)
+        if out is None:
             return None
-        mid = rec.key[0]
-        keys = [rec.key] + ([(mid, rec.dst)] if rec.dst is not None else [])
-        for k in keys:
-            self._busy.pop(k, None)
-            self._renaming.pop(k, None)
-            pk = (mid, _parent(k[1]))
-            self._busy_under[pk] -= 1
-            if self._busy_under[pk] <= 0:
-                del self._busy_under[pk]
-        for k in keys:
+        for k in out.freed:
             self._backlog.unpark(k)
-        for key, info in self._waiting.pop(op, ()):
+        for key, info in out.woken:
             self._mark(key, info, persist=False)
-        return rec
+        return out.record
 
     # -- renames ---------------------------------------------------------------------------
 
@@ -896,7 +834,7 @@ class Link(threading.Thread):
             and src in r.known
             and not m.excludes(src)
             and not m.excludes(dst)
-            and not self._rename_blocked(mid, src, dst)
+            and not self._inflight.rename_blocked(mid, src, dst)
         ):
             self._send_op(
                 F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir
@@ -911,22 +849,6 @@ class Link(threading.Thread):
         self._mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED))
         if msg.is_dir:
             self._mark_tree(mid, dst, now)
-
-    def _rename_blocked(self, mid: int, src: bytes, dst: bytes) -> bool:
-        if (mid, src) in self._busy or (mid, dst) in self._busy:
-            return True
-        if (
-            self._renaming_above((mid, src)) is not None
-            or self._renaming_above((mid, dst)) is not None
-        ):
-            return True
-        sp, dp = src + b"/", dst + b"/"
-        for rec in self._inflight.values():
-            if rec.key[0] == mid:
-                p = rec.key[1]
-                if p.startswith(sp) or p.startswith(dp):
-                    return True
-        return False
 
     def _mark_tree(self, mid: int, top: bytes, since: float, only_changed: bool = False) -> None:
         m = self.mirrors[mid]
@@ -978,7 +900,9 @@ class Link(threading.Thread):
                 rel,
             )
         )
-        self._track(op, _InFlight(F.File, key, since, EntryState.from_stat(st), size=st.st_size))
+        self._inflight.track(
+            op, Record(F.File, key, since, EntryState.from_stat(st), size=st.st_size)
+        )
         self.stats.ops_sent += 1
         s = FileSend(op, key, m.name, found.take(), fd, st, offset, since)
         if s.left <= CHUNK:
@@ -1061,7 +985,7 @@ class Link(threading.Thread):
             r.acked(rel, rec.state)
         if rec.kind is not F.Meta:
             # The entry's folder on the peer got a new mtime: put ours back.
-            for p in {_parent(rel), _parent(rec.dst) if rec.dst else b""}:
+            for p in {parent(rel), parent(rec.dst) if rec.dst else b""}:
                 if p:
                     r.stale_dir(p)
                     self._mark((mid, p), (rec.since, 0, Flag.DATA), DIR_SETTLE, persist=False)
@@ -1132,9 +1056,7 @@ class Link(threading.Thread):
         st.queue_files = bl.files()
         st.queue_bytes = bl.bytes() + sum(s.left for s in self._active)
         st.in_flight = len(self._inflight)
-        oldest = [t for t in (bl.oldest(),) if t is not None]
-        oldest += [rec.since for rec in self._inflight.values()][:1]
-        oldest += [w[0][1][0] for w in self._waiting.values() if w]
+        oldest = [t for t in (bl.oldest(), self._inflight.oldest()) if t is not None]
         st.oldest_change = min(oldest) if oldest else None
         st.rate_bps = self._rate.add(st.payload_bytes_sent)
         recheck = now - self._marker_at >= 1.0  # a marker read is a syscall: once a second

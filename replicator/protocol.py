@@ -18,11 +18,10 @@ is in the payload state; the caller moves the bytes itself (splice on the
 receiver, sendfile on the sender) and reports how many it moved. Bytes that
 happen to be buffered already can be taken in-band with ``payload_from_buffer``.
 
-Rules of this module: no sockets, no files, no clocks, no threads of its own.
-The sending half (``send`` and payload accounting) and the receiving half
-(``receive_data`` / ``next_event``) keep separate state, so one thread may
-drive each; the only shared state, the set of unacknowledged operations, is
-guarded by a lock.
+Rules of this module: no sockets, no files, no clocks, no threads, no locks.
+One thread drives a connection, both halves (the sender's link thread gets
+raw bytes from its reader thread and parses them itself; a receiving
+session is one thread).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import enum
 import hashlib
 import hmac
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,8 +217,7 @@ class Connection:
         self._out_payload = 0
         self._out_files: dict[int, _OpenFile] = {}
         self._out_mirrors: set[int] = set()
-        # shared: operations sent (initiator) / received (acceptor), not yet answered
-        self._lock = threading.Lock()
+        # operations sent (initiator) / received (acceptor), not yet answered
         self._unacked: set[int] = set()
 
     # -- handshake ---------------------------------------------------------
@@ -431,15 +428,13 @@ class Connection:
         if ev.fatal:
             self.state = State.CLOSED
         elif self.role is Role.INITIATOR and ev.op:
-            with self._lock:
-                self._unacked.discard(ev.op)
+            self._unacked.discard(ev.op)
         return ev
 
     def _answered(self, op: int) -> None:
-        with self._lock:
-            if op not in self._unacked:
-                raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"Ack for unknown operation {op}")
-            self._unacked.discard(op)
+        if op not in self._unacked:
+            raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"Ack for unknown operation {op}")
+        self._unacked.discard(op)
 
     def _check_incoming_op(self, ev: F.Event) -> None:
         """Acceptor: ordering rules and limits for frames from the sender."""
@@ -457,14 +452,13 @@ class Connection:
             op = ev.op  # type: ignore[attr-defined]
             if op == 0:
                 raise RemoteProtocolError(F.ErrorCode.MALFORMED, "operation id 0 is reserved")
-            with self._lock:
-                if op in self._unacked:
-                    raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"operation id {op} reused")
-                if len(self._unacked) >= F.MAX_UNACKED:
-                    raise RemoteProtocolError(
-                        F.ErrorCode.LIMIT, f"more than {F.MAX_UNACKED} unacknowledged operations"
-                    )
-                self._unacked.add(op)
+            if op in self._unacked:
+                raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"operation id {op} reused")
+            if len(self._unacked) >= F.MAX_UNACKED:
+                raise RemoteProtocolError(
+                    F.ErrorCode.LIMIT, f"more than {F.MAX_UNACKED} unacknowledged operations"
+                )
+            self._unacked.add(op)
         if t is F.File:
             assert isinstance(ev, F.File)
             if len(self._in_files) >= F.MAX_OPEN_FILES:
@@ -506,8 +500,7 @@ class Connection:
                 raise RemoteProtocolError(
                     F.ErrorCode.UNEXPECTED, f"Abort of file {ev.op}, not open"
                 )
-            with self._lock:  # an aborted file needs no answer
-                self._unacked.discard(ev.op)
+            self._unacked.discard(ev.op)  # an aborted file needs no answer
 
     # -- sending half ------------------------------------------------------
 
@@ -522,8 +515,7 @@ class Connection:
         self._out_payload -= n
 
     def unacked(self) -> int:
-        with self._lock:
-            return len(self._unacked)
+        return len(self._unacked)
 
     def open_files(self) -> int:
         return len(self._out_files)
@@ -543,8 +535,7 @@ class Connection:
             if ev.fatal:  # type: ignore[attr-defined]
                 self.state = State.CLOSED
             elif self.role is Role.ACCEPTOR and ev.op:  # type: ignore[attr-defined]
-                with self._lock:
-                    self._unacked.discard(ev.op)  # type: ignore[attr-defined]
+                self._unacked.discard(ev.op)  # type: ignore[attr-defined]
         elif self.role is Role.INITIATOR:
             self._check_outgoing_op(ev)
         else:
@@ -553,8 +544,7 @@ class Connection:
             if t is F.Opened and ev.code == 0:  # type: ignore[attr-defined]
                 self._in_mirrors.add(ev.mirror)  # type: ignore[attr-defined]
             elif t is F.Ack:
-                with self._lock:
-                    self._unacked.discard(ev.op)  # type: ignore[attr-defined]
+                self._unacked.discard(ev.op)  # type: ignore[attr-defined]
         return self._seal(data)
 
     def _seal(self, frame: bytes) -> bytes:
@@ -577,10 +567,9 @@ class Connection:
         if t is F.File and len(self._out_files) >= F.MAX_OPEN_FILES:
             raise LocalProtocolError("too many open files")
         if t in F.OPERATIONS:
-            with self._lock:
-                if ev.op in self._unacked:  # type: ignore[attr-defined]
-                    raise LocalProtocolError(f"operation id {ev.op} in use")  # type: ignore[attr-defined]
-                self._unacked.add(ev.op)  # type: ignore[attr-defined]
+            if ev.op in self._unacked:  # type: ignore[attr-defined]
+                raise LocalProtocolError(f"operation id {ev.op} in use")  # type: ignore[attr-defined]
+            self._unacked.add(ev.op)  # type: ignore[attr-defined]
         if t is F.File:
             assert isinstance(ev, F.File)
             self._out_files[ev.op] = _OpenFile(ev.size, ev.offset)
@@ -602,5 +591,4 @@ class Connection:
             assert isinstance(ev, F.Abort)
             if self._out_files.pop(ev.op, None) is None:
                 raise LocalProtocolError(f"Abort of file {ev.op} that is not open")
-            with self._lock:
-                self._unacked.discard(ev.op)
+            self._unacked.discard(ev.op)

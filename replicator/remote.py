@@ -29,6 +29,9 @@ class RemoteMirror:
     list_id: int = 0
     known: dict[bytes, EntryState] = field(default_factory=dict)
     partials: dict[bytes, F.Partial] = field(default_factory=dict)
+    #: Files sent as metadata on an attribute change alone (plan.META_GUESS)
+    #: since their data last was: a later close sends the data.
+    guessed: set[bytes] = field(default_factory=set)
     last_scan: float | None = None
     last_scan_duration: float | None = None
     next_scan: float = 0.0
@@ -66,6 +69,9 @@ class RemoteMirror:
 
     def move(self, src: bytes, dst: bytes) -> None:
         self.forget(dst)
+        if src in self.guessed:
+            self.guessed.discard(src)
+            self.guessed.add(dst)
         st = self.known.pop(src, None)
         if st is None:
             return

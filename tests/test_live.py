@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import time
@@ -200,6 +201,32 @@ def test_touch_command_resends_rather_than_risk_an_mmap_write(
     subprocess.run(["touch", str(src / "f")], check=True)
     wait_same(src, dst)
     assert a.link("b")["payload_bytes_sent"] == sent + 8192
+
+
+def test_close_after_chmod_of_an_open_mmap_sends_the_data(
+    live: tuple[LocalNode, Path, Path],
+) -> None:
+    """An mmap write raises no IN_MODIFY; a chmod while the file is still
+    open is all the watcher sees, and is sent as metadata. The close that
+    follows must send the data, although size and mtime then match."""
+    _, src, dst = live
+    (src / "g").write_bytes(b"A" * 8192)
+    wait_same(src, dst)
+    fd = os.open(src / "g", os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as mm:
+            mm[0:4] = b"CCCC"
+            mm.flush()
+            os.chmod(src / "g", 0o640)  # IN_ATTRIB, the file still open for writing
+            wait_for(
+                lambda: stat.S_IMODE((dst / "g").stat().st_mode) == 0o640,
+                30,
+                "the chmod to arrive while the file is open",
+            )
+    finally:
+        os.close(fd)  # IN_CLOSE_WRITE
+    wait_same(src, dst)
+    assert (dst / "g").read_bytes()[:4] == b"CCCC"
 
 
 def test_symlink_and_hard_link(live: tuple[LocalNode, Path, Path]) -> None:
