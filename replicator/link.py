@@ -27,7 +27,6 @@ import os
 import queue
 import random
 import socket
-import stat
 import threading
 import time
 from collections import Counter
@@ -43,7 +42,7 @@ from .errors import LinkError, ProtocolError, RemoteProtocolError
 from .inflight import Admit, InFlight, Record, parent
 from .manifest import Change, EntryState, Excludes, Preserve, compare, scan
 from .marker import Marker
-from .outgoing import CHUNK, FileSend, Step, open_source, version_of
+from .outgoing import CHUNK, FileSend, Step
 from .paths import Located, Source
 from .plan import Action, plan_path, reconcile
 from .protocol import NEED_DATA, Connection, Established, Role
@@ -861,50 +860,33 @@ class Link(threading.Thread):
 
     def _start_file(self, m: SourceMirror, key: Key, since: float, found: Located) -> bool:
         rel = key[1]
+        r = self._remote[m.id]
+        op = self._op()
         try:
-            opened = open_source(found)
+            begun = FileSend.begin(op, m.id, m.name, key, found, since, r.partials.pop(rel, None))
         except OSError as e:
             self._source_error(m, rel, e)
             return False
-        if opened is None:  # gone or changed type since lstat: look again
+        if begun is None:  # gone or changed type since lstat: look again
             self._mark(key, (since, 0, Flag.DATA), RESEND_DELAY, persist=False)
             return False
-        fd, st = opened
-        r = self._remote[m.id]
-        offset = 0
-        held = r.partials.pop(rel, None)
-        if held is not None and held.version == version_of(st) and 0 < held.held <= st.st_size:
-            offset = held.held
+        s, frame = begun
+        if s.resumed:
             self.stats.resumed_files += 1
-            self.stats.resumed_bytes_skipped += offset
+            self.stats.resumed_bytes_skipped += s.resumed
             log.info(
                 "link to %s: resuming %s at offset %d of %d",
                 self.peer,
                 paths.show(rel),
-                offset,
-                st.st_size,
+                s.resumed,
+                s.size,
                 extra={"PEER": self.peer, "MIRROR": m.name, "PATH": paths.show(rel)},
             )
-        op = self._op()
-        self._queue(
-            F.File(
-                op,
-                m.id,
-                offset,
-                st.st_size,
-                stat.S_IMODE(st.st_mode),
-                st.st_mtime_ns,
-                st.st_uid,
-                st.st_gid,
-                version_of(st),
-                rel,
-            )
-        )
+        self._queue(frame)
         self._inflight.track(
-            op, Record(F.File, key, since, EntryState.from_stat(st), size=st.st_size)
+            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size)
         )
         self.stats.ops_sent += 1
-        s = FileSend(op, key, m.name, found.take(), fd, st, offset, since)
         if s.left <= CHUNK:
             while s.fd >= 0:
                 self._step(s)
@@ -935,14 +917,11 @@ class Link(threading.Thread):
             self._last_tx = time.monotonic()
         if step is Step.MORE:
             return
-        if step is Step.DONE:
-            self._queue(F.End(s.op))
-            self.stats.files_sent += 1
-            self._drop(s)
-            return
-        reason = F.AbortReason.SOURCE_CHANGED if step is Step.CHANGED else F.AbortReason.SOURCE_GONE
-        self._queue(F.Abort(s.op, reason))
+        self._queue(s.finish(step))
         self._drop(s)
+        if step is Step.DONE:
+            self.stats.files_sent += 1
+            return
         rec = self._release(s.op)
         self.stats.files_aborted += 1
         log.info(
@@ -1000,7 +979,7 @@ class Link(threading.Thread):
             raise LinkError(f"peer closed the link ({code.name}): {ev.message}")
         for s in list(self._active):
             if s.op == ev.op:
-                self._queue(F.Abort(s.op, F.AbortReason.CANCELLED))
+                self._queue(s.cancel())
                 self._drop(s)
         rec = self._release(ev.op)
         if rec is None:

@@ -57,6 +57,8 @@ RESERVED_FDS = 256
 #: Individual log lines per window; the rest is summed up in one line.
 TALLY_BURST = 5
 TALLY_WINDOW = 10.0
+#: Connections the kernel queues until the accept loop takes them.
+BACKLOG = 128
 #: Longest pause of the accept loop while the process is out of descriptors.
 MAX_BACKOFF = 1.0
 
@@ -179,7 +181,7 @@ class Listener:
         try:
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             ls.bind((host, port))
-            ls.listen(128)
+            ls.listen(BACKLOG)
         except OSError:
             ls.close()
             raise

@@ -1,10 +1,14 @@
-"""A file being sent: open source fd, version, offset, change detection.
+"""A file being sent: its whole exchange, File → Chunk… → End or Abort.
 
-The link decides *what* to send; this module knows *how* a file goes out:
-Chunk headers framed by the protocol, payload by ``transfer.send_range``
-(sendfile), filler if the file shrank mid-chunk, and the final re-check
-before End — zero-copy shares pages rather than snapshotting them, so a
-write that lands after sendfile returned may still have reached the wire.
+The link decides *what* to send; ``FileSend`` owns *how* one file goes out:
+it opens the source through the directory its confined lookup found, picks
+the resume offset from the peer's partial, builds the ``File`` frame, sends
+Chunk headers framed by the protocol and payload by ``transfer.send_range``
+(sendfile), filler if the file shrank mid-chunk, re-checks the source before
+``End`` — zero-copy shares pages rather than snapshotting them, so a write
+that lands after sendfile returned may still have reached the wire — and
+says how it ended (``End``, or ``Abort`` with its reason). It counts its own
+bytes; the link keeps the totals.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -52,13 +57,6 @@ class Step(enum.Enum):
     GONE = "gone"
 
 
-def open_source(found: Located) -> tuple[int, os.stat_result] | None:
-    """An fd and stat of the regular file ``found``; None if it is gone or
-    not a regular file any more (it changed type: look at it again).
-    Confined: ``paths.Source.locate`` found it without following symlinks."""
-    return found.open_file()
-
-
 @dataclass
 class FileSend:
     op: int
@@ -70,6 +68,57 @@ class FileSend:
     st: os.stat_result
     offset: int
     since: float
+    #: Where it started (a resume skips the bytes the peer already holds).
+    start: int = 0
+    #: Payload bytes this exchange put on the wire (filler included).
+    payload_sent: int = 0
+    #: Frame bytes (headers of this file's frames) queued so far.
+    frame_bytes: int = 0
+
+    @classmethod
+    def begin(
+        cls,
+        op: int,
+        mirror_id: int,
+        mirror: str,
+        key: Key,
+        found: Located,
+        since: float,
+        held: F.Partial | None = None,
+    ) -> tuple[FileSend, F.File] | None:
+        """Open the source ``found`` (confined: ``paths.Source.locate`` found
+        it without following symlinks) and make the ``File`` frame that
+        starts the exchange, at the peer's partial ``held`` when it is of
+        this very version. None if the file is gone or not a regular file
+        any more (look at it again); OSError if it cannot be read. Takes
+        ``found``'s directory fd on success."""
+        opened = found.open_file()
+        if opened is None:
+            return None
+        fd, st = opened
+        version = version_of(st)
+        offset = 0
+        if held is not None and held.version == version and 0 < held.held <= st.st_size:
+            offset = held.held
+        s = cls(op, key, mirror, found.take(), fd, st, offset, since, start=offset)
+        frame = F.File(
+            op,
+            mirror_id,
+            offset,
+            st.st_size,
+            stat.S_IMODE(st.st_mode),
+            st.st_mtime_ns,
+            st.st_uid,
+            st.st_gid,
+            version,
+            key[1],
+        )
+        return s, frame
+
+    @property
+    def resumed(self) -> int:
+        """Bytes not sent again because the peer held them."""
+        return self.start
 
     @property
     def size(self) -> int:
@@ -93,11 +142,14 @@ class FileSend:
             return self._verdict(), 0
         if self.offset and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
             return Step.CHANGED, 0  # a big file: notice a change early, not at the end
-        wbuf += conn.send(F.Chunk(self.op, self.offset, n))
+        header = conn.send(F.Chunk(self.op, self.offset, n))
+        self.frame_bytes += len(header)
+        wbuf += header
         sock.sendall(wbuf, socket.MSG_MORE)  # the header joins the payload's first segment
         wbuf.clear()
         sent = transfer.send_range(sock.fileno(), self.fd, self.offset, n)
         conn.payload_sent(sent)
+        self.payload_sent += sent
         if sent < n:
             # The file shrank under us: keep the stream framed, then abort.
             transfer.send_filler(sock, n - sent)
@@ -105,6 +157,20 @@ class FileSend:
             return Step.CHANGED, sent
         self.offset += n
         return (self._verdict() if self.left == 0 else Step.MORE), n
+
+    def finish(self, step: Step) -> F.Event:
+        """The frame that ends the exchange after ``step`` (not MORE)."""
+        if step is Step.DONE:
+            return F.End(self.op)
+        if step is Step.CHANGED:
+            return F.Abort(self.op, F.AbortReason.SOURCE_CHANGED)
+        if step is Step.GONE:
+            return F.Abort(self.op, F.AbortReason.SOURCE_GONE)
+        raise ValueError(f"{step} does not end the exchange")
+
+    def cancel(self) -> F.Abort:
+        """The peer refused the file while it was being sent."""
+        return F.Abort(self.op, F.AbortReason.CANCELLED)
 
     def _verdict(self) -> Step:
         try:

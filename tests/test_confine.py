@@ -1,5 +1,5 @@
 """The sending side's confinement (paths.Source, paths.walk, manifest.scan,
-outgoing.open_source, the mirror marker): a symlink anywhere below a mirror
+outgoing.FileSend.begin, the mirror marker): a symlink anywhere below a mirror
 root is never followed, a directory swapped for a symlink mid-walk is not
 entered, and paths longer than PATH_MAX work because no path string longer
 than one component reaches the kernel."""

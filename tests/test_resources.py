@@ -399,7 +399,9 @@ def test_preauth_flood_does_not_starve_a_real_peer(
     )
     assert len(ok) == len(during)
     assert st["unauthenticated"] <= L.PREAUTH_MAX
-    assert st["refused_unauthenticated"] - refused0 >= opened - 70 - L.PREAUTH_MAX
+    # Every connection the flood opened was refused, except those still open
+    # (70), admitted (PREAUTH_MAX) or not yet accepted (the listen backlog).
+    assert st["refused_unauthenticated"] - refused0 >= opened - 70 - L.PREAUTH_MAX - L.BACKLOG
     new = [ln for ln in log_lines(b)[lines:] if "mallory" not in ln]
     windows = int(elapsed // L.TALLY_WINDOW) + 2
     assert len(new) <= windows * (L.TALLY_BURST + 1) + 30, "\n".join(new[-50:])
