@@ -571,16 +571,24 @@ class Daemon:
 
     def _new_session(self, sock: socket.socket, where: str) -> Session:
         return Session(
-            sock,
-            where,
-            self.cfg,
-            self.keys,
-            self.stopping,
-            SessionStats("", where),
-            markers=self.markers,
-            peer_state=self.peer_state,
-            notify=self.route,
+            sock, where, self.cfg, self.keys, self.stopping, SessionStats("", where), self
         )
+
+    # The SessionHost of every inbound session (with peer_state above): the
+    # listener admits and counts sessions, markers guard mirrors, links hear.
+
+    def established(self, session: Session) -> None:
+        self.listener.established(session)
+
+    def preauth_ended(self, session: Session, reason: str, level: int, message: str) -> None:
+        self.listener.preauth_ended(session, reason, level, message)
+
+    def marker_ok(self, mirror: str) -> bool:
+        marker = self.markers.get(mirror)
+        return marker is None or marker.ok()
+
+    def notify(self, msg: object) -> None:
+        self.route(msg)
 
     def _inbound_peers(self) -> int:
         return len({p for m in self.cfg.mirrors.values() for p in m.accept_from})

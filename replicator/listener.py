@@ -146,7 +146,9 @@ def session_fd_budget(sessions: int) -> int:
 
 
 class Listener:
-    """Socket, accept loop, session registry and its lock."""
+    """Socket, accept loop, session registry and its lock. ``established``
+    and ``preauth_ended`` are the sessions' SessionHost calls (the daemon,
+    their host, forwards them here)."""
 
     def __init__(
         self,
@@ -301,8 +303,6 @@ class Listener:
         host = str(addr[0])
         where = f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
         session = self._make_session(sock, where)
-        session.on_established = self._established
-        session.on_preauth_end = self._preauth_ended
         session.fd_budget = self._fd_budget()
         entry = _Entry(session, host)
         t = threading.Thread(
@@ -356,7 +356,7 @@ class Listener:
             "before authentication)",
         )
 
-    def _preauth_ended(self, session: Session, reason: str, level: int, message: str) -> None:
+    def preauth_ended(self, session: Session, reason: str, level: int, message: str) -> None:
         """A connection ended before it authenticated (timeout, bad frames,
         wrong key): counted, and logged within the rate limit."""
         with self._lock:
@@ -382,7 +382,7 @@ class Listener:
                 if self._by_peer.get(peer) is e.session:
                     del self._by_peer[peer]
 
-    def _established(self, session: Session) -> None:
+    def established(self, session: Session) -> None:
         """A peer authenticated: admit it as a session of its own (outside
         the unauthenticated budget). An older session from it is stale (its
         TCP connection died without us noticing yet): the newest one wins."""

@@ -111,7 +111,8 @@ def apply_error(e: OSError, what: str) -> ApplyError:
 
 @dataclass
 class PartialFile:
-    """A file being received."""
+    """A file being received: where its next bytes go (``written``), and
+    when they are handed to the disk (``wrote``)."""
 
     inbox: Inbox
     name: bytes
@@ -140,6 +141,18 @@ class PartialFile:
         return EntryState(
             EntryKind.FILE, self.mode & 0o7777, self.size, self.mtime_ns, self.uid, self.gid
         )
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes were written at ``written`` (where the next chunk
+        goes: the protocol checked the sender's offsets). Starts writeback
+        every WRITEBACK_BYTES and checkpoints a resumable file every
+        CHECKPOINT_BYTES. OSError: the file cannot go on (discard it)."""
+        self.written += n
+        if self.written - self.flushed >= WRITEBACK_BYTES:
+            start_writeback(self.fd, self.flushed, self.written - self.flushed)
+            self.flushed = self.written
+        if self.resumable and self.written - self.checkpointed >= CHECKPOINT_BYTES:
+            self.checkpoint()
 
     def checkpoint(self) -> None:
         """Make what was written durable and record it in the sidecar."""

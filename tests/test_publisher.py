@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from replicator import frames as F
+from replicator import publisher
 from replicator.paths import Root, remove_at
-from replicator.publisher import Inbox, Publisher
+from replicator.publisher import Inbox, PartialFile, Publisher
 
 
 def test_remove_at_handles_trees_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
@@ -46,3 +51,52 @@ def test_pending_file_blocks_operations_on_its_path_and_below(tmp_path: Path) ->
     pub.close()
     inbox.close()
     root.close()
+
+
+# -- PartialFile.wrote ----------------------------------------------------------------
+
+
+@pytest.fixture
+def partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PartialFile, list]]:
+    monkeypatch.setattr(publisher, "WRITEBACK_BYTES", 100)
+    monkeypatch.setattr(publisher, "CHECKPOINT_BYTES", 250)
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(publisher, "start_writeback", lambda fd, off, n: started.append((off, n)))
+    root = Root(str(tmp_path))
+    inbox = Inbox(root, "peer")
+    ev = F.File(1, 1, 0, publisher.RESUME_MIN, 0o644, 0, 0, 0, b"v", b"big")
+    p = inbox.begin(ev, (b"big",))
+    yield p, started
+    p.discard()
+    inbox.close()
+    root.close()
+
+
+def test_wrote_starts_writeback_every_writeback_bytes(partial: tuple[PartialFile, list]) -> None:
+    p, started = partial
+    p.wrote(60)
+    assert started == [] and p.written == 60
+    p.wrote(60)
+    assert started == [(0, 120)] and p.flushed == 120
+    p.wrote(99)
+    assert started == [(0, 120)]
+    p.wrote(1)
+    assert started == [(0, 120), (120, 100)] and p.flushed == 220
+
+
+def test_wrote_checkpoints_a_resumable_file(partial: tuple[PartialFile, list]) -> None:
+    p, _ = partial
+    os.pwrite(p.fd, b"x" * 300, 0)
+    p.wrote(200)
+    assert p.checkpointed == 0
+    p.wrote(100)
+    assert p.checkpointed == 300
+    side = json.loads(os.read(os.open(p.name + b".side", os.O_RDONLY, dir_fd=p.inbox.fd), 4096))
+    assert side["durable"] == 300
+
+
+def test_wrote_never_checkpoints_a_small_file(partial: tuple[PartialFile, list]) -> None:
+    p, _ = partial
+    p.resumable = False
+    p.wrote(1000)
+    assert p.checkpointed == 0 and p.written == 1000

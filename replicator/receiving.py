@@ -1,0 +1,399 @@
+"""One mirror a peer pushes into this node, as seen by the receiving session.
+
+``ReceivingMirror`` owns the mirror's root, the peer's inbox of partial
+files, its publisher, the files in progress and the operations refused
+mid-flight. Its handlers (file begin/end, namespace operations, list,
+commit) never touch the connection: they return ``Answer``s — ``Ack``,
+``Refuse`` (code and message for the sender) and ``Tell`` (a message for
+the daemon: echo suppression, or "our version must reach the peer") — in
+the order they happened, and the session turns them into frames.
+
+``admit`` opens a mirror for a peer or raises ``Refused``: the one place
+that decides whether a peer may push a mirror here.
+
+Never: trust a path the peer sent (everything goes through ``paths.check``
+and ``paths.Root``); write into a mirror whose marker is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from . import frames as F
+from . import paths
+from .changes import Dirty, Flag, PeerHas
+from .config import Config
+from .conflicts import Verdict, decide, keep_local_on_delete
+from .errors import ApplyError, BadPath, RemoteProtocolError
+from .manifest import EntryState, Excludes, Preserve, scan
+from .publisher import Inbox, PartialFile, Publisher, apply_error
+from .stats import SessionStats
+
+log = logging.getLogger(__name__)
+
+#: What an open mirror needs: its root and its partial folder.
+MIRROR_FDS = 2
+#: Kept free for one operation: directory walks, a sidecar, a partial file.
+OP_FDS = 8
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Operation ``op`` is durable."""
+
+    op: int
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Operation ``op`` was not applied (an Error frame for the sender)."""
+
+    op: int
+    code: F.ErrorCode
+    message: str
+    path: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Tell:
+    """A message for the daemon's links (``PeerHas`` or ``Dirty``)."""
+
+    message: PeerHas | Dirty
+
+
+Answer = Ack | Refuse | Tell
+
+
+@dataclass
+class ReceivingMirror:
+    """One mirror ``peer`` pushes into this node over one connection."""
+
+    name: str
+    peer: str
+    #: This node's name (conflict copies and messages name it).
+    me: str
+    root: paths.Root
+    inbox: Inbox
+    publisher: Publisher
+    stats: SessionStats
+    #: This node also pushes the mirror to the sending peer (conflicts.py).
+    two_way: bool = False
+    #: What the sending peer last had at a path (two-way mirrors).
+    base: Callable[[bytes], EntryState | None] = lambda path: None
+    #: Files being received, by operation.
+    files: dict[int, PartialFile] = field(default_factory=dict)
+    #: Operations refused mid-flight: their chunks are drained, End ignored.
+    refused: set[int] = field(default_factory=set)
+
+    # -- resources -------------------------------------------------------------
+
+    def fds_held(self) -> int:
+        """Descriptors held now, plus one per pending operation: its commit
+        may open a directory for it (partial files not counted)."""
+        root = self.root
+        cached = len(root._cache) + len(root._stale)  # directory fds of the walk cache
+        return MIRROR_FDS + cached + 2 * self.publisher.pending
+
+    def release_fds(self) -> None:
+        """Drop cached directories (commit first: pending ones need them)."""
+        self.root.forget()
+        self.root.reap()
+
+    def close(self) -> None:
+        """Close the files in progress (resumable ones checkpointed, the
+        rest discarded) and the mirror. Commit first to publish what is
+        complete."""
+        for p in self.files.values():
+            if p.resumable:
+                try:
+                    p.checkpoint()
+                except OSError:
+                    pass
+                p.close()
+            else:
+                p.discard()
+        self.files.clear()
+        self.publisher.close()
+        self.inbox.close()
+        self.root.close()
+
+    # -- files -----------------------------------------------------------------
+
+    def begin(self, ev: F.File) -> list[Answer]:
+        """A file starts (fresh, or resumed at ``ev.offset``)."""
+        try:
+            parts = paths.check(ev.path)
+            p = self.inbox.begin(ev, parts)
+        except BadPath as e:
+            self.refused.add(ev.op)
+            return [Refuse(ev.op, F.ErrorCode.BAD_PATH, f"mirror {self.name!r}: {e}", ev.path)]
+        except ApplyError as e:
+            self.refused.add(ev.op)
+            return [Refuse(ev.op, e.code, f"mirror {self.name!r}: {e}", ev.path)]
+        if self.two_way:
+            p.base = self.base(ev.path)
+        self.files[ev.op] = p
+        return self._tell(ev.path, p.state)
+
+    def wrote(self, p: PartialFile, n: int) -> list[Answer]:
+        """``n`` bytes were written to ``p`` at ``p.written``."""
+        try:
+            p.wrote(n)
+        except OSError as e:
+            return self.fail(p, e)
+        return []
+
+    def fail(self, p: PartialFile, e: OSError) -> list[Answer]:
+        """Writing ``p`` failed: discard it, drain the rest of its chunks."""
+        err = apply_error(e, paths.show(p.path))
+        if self.files.pop(p.op, None) is not None:
+            self.refused.add(p.op)  # still open: its remaining chunks are drained
+        p.discard()
+        return [Refuse(p.op, err.code, f"{err}; the partial file was discarded", p.path)]
+
+    def abort(self, op: int) -> None:
+        """The sender gave up on ``op``."""
+        p = self.files.pop(op, None)
+        if p is not None:
+            p.discard()
+        self.refused.discard(op)
+
+    def end(self, op: int) -> list[Answer]:
+        """All of ``op``'s data is here: publish it with the next commit (in
+        a two-way mirror, after deciding a conflict)."""
+        p = self.files.pop(op, None)
+        if p is None:
+            self.refused.discard(op)
+            return []
+        out: list[Answer] = []
+        decision = None
+        if self.two_way:
+            decision = decide(
+                p.parts[-1], self._local(p.parts), p.state, p.base, self.me, self.peer
+            )
+            if decision.verdict is Verdict.SAME:
+                p.discard()
+                self.publisher.add_noop(p.op)
+                return []
+            if decision.verdict is not Verdict.APPLY:
+                log.warning(
+                    "conflict on %s: changed here and on %s; %s wins, the other version is "
+                    "kept as %s",
+                    paths.show(p.path),
+                    self.peer,
+                    self.peer if decision.verdict is Verdict.KEEP_LOCAL_COPY else self.me,
+                    paths.show(decision.copy_name),
+                    extra={"PEER": self.peer, "MIRROR": self.name, "PATH": paths.show(p.path)},
+                )
+                self.stats.conflicts += 1
+                out.append(Tell(Dirty(self.name, p.path, Flag.DATA | Flag.CLOSED)))
+        try:
+            self.publisher.add_file(p, decision)
+        except OSError as e:
+            return out + self.fail(p, e)
+        self.stats.files_received += 1
+        return out
+
+    # -- namespace operations --------------------------------------------------
+
+    def namespace(self, ev: F.Event) -> list[Answer]:
+        """Apply Mkdir, Symlink, Meta, Delete or Rename (durable, and acked,
+        with the next commit)."""
+        op: int = ev.op  # type: ignore[attr-defined]
+        shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
+        out: list[Answer] = []
+        try:
+            done = self._apply(ev, out)
+        except BadPath as e:
+            return [*out, Refuse(op, F.ErrorCode.BAD_PATH, f"mirror {self.name!r}: {e}", shown)]
+        except ApplyError as e:
+            msg = f"mirror {self.name!r}: {paths.show(shown)}: {e}"
+            return [*out, Refuse(op, e.code, msg, shown)]
+        except (ValueError, RecursionError) as e:  # never fatal for the whole session
+            msg = f"mirror {self.name!r}: {paths.show(shown)}: cannot apply: {e}"
+            return [*out, Refuse(op, F.ErrorCode.IO_ERROR, msg, shown)]
+        if not done:
+            return out
+        self.stats.ops_applied += 1
+        if isinstance(ev, F.Rename):
+            out += self._tell(ev.dst, None, src=ev.src)
+        elif isinstance(ev, F.Delete):
+            out += self._tell(ev.path, None)
+        elif isinstance(ev, F.Mkdir):
+            state = EntryState(F.EntryKind.DIR, ev.mode & 0o7777, 0, ev.mtime_ns, ev.uid, ev.gid)
+            out += self._tell(ev.path, state)
+        elif isinstance(ev, F.Symlink):
+            state = EntryState(
+                F.EntryKind.SYMLINK, 0o777, 0, ev.mtime_ns, ev.uid, ev.gid, ev.target
+            )
+            out += self._tell(ev.path, state)
+        elif isinstance(ev, F.Meta):
+            st = self._local(paths.check(ev.path))
+            if st is not None:
+                out += self._tell(ev.path, st)
+        return out
+
+    def _apply(self, ev: F.Event, out: list[Answer]) -> bool:
+        """Apply ``ev``, appending the answers of any commit it needed to
+        ``out``. False: a two-way conflict kept our version instead."""
+        pub = self.publisher
+        if isinstance(ev, F.Rename):
+            src, dst = paths.check(ev.src), paths.check(ev.dst)
+            out += self.commit()
+            pub.rename(ev, src, dst)
+            return True
+        parts = paths.check(ev.path)  # type: ignore[attr-defined]
+        if not isinstance(ev, (F.Mkdir, F.Symlink, F.Meta, F.Delete)):
+            raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"unexpected {ev}")
+        if isinstance(ev, (F.Mkdir, F.Symlink)) and pub.blocks(parts):
+            out += self.commit()  # e.g. "rm p; mkdir -p p/q" while file p is pending
+        if isinstance(ev, F.Mkdir):
+            pub.mkdir(ev, parts)
+        elif isinstance(ev, F.Symlink):
+            if not ev.target or b"\0" in ev.target:
+                raise BadPath(f"symlink target {ev.target!r} is empty or has a NUL byte")
+            pub.symlink(ev, parts)
+        elif isinstance(ev, F.Meta):
+            out += self.commit()
+            pub.meta(ev, parts)
+        else:
+            out += self.commit()
+            if self.two_way and keep_local_on_delete(self._local(parts), self.base(ev.path)):
+                log.warning(
+                    "conflict on %s: deleted on %s but changed here; keeping it (it goes "
+                    "back to %s)",
+                    paths.show(ev.path),
+                    self.peer,
+                    self.peer,
+                    extra={"PEER": self.peer, "MIRROR": self.name, "PATH": paths.show(ev.path)},
+                )
+                self.stats.conflicts += 1
+                pub.add_noop(ev.op)
+                out += self._tell(ev.path, None)
+                out.append(Tell(Dirty(self.name, ev.path, Flag.DATA | Flag.CLOSED)))
+                return False
+            pub.delete(ev, parts)
+        return True
+
+    # -- listing and publishing ------------------------------------------------
+
+    def listing(self, mid: int, list_id: int) -> Iterator[F.Event]:
+        """The mirror's entries and the resumable partials held for the
+        peer, then ListEnd (commit first, so the listing shows it)."""
+        count = 0
+        for rel, st in scan(os.fsencode(self.root.path), Excludes(())):
+            yield F.Entry(
+                mid, st.kind, st.mode, st.size, st.mtime_ns, st.uid, st.gid, rel, st.target
+            )
+            count += 1
+        for held in self.inbox.partials():
+            yield F.Partial(mid, held.held, held.version, held.path)
+        yield F.ListEnd(mid, list_id, count)
+
+    def commit(self) -> list[Answer]:
+        """Publish what is pending: acks in effect order, then refusals."""
+        if not self.publisher.pending:
+            return []
+        out = self.publisher.commit()
+        self.stats.commits += 1
+        answers: list[Answer] = [Ack(op) for op in out.acked]
+        answers += [Refuse(op, err.code, f"mirror {self.name!r}: {err}") for op, err in out.failed]
+        return answers
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _tell(
+        self, path: bytes, state: EntryState | None, src: bytes | None = None
+    ) -> list[Answer]:
+        """The peer holds ``path`` as ``state`` now: tell our link to it
+        (echo suppression)."""
+        if not self.two_way:
+            return []
+        return [Tell(PeerHas(self.peer, self.name, path, state, src))]
+
+    def _local(self, parts: tuple[bytes, ...]) -> EntryState | None:
+        try:
+            st = self.root.lstat(parts)
+        except (OSError, BadPath):
+            return None
+        return None if st is None else EntryState.from_stat(st)
+
+
+class Refused(Exception):
+    """A mirror was not opened: ``message`` goes to the peer, ``logged`` to
+    the log at ``level``."""
+
+    def __init__(
+        self, code: F.ErrorCode, message: str, logged: str = "", level: int = logging.WARNING
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.logged = logged or message
+        self.level = level
+
+
+def admit(
+    cfg: Config,
+    name: str,
+    peer: str,
+    stats: SessionStats,
+    marker_ok: Callable[[str], bool],
+    make_room: Callable[[int], str | None],
+    base: Callable[[str, bytes], EntryState | None],
+) -> ReceivingMirror:
+    """Open mirror ``name`` for ``peer`` to push into, or raise ``Refused``.
+
+    ``marker_ok(name)``: the mirror's marker is there (its disk is mounted).
+    ``make_room(n)``: free ``n`` descriptors, or say why the connection
+    cannot. ``base(name, path)``: what the peer last had at ``path``."""
+    mcfg = cfg.mirrors.get(name)
+    me = cfg.node.name
+    if mcfg is None:
+        raise Refused(
+            F.ErrorCode.UNKNOWN_MIRROR,
+            f"node {me!r} has no mirror {name!r}",
+            f"peer {peer} pushes mirror {name!r}, which this node does not have",
+        )
+    if peer not in mcfg.accept_from:
+        msg = (
+            f"node {me!r} does not accept mirror {name!r} from {peer!r} "
+            f"(add it to mirrors.{name}.accept_from)"
+        )
+        raise Refused(F.ErrorCode.FORBIDDEN, msg, f"refused: {msg}")
+    if not marker_ok(name):
+        msg = (
+            f"mirror {name!r} on {me!r}: its marker is missing in {mcfg.path} "
+            "(disk not mounted?); refusing to write into it"
+        )
+        raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR)
+    # Room for this mirror and, after that, for every partial file the
+    # protocol allows in flight plus one operation's walk.
+    short = make_room(MIRROR_FDS + F.MAX_OPEN_FILES + OP_FDS)
+    if short is not None:
+        raise Refused(F.ErrorCode.LIMIT, f"mirror {name!r} on {me!r}: {short}")
+    try:
+        root = paths.Root(mcfg.path)
+    except OSError as e:
+        msg = f"mirror {name!r} on {me!r}: cannot open {mcfg.path}: {e.strerror}"
+        raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR) from e
+    try:
+        inbox = Inbox(root, peer, Preserve.from_names(mcfg.preserve))
+    except OSError as e:
+        root.close()
+        msg = f"mirror {name!r} on {me!r}: cannot create partial folder: {e.strerror}"
+        raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR) from e
+    return ReceivingMirror(
+        name,
+        peer,
+        me,
+        root,
+        inbox,
+        Publisher(root, inbox),
+        stats,
+        two_way=peer in mcfg.push_to,
+        base=lambda path: base(name, path),
+    )
