@@ -1,20 +1,22 @@
 """replicatord: startup, main loop, reload and shutdown of one node.
 
+The Daemon is the composition root: it builds the parts and wires them.
 Threads: the listener (accepts peers, one Session thread each; listener.py),
-one Link per peer this node pushes to (plus its reader), the watcher and the
-scanner, the control server. The main thread only handles signals and
-supervises: SIGTERM/SIGINT stop with a bounded drain (a second one forces
-exit), SIGHUP reloads the config (see ``reload``), and once a second
-``check_workers`` restarts a dead watcher and tells systemd whether every
-other worker is alive (a dead one stops the watchdog pings: systemd restarts);
-every few minutes the janitor removes partial files nobody will finish.
+one Link per peer this node pushes to (plus its reader; LinkSet, linkset.py),
+the watcher and the scanner (WatchSupervisor, watching.py), the control
+server. The main thread only handles signals and supervises: SIGTERM/SIGINT
+stop with a bounded drain (a second one forces exit), SIGHUP reloads the
+config (see ``reload``), and once a second ``check_workers`` restarts a dead
+watcher and tells systemd whether every other worker is alive (a dead one
+stops the watchdog pings: systemd restarts); every few minutes the janitor
+removes partial files nobody will finish.
 
 Only the main thread changes the daemon's shape (links, watcher, scanner,
 config): a ``replicatorctl reload`` is posted to it and waited for
 (``request_reload``), so reloads never overlap each other or a watcher
-restart. Other threads only read: ``self.links`` is replaced whole, never
-changed in place, so a reader that took it once iterates a dict that stays
-as it was.
+restart. Other threads only read: the table of links is replaced whole,
+never changed in place (``LinkSet.snapshot``), so a reader that took it once
+iterates a dict that stays as it was.
 
 Changes flow through ``route``: watcher and scanner produce Dirty/Moved
 messages for the links pushing that mirror; sessions produce PeerHas
@@ -40,28 +42,23 @@ from types import FrameType
 from typing import Any
 
 from . import __version__, config, janitor, logs, metrics
-from .backlog import Store
 from .changes import PeerHas, Rescan
 from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, ControlError, KeyFileError
 from .janitor import Janitor
-from .link import Link, Pause, SourceMirror
+from .link import Pause
+from .linkset import LinkSet
 from .listener import Listener
-from .manifest import EntryState, Excludes
+from .manifest import EntryState
 from .marker import Marker
-from .scanner import Scanner
 from .sdnotify import Notifier
 from .session import Session
-from .stats import LinkStats, SessionStats
-from .watcher import OverflowHook, Watcher, watched_inodes
+from .stats import SessionStats
+from .watching import WatchSupervisor
 
 log = logging.getLogger("replicator")
 
-#: How often every mirror root's inotify watch is verified.
-ROOT_CHECK_INTERVAL = 2.0
-#: Rescan once inotify has not overflowed for this long.
-OVERFLOW_QUIET = 0.5
 #: On SIGTERM, links get this long to see their operations in flight acknowledged.
 DRAIN_SECONDS = 5.0
 #: How long a control request waits for the main thread to run its reload.
@@ -110,15 +107,6 @@ class _ReloadRequest:
         self.done.set()
 
 
-def _link_spec(cfg: Config, keys: dict[str, bytes], peer: str) -> tuple[Any, ...]:
-    """Everything a link to ``peer`` is built from: a reload restarts the
-    link only if this changes."""
-    mirrors = tuple(
-        (name, m.model_dump_json()) for name, m in sorted(cfg.mirrors.items()) if peer in m.push_to
-    )
-    return (cfg.peers[peer].model_dump_json(), keys.get(peer), mirrors)
-
-
 #: Kernel protections a mirror written by untrusted local users relies on
 #: (docs/security.md): without them a user can link a file they cannot read
 #: into a mirror, and the root daemon would replicate it.
@@ -150,22 +138,14 @@ class Daemon:
         self.keys = config.read_keys(cfg, config_path)
         self.started = time.time()
         self.stopping = threading.Event()
-        self.links: dict[str, Link] = {}
-        self._specs: dict[str, tuple[Any, ...]] = {}
+        self.links = LinkSet()
+        self.watching = WatchSupervisor(self.route, self.stopping)
         self.listener = Listener(
             cfg.node.listen, self._new_session, self.stopping, self._inbound_peers
         )
         self.control = ControlServer(cfg.node.control_socket, self._control)
         self.markers: dict[str, Marker] = {}
-        self.watcher: Watcher | None = None
-        self.scanner: Scanner | None = None
-        self._overflow = OverflowHook(self._on_overflow)
-        self._last_overflow = 0.0
-        self._overflow_handled = 0.0
-        self.overflows = 0
-        self.watcher_restarts = 0
         self.reloads = 0
-        self._next_root_check = 0.0
         self.wakeup = Wakeup()
         #: SIGHUPs received: counted by the handler (a plain attribute, see
         #: Wakeup), compared with those reloaded for by the main thread.
@@ -177,13 +157,6 @@ class Daemon:
         self._metrics: object | None = None
 
     # -- lifecycle -------------------------------------------------------------
-
-    def _pushed(self) -> dict[str, tuple[bytes, Excludes]]:
-        return {
-            name: (os.fsencode(m.path), Excludes(m.exclude))
-            for name, m in self.cfg.mirrors.items()
-            if m.push_to
-        }
 
     def start(self) -> None:
         node = self.cfg.node
@@ -197,10 +170,9 @@ class Daemon:
             raise ConfigError(
                 f"node.listen: cannot listen on {node.listen}: {e.strerror}"
             ) from None
-        self._start_watching()
+        self.watching.apply(self.cfg)
         self.listener.start()
-        for peer in self._pushed_peers(self.cfg):
-            self._start_link(peer)
+        self.links.apply(self.cfg, self.keys, self.markers)
         if node.metrics_listen:
             self._metrics = metrics.serve(node.metrics_listen, self.status)
         self.control.start()  # last: a status reply means the node is fully up
@@ -208,7 +180,7 @@ class Daemon:
             "node %s listening on %s; pushing to %s; version %s",
             node.name,
             node.listen,
-            ", ".join(sorted(self.links)) or "nobody",
+            ", ".join(sorted(self.links.snapshot())) or "nobody",
             __version__,
         )
 
@@ -233,61 +205,9 @@ class Daemon:
                     ) from None
                 self.markers[name] = marker
 
-    def _start_watching(self) -> None:
-        pushed = self._pushed()
-        if not pushed:
-            return
-        self.scanner = Scanner(pushed, self.route)
-        self.watcher = Watcher(pushed, self.route, self.scanner.request)
-        self._overflow.install()
-        self.watcher.start()
-        self.scanner.start()
-
-    def _stop_watching(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
-        self._overflow.remove()
-        if self.scanner is not None:
-            self.scanner.stop()
-            self.scanner = None
-
     def first_scan_done(self) -> bool:
         """Watches are in place and every pushed mirror was walked once."""
-        return self.scanner is None or self.scanner.checked.is_set()
-
-    @staticmethod
-    def _pushed_peers(cfg: Config) -> list[str]:
-        return sorted({p for m in cfg.mirrors.values() for p in m.push_to})
-
-    def _start_link(self, peer: str) -> None:
-        mirrors = [
-            SourceMirror.from_config(i + 1, name, m, peer, self.markers.get(name))
-            for i, (name, m) in enumerate(sorted(self.cfg.mirrors.items()))
-            if peer in m.push_to
-        ]
-        pcfg = self.cfg.peers[peer]
-        store = Store(os.path.join(self.cfg.node.state_dir, "backlog.sqlite3"), peer)
-        link = Link(
-            self.cfg.node,
-            peer,
-            pcfg,
-            self.keys[peer],
-            mirrors,
-            LinkStats(peer, pcfg.address),
-            store,
-        )
-        self.links = {**self.links, peer: link}  # replaced whole: readers hold the old one
-        self._specs[peer] = _link_spec(self.cfg, self.keys, peer)
-        link.start()
-
-    def _stop_link(self, peer: str) -> None:
-        links = dict(self.links)
-        link = links.pop(peer)
-        self.links = links
-        self._specs.pop(peer, None)
-        link.stop()
-        link.join(10)
+        return self.watching.first_scan_done()
 
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop accepting, let links drain what is in flight (bounded), stop."""
@@ -296,16 +216,9 @@ class Daemon:
             waiting, self._reload_requests = self._reload_requests, []
         for req in waiting:
             req.finish({"ok": False, "error": "the daemon is stopping: not reloaded"})
-        self._stop_watching()
+        self.watching.stop()
         self.listener.close()
-        for link in self.links.values():
-            link.stop(drain)
-        deadline = time.monotonic() + drain + 2
-        for link in self.links.values():
-            link.join(max(0.1, deadline - time.monotonic()))
-            if link.is_alive():  # stuck in a send: cut the connection
-                link.stop()
-                link.join(5)
+        deadline = self.links.stop(drain)
         sessions = self.listener.sessions()
         for s in sessions:  # they publish what is complete before closing
             s.shutdown()
@@ -375,6 +288,22 @@ class Daemon:
         ``request_reload`` from others). Links whose peer or mirrors
         did not change stay up. An invalid config changes nothing: the error
         is raised (ConfigError/KeyFileError) and the old config keeps running."""
+        new, keys = self._load_new_config()
+        old_cfg, old_keys = self.cfg, self.keys
+        self.cfg, self.keys = new, keys
+        self._ensure_markers()
+        links = self.links.apply(new, keys, self.markers)
+        self.watching.apply(new)
+        self._drop_stale_sessions(old_cfg, old_keys)
+        self.janitor.run_soon()  # peers or mirrors may have gone
+        self.reloads += 1
+        summary = f"reloaded {self.config_path}: {links.summary()}"
+        log.info("%s", summary)
+        return summary
+
+    def _load_new_config(self) -> tuple[Config, dict[str, bytes]]:
+        """The config file and its keys, checked; ConfigError/KeyFileError if
+        they are invalid or change what only a restart can change ([node])."""
         if self.config_path is None:
             raise ConfigError("no config file to reload from")
         new = config.load(self.config_path)
@@ -391,36 +320,7 @@ class Daemon:
                 + ", ".join(f"node.{k}" for k in changed)
                 + " changed: the [node] section needs a restart (systemctl restart replicatord)"
             )
-        old_cfg, old_keys = self.cfg, self.keys
-        self.cfg, self.keys = new, keys
-        self._ensure_markers()
-        started, stopped = [], []
-        for peer in sorted(set(self.links) | set(self._pushed_peers(new))):
-            want = peer in self._pushed_peers(new)
-            if peer in self.links and (
-                not want or self._specs[peer] != _link_spec(new, keys, peer)
-            ):
-                self._stop_link(peer)
-                stopped.append(peer)
-            if want and peer not in self.links:
-                self._start_link(peer)
-                started.append(peer)
-        old_pushed = {n: (m.path, m.exclude) for n, m in old_cfg.mirrors.items() if m.push_to}
-        new_pushed = {n: (m.path, m.exclude) for n, m in new.mirrors.items() if m.push_to}
-        if old_pushed != new_pushed:
-            self._stop_watching()
-            self._start_watching()
-        self._drop_stale_sessions(old_cfg, old_keys)
-        self.janitor.run_soon()  # peers or mirrors may have gone
-        self.reloads += 1
-        restarted = sorted(set(started) & set(stopped))
-        summary = (
-            f"reloaded {self.config_path}: links restarted: {', '.join(restarted) or 'none'}; "
-            f"started: {', '.join(sorted(set(started) - set(restarted))) or 'none'}; "
-            f"stopped: {', '.join(sorted(set(stopped) - set(restarted))) or 'none'}"
-        )
-        log.info("%s", summary)
-        return summary
+        return new, keys
 
     def _drop_stale_sessions(self, old: Config, old_keys: dict[str, bytes]) -> None:
         """Close sessions whose peer, key or accepted mirrors changed: the
@@ -453,7 +353,7 @@ class Daemon:
     def route(self, msg: object) -> None:
         """Hand a change to the links it concerns: PeerHas to the link to that
         peer; Dirty/Moved/Rescan to every link pushing its mirror."""
-        links = self.links
+        links = self.links.snapshot()
         if isinstance(msg, PeerHas):
             link = links.get(msg.peer)
             if link is not None:
@@ -465,98 +365,29 @@ class Daemon:
                 link.post(msg)
 
     def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
-        link = self.links.get(peer)
+        link = self.links.snapshot().get(peer)
         return None if link is None else link.peer_state(mirror, path)
 
     # -- supervision -----------------------------------------------------------------
 
-    def _on_overflow(self) -> None:
-        # Called from watchdog's thread, often many times in a row during a
-        # burst: check_workers rescans once the overflows have stopped.
-        self.overflows += 1
-        self._last_overflow = time.monotonic()
-
-    def _rescan_after_overflow(self) -> None:
-        if self._last_overflow <= self._overflow_handled:
-            return
-        if time.monotonic() - self._last_overflow < OVERFLOW_QUIET:
-            return
-        self._overflow_handled = self._last_overflow
-        log.warning(
-            "inotify queue overflowed (%d times so far): events were lost; rescanning every "
-            "mirror. Consider raising fs.inotify.max_queued_events",
-            self.overflows,
-        )
-        self.route(Rescan(None))
-        if self.scanner is not None:
-            self.scanner.check_watches()
-
-    def _roots_watched(self) -> bool:
-        """Whether every pushed mirror's root holds an inotify watch. A root
-        loses it when its filesystem is unmounted (and a remount does not
-        bring it back) or when the directory is replaced."""
-        watched = watched_inodes()
-        for root, _ in self._pushed().values():
-            try:
-                st = os.stat(root)
-            except OSError:
-                continue  # missing root: nothing to watch (the marker check says so)
-            if (st.st_dev, st.st_ino) not in watched:
-                return False
-        return True
-
     def check_workers(self) -> bool:
         """Called every second: restart a dead watcher (or one whose roots
         lost their watches). True if every worker is alive."""
-        ok = True
-        self._rescan_after_overflow()
-        w = self.watcher
-        now = time.monotonic()
-        if w is not None and not self.stopping.is_set():
-            reason = None
-            if not w.alive():
-                reason = "the file watcher died"
-            elif now >= self._next_root_check:
-                self._next_root_check = now + ROOT_CHECK_INTERVAL
-                if not self._roots_watched():
-                    reason = "a mirror root lost its inotify watch (unmounted or replaced?)"
-            if reason is not None:
-                ok = False
-                self._restart_watcher(reason)
-        return ok and not self.dead_workers()
+        restarted = self.watching.check()
+        return not restarted and not self.dead_workers()
 
     def dead_workers(self) -> list[str]:
         """Long-lived threads that died (the watcher is restarted instead)."""
         if self.stopping.is_set():
             return []
-        dead = self.listener.dead()
-        scanner = self.scanner
-        if scanner is not None and not scanner.is_alive():
-            dead.append("scanner")
+        dead = self.listener.dead() + self.watching.dead()
         if not self.control.alive():
             dead.append("control")
-        dead += [f"link to {p}" for p, link in self.links.items() if not link.is_alive()]
-        return dead
-
-    def _restart_watcher(self, reason: str) -> None:
-        self.watcher_restarts += 1
-        log.error("%s; restarting the watcher and rescanning every mirror", reason)
-        if self.watcher is not None:
-            self.watcher.stop()
-        scanner = self.scanner
-        assert scanner is not None
-        pushed = {n: v for n, v in self._pushed().items() if os.path.isdir(v[0])}
-        self.watcher = Watcher(pushed, self.route, scanner.request)
-        try:
-            self.watcher.start()
-        except OSError as e:
-            log.error("cannot restart the file watcher: %s", e)
-        self.route(Rescan(None))
-        scanner.check_watches()
+        return dead + self.links.dead()
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log."""
-        links = self.links.values()
+        links = self.links.snapshot().values()
         up = sum(1 for link in links if link.stats.state == "connected")
         queued = sum(link.stats.queue_files for link in links)
         lag = max((link.stats.lag() or 0.0 for link in links), default=0.0)
@@ -614,11 +445,11 @@ class Daemon:
         """Everything ``replicatorctl status`` shows. Called from the control
         and metrics threads: it reads what other threads write, so it takes
         each of them once (links, config, scanner, watcher) and copies."""
-        cfg, links, scanner, watcher = self.cfg, self.links, self.scanner, self.watcher
+        cfg, links = self.cfg, self.links.snapshot()
         sessions = [s.stats.snapshot() for s in self.listener.sessions()]
         link_status = {p: link.status() for p, link in links.items()}
         mirrors = {}
-        scans = scanner.status() if scanner is not None else {}
+        scans = self.watching.scans()
         for name, m in cfg.mirrors.items():
             marker = self.markers.get(name)
             per_link = {
@@ -651,11 +482,7 @@ class Daemon:
             "listener": self.listener.status(),
             "dead_workers": self.dead_workers(),
             "mirrors": mirrors,
-            "watcher": {
-                "alive": watcher.alive() if watcher else None,
-                "restarts": self.watcher_restarts,
-                "overflows": self.overflows,
-            },
+            "watcher": self.watching.status(),
             "janitor": self.janitor.status(),
         }
 
@@ -677,7 +504,7 @@ class Daemon:
 
     def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
         peer, mirror = req.get("peer"), req.get("mirror")
-        links = self.links
+        links = self.links.snapshot()
         if peer is not None and peer not in links:
             raise ControlError(f"this node does not push to a peer {peer!r}")
         if mirror is not None and mirror not in self.cfg.mirrors:
