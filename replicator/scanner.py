@@ -66,7 +66,7 @@ class Scanner(threading.Thread):
         self.mirrors = {n: _MirrorScan(r, e) for n, (r, e) in mirrors.items()}
         self.route = route
         self._q: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
-        self._stop = False
+        self._stopping = False
         self._check_now = True
         #: Set once every mirror was walked and compared with the watches.
         self.checked = threading.Event()
@@ -80,13 +80,13 @@ class Scanner(threading.Thread):
         self._q.put(None)
 
     def stop(self) -> None:
-        self._stop = True
+        self._stopping = True
         self._q.put(None)
 
     def run(self) -> None:
         next_poll = time.monotonic() + POLL_INTERVAL
         next_check = time.monotonic()
-        while not self._stop:
+        while not self._stopping:
             timeout = max(0.0, min(next_poll, next_check) - time.monotonic())
             try:
                 item = self._q.get(timeout=timeout)
