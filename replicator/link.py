@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -481,45 +482,58 @@ class Link(threading.Thread):
     # -- messages ----------------------------------------------------------------------
 
     def _handle(self, msg: object) -> None:
-        if isinstance(msg, Dirty):
-            m = self.by_name.get(msg.mirror)
-            if m is not None and not m.excludes(msg.path):
-                self._mark((m.id, msg.path), (time.time(), msg.size_hint, int(msg.flags)))
-        elif isinstance(msg, Moved):
-            m = self.by_name.get(msg.mirror)
-            if m is not None:
-                self._on_moved(m, msg)
-        elif isinstance(msg, _Received):
-            if msg.gen == self._gen and self._conn is not None:
-                self._receive(self._conn, msg.data)
-        elif isinstance(msg, _Down):
-            if msg.gen == self._gen and self._conn is not None:
-                raise LinkError(msg.reason)
-        elif isinstance(msg, Rescan):
-            for mid, r in self._remote.items():
-                if msg.mirror is None or self.mirrors[mid].name == msg.mirror:
-                    r.next_scan = 0.0
-        elif isinstance(msg, Pause):
-            if msg.mirror is None:
-                self._paused = self.stats.paused = msg.on
-            elif msg.mirror in self.by_name:
-                self.by_name[msg.mirror].paused = msg.on
-                self._mirror_stats(msg.mirror)["paused"] = msg.on
-        elif isinstance(msg, PeerHas):
-            m = self.by_name.get(msg.mirror)
-            if m is not None and msg.peer == self.peer:
-                r = self._remote[m.id]
-                if msg.src is not None:
-                    r.move(msg.src, msg.path)
-                elif msg.state is None:
-                    r.forget(msg.path)
-                else:
-                    r.acked(msg.path, msg.state)
-        elif isinstance(msg, Stop):
-            if msg.drain > 0 and self._conn is not None:
-                self._drain_until = time.monotonic() + msg.drain
+        """A message posted to the link (``post``): see ``_MESSAGES``."""
+        handler = _MESSAGES.get(type(msg))
+        if handler is not None:
+            handler(self, msg)
+
+    def _on_dirty(self, msg: Dirty) -> None:
+        m = self.by_name.get(msg.mirror)
+        if m is not None and not m.excludes(msg.path):
+            self._mark((m.id, msg.path), (time.time(), msg.size_hint, int(msg.flags)))
+
+    def _on_moved_msg(self, msg: Moved) -> None:
+        m = self.by_name.get(msg.mirror)
+        if m is not None:
+            self._on_moved(m, msg)
+
+    def _on_received(self, msg: _Received) -> None:
+        if msg.gen == self._gen and self._conn is not None:
+            self._receive(self._conn, msg.data)
+
+    def _on_down(self, msg: _Down) -> None:
+        if msg.gen == self._gen and self._conn is not None:
+            raise LinkError(msg.reason)
+
+    def _on_rescan(self, msg: Rescan) -> None:
+        for mid, r in self._remote.items():
+            if msg.mirror is None or self.mirrors[mid].name == msg.mirror:
+                r.next_scan = 0.0
+
+    def _on_pause(self, msg: Pause) -> None:
+        if msg.mirror is None:
+            self._paused = self.stats.paused = msg.on
+        elif msg.mirror in self.by_name:
+            self.by_name[msg.mirror].paused = msg.on
+            self._mirror_stats(msg.mirror)["paused"] = msg.on
+
+    def _on_peer_has(self, msg: PeerHas) -> None:
+        """Our session from this peer applied something: echo suppression."""
+        m = self.by_name.get(msg.mirror)
+        if m is not None and msg.peer == self.peer:
+            r = self._remote[m.id]
+            if msg.src is not None:
+                r.move(msg.src, msg.path)
+            elif msg.state is None:
+                r.forget(msg.path)
             else:
-                self._stopping = True
+                r.acked(msg.path, msg.state)
+
+    def _on_stop(self, msg: Stop) -> None:
+        if msg.drain > 0 and self._conn is not None:
+            self._drain_until = time.monotonic() + msg.drain
+        else:
+            self._stopping = True
 
     def _receive(self, conn: Connection, data: bytes) -> None:
         """Parse what the peer sent and act on every whole frame in it."""
@@ -537,26 +551,29 @@ class Link(threading.Thread):
             raise LinkError(f"protocol error from the peer ({e.code.name}): {e}") from None
 
     def _on_frame(self, ev: object) -> None:
-        if isinstance(ev, F.Ack):
-            self._on_ack(ev.op)
-        elif isinstance(ev, F.Entry):
-            r = self._remote.get(ev.mirror)
-            if r is not None:
-                r.entry(ev)
-        elif isinstance(ev, F.Partial):
-            r = self._remote.get(ev.mirror)
-            if r is not None:
-                r.partials[ev.path] = ev
-        elif isinstance(ev, F.ListEnd):
-            self._on_list_end(ev)
-        elif isinstance(ev, F.Error):
-            self._on_error(ev)
-        elif isinstance(ev, F.Opened):
-            self._on_opened(ev)
-        elif isinstance(ev, F.Ping):
-            self._queue(F.Pong(ev.nonce))
-        elif isinstance(ev, F.Pong):
-            self.stats.rtt_ms = (time.monotonic_ns() - ev.nonce) / 1e6
+        """A frame from the peer: see ``_FRAMES``."""
+        handler = _FRAMES.get(type(ev))
+        if handler is not None:
+            handler(self, ev)
+
+    def _on_ack_frame(self, ev: F.Ack) -> None:
+        self._on_ack(ev.op)
+
+    def _on_entry(self, ev: F.Entry) -> None:
+        r = self._remote.get(ev.mirror)
+        if r is not None:
+            r.entry(ev)
+
+    def _on_partial(self, ev: F.Partial) -> None:
+        r = self._remote.get(ev.mirror)
+        if r is not None:
+            r.partials[ev.path] = ev
+
+    def _on_ping(self, ev: F.Ping) -> None:
+        self._queue(F.Pong(ev.nonce))
+
+    def _on_pong(self, ev: F.Pong) -> None:
+        self.stats.rtt_ms = (time.monotonic_ns() - ev.nonce) / 1e6
 
     def _mirror_stats(self, name: str) -> dict[str, Any]:
         return self.stats.mirrors.setdefault(name, {})
@@ -1057,3 +1074,29 @@ class Link(threading.Thread):
         (read from another thread: a single dict lookup)."""
         m = self.by_name.get(mirror)
         return None if m is None else self._remote[m.id].known.get(path)
+
+
+#: What the link thread does with each message posted to it.
+_MESSAGES: dict[type, Callable[[Link, Any], None]] = {
+    Dirty: Link._on_dirty,
+    Moved: Link._on_moved_msg,
+    _Received: Link._on_received,
+    _Down: Link._on_down,
+    Rescan: Link._on_rescan,
+    Pause: Link._on_pause,
+    PeerHas: Link._on_peer_has,
+    Stop: Link._on_stop,
+}
+
+#: What the link does with each frame the peer sends (protocol.py checked
+#: that the peer may send it now).
+_FRAMES: dict[type, Callable[[Link, Any], None]] = {
+    F.Ack: Link._on_ack_frame,
+    F.Entry: Link._on_entry,
+    F.Partial: Link._on_partial,
+    F.ListEnd: Link._on_list_end,
+    F.Error: Link._on_error,
+    F.Opened: Link._on_opened,
+    F.Ping: Link._on_ping,
+    F.Pong: Link._on_pong,
+}
