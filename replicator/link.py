@@ -927,8 +927,9 @@ class Link(threading.Thread):
         if s.left:
             self.stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
             self.stats.bytes_sent += len(self._wbuf)
+        headers = s.frame_bytes
         step, n = s.step(sock, conn, self._wbuf)
-        self.stats.bytes_sent += n
+        self.stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self.stats.payload_bytes_sent += n
         if n:
             self._last_tx = time.monotonic()

@@ -7,6 +7,7 @@ connections cannot keep a configured peer out."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import selectors
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -310,53 +312,69 @@ def _dead_status(lst: NotifyListener) -> int:
 # -- (d) the pre-authentication flood ----------------------------------------------
 
 
-class Flood:
-    """``n`` idle connections, each reopened as soon as the daemon drops it."""
+def _flood(addr: tuple[str, int], n: int, opened: Any, stop: Any) -> None:
+    """In its own process: ``n`` idle connections, each reopened as soon as
+    the daemon drops it. (A thread of the test process would share the GIL
+    with the real peer measured meanwhile, and delay its Hello: an attacker
+    is another host.)"""
+    sel = selectors.DefaultSelector()
 
-    def __init__(self, host: str, port: int, n: int) -> None:
-        self.addr = (host, port)
-        self.n = n
-        self.opened = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _open(self, sel: selectors.DefaultSelector) -> None:
+    def open_one() -> None:
         try:
-            s = socket.create_connection(self.addr, timeout=5)
+            s = socket.create_connection(addr, timeout=5)
         except OSError:
             return
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
-        self.opened += 1
+        with opened.get_lock():
+            opened.value += 1
 
-    def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        for _ in range(self.n):
-            self._open(sel)
-        while not self.stop.is_set():
-            for key, _ in sel.select(0.1):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
-                try:
-                    data = s.recv(4096)
-                except OSError:
-                    data = b""
-                if not data:
-                    sel.unregister(s)
-                    s.close()
-                    self._open(sel)
-            while len(sel.get_map()) < self.n and not self.stop.is_set():
-                self._open(sel)
-        for key in list(sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
+    for _ in range(n):
+        open_one()
+    while not stop.is_set():
+        for key, _ in sel.select(0.1):
+            s = key.fileobj
+            assert isinstance(s, socket.socket)
+            try:
+                data = s.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(s)
+                s.close()
+                open_one()
+        while len(sel.get_map()) < n and not stop.is_set():
+            open_one()
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+
+
+class Flood:
+    """``n`` idle connections from another process, each reopened as soon
+    as the daemon drops it."""
+
+    def __init__(self, host: str, port: int, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._opened = ctx.Value("q", 0)
+        self._stop = ctx.Event()
+        self.proc = ctx.Process(
+            target=_flood, args=((host, port), n, self._opened, self._stop), daemon=True
+        )
+
+    @property
+    def opened(self) -> int:
+        return int(self._opened.value)
 
     def __enter__(self) -> Flood:
-        self.thread.start()
+        self.proc.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
+        self._stop.set()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
 
 
 def _handshake_seconds(b: LocalNode, name: str, key: bytes) -> float | None:
