@@ -90,10 +90,10 @@ import throughput as tp
 from _arrivals import Arrivals
 
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
+from replicator.outgoing import CHUNK
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-TAG_SIZE = 16
 #: Frames per receive_data() call in the micro-benchmark.
 MICRO_BATCH = 16
 
@@ -652,18 +652,15 @@ def micro_table(trees: list[Tree], micro: dict[str, dict[str, Any]], frames: int
 
 def tag_estimate(
     what: str,
-    extra_bytes: float,
-    acks: float,
+    frames: float,
     tag_us: float,
     cpu_base: float,
     cpu_diff: float,
     rate_base: float,
     rate_new: float,
 ) -> str:
-    """What tags should cost in a workload, from the frames it sent (the
-    sender's extra frame bytes / TAG_SIZE; the receiver answers about one Ack
-    per operation) and the micro-benchmark's cost per tag."""
-    frames = extra_bytes / TAG_SIZE + acks
+    """What tags should cost in a workload: its tagged frames times the
+    micro-benchmark's cost per tag."""
     est = frames * tag_us / 1e6
     return (
         f"- {what}: ~{frames:,.0f} tagged frames per run x {tag_us:.2f} µs = {est * 1e3:.1f} "
@@ -763,7 +760,8 @@ def report(
             f"(b) burst of {n:,} x {live.FILE_SIZE // 1024} KiB files written into the sender's "
             "mirror → all published and acknowledged (durable) on the receiver",
             "",
-            "| tree | files/s | burst s | CPU s, both | CPU µs/file | sender frame bytes/file "
+            "| tree | files/s | burst s | CPU s, both | CPU µs/file "
+            "| sender frame bytes/file (link counter) "
             "| ops sent | ops acked |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -809,9 +807,8 @@ def report(
                 lines.append(
                     tag_estimate(
                         f"(a) {args.size_mib} MiB",
-                        median(s.extra["framing"] for s in bn)
-                        - median(s.extra["framing"] for s in bb),
-                        1,
+                        # File, its Chunks, End; an Ack back
+                        2 + -(-size // CHUNK) + 1,
                         tag_us,
                         median(s.cpu for s in bb),
                         median(s.cpu for s in bn) - median(s.cpu for s in bb),
@@ -825,8 +822,9 @@ def report(
                 lines.append(
                     tag_estimate(
                         "(b) burst",
-                        median(s.framing for s in cn) - median(s.framing for s in cb),
-                        median(s.ops_acked for s in cn),
+                        # per operation its frame (File, Mkdir) and an Ack back;
+                        # per 4 KiB file also one Chunk and End
+                        median(s.ops_sent + s.ops_acked for s in cn) + 2 * n,
                         tag_us,
                         median(s.cpu for s in cb),
                         median(s.cpu for s in cn) - median(s.cpu for s in cb),
