@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import MirrorConfig
-from .paths import STATE_DIR, open_dir_at, open_root, show
+from .paths import STATE_DIR, open_dir_at, open_root, remove_at, show
 
 log = logging.getLogger("replicator")
 
@@ -327,11 +327,9 @@ def _sidecar_path(fd: int, base: bytes) -> bytes | None:
 
 def _remove_tree(parent: int, name: bytes, held: OpenFiles) -> tuple[int, int]:
     """Remove the folder ``name`` in ``parent`` with everything in it, never
-    following a symlink: (files removed, their bytes). (-1, 0) and nothing
-    removed if a regular file directly in it is open in this process.
-
-    Iterative, with a stack of directory fds (like paths.remove_at), so no
-    depth exhausts Python's recursion limit."""
+    following a symlink (``paths.remove_at``): (files removed, their bytes).
+    (-1, 0) and nothing removed if a regular file directly in it is open in
+    this process."""
     top = os.open(name, _DIR_FLAGS, dir_fd=parent)
     try:
         in_use = any(
@@ -339,38 +337,13 @@ def _remove_tree(parent: int, name: bytes, held: OpenFiles) -> tuple[int, int]:
             for st in (_lstat_at(top, n) for n in _listdir(top))
             if st is not None
         )
-    except BaseException:
-        os.close(top)
-        raise
-    if in_use:
-        os.close(top)
-        return -1, 0
-    files = nbytes = 0
-    # (fd of a folder, fd of its parent, its name, its remaining entries)
-    stack: list[tuple[int, int, bytes, Iterator[bytes]]] = [(top, parent, name, _listdir(top))]
-    try:
-        while stack:
-            fd, pfd, dname, entries = stack[-1]
-            child = next(entries, None)
-            if child is None:
-                stack.pop()
-                os.close(fd)
-                os.rmdir(dname, dir_fd=pfd)
-                continue
-            st = _lstat_at(fd, child)
-            if st is None:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                cfd = os.open(child, _DIR_FLAGS, dir_fd=fd)
-                stack.append((cfd, fd, child, _listdir(cfd)))
-                continue
-            os.unlink(child, dir_fd=fd)
-            files += 1
-            nbytes += st.st_size if stat.S_ISREG(st.st_mode) else 0
     finally:
-        for fd, *_ in stack:
-            os.close(fd)
-    return files, nbytes
+        os.close(top)
+    if in_use:
+        return -1, 0
+    gone: list[os.stat_result] = []
+    remove_at(parent, name, gone.append)
+    return len(gone), sum(st.st_size for st in gone if stat.S_ISREG(st.st_mode))
 
 
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:

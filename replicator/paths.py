@@ -426,8 +426,11 @@ class Root:
             return None
 
 
-def remove_at(dir_fd: int, name: bytes) -> bool:
-    """Remove ``name`` in ``dir_fd``, recursively, never following symlinks.
+def remove_at(
+    dir_fd: int, name: bytes, unlinked: Callable[[os.stat_result], None] | None = None
+) -> bool:
+    """Remove ``name`` in ``dir_fd``, recursively, never following symlinks;
+    ``unlinked`` is told the lstat of every non-directory it removes.
 
     Iterative (an explicit stack of directory fds): a tree 2,000 levels deep
     is legal (PATH_MAX) and must not exhaust Python's recursion limit."""
@@ -437,6 +440,8 @@ def remove_at(dir_fd: int, name: bytes) -> bool:
         return False
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
+        if unlinked is not None:
+            unlinked(st)
         return True
     top = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     # (fd of a directory, fd of its parent, its name, its remaining children)
@@ -459,6 +464,8 @@ def remove_at(dir_fd: int, name: bytes) -> bool:
                 stack.append((cfd, fd, child, _listdir(cfd)))
             else:
                 os.unlink(child, dir_fd=fd)
+                if unlinked is not None:
+                    unlinked(cst)
     finally:
         for fd, *_ in stack:
             os.close(fd)
