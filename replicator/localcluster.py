@@ -26,11 +26,24 @@ from typing import Any
 from .control import request
 from .errors import ControlError
 
+_handed_out: set[tuple[str, int]] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free on ``host`` now, never one this process handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once
+    the first socket is closed; two nodes of one cluster then collide (the
+    config check refuses a peer at the node's own address).
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
+    raise RuntimeError(f"no fresh free port on {host} after 1000 tries")
 
 
 def wait_for(
