@@ -5,18 +5,20 @@ protocol parsed, so a chunk's payload is still in the kernel when its header
 has been decoded and goes socket → pipe → file by splice. Small payloads that
 arrived in the same read are written from the buffer (``node.inline_max``).
 
-Completed files are published in groups (``Publisher.commit``) when the
-socket runs dry or a group is large, and acknowledged only then.
+Completed files are published in groups, and acknowledged only then:
+``inbound.GroupCommit`` says when (at once when nothing more is at hand,
+at the latest a few milliseconds after the first completed).
 
-The session owns the socket, the handshake, the splice pipe and the routing
-of frames; each mirror the peer opened is a ``receiving.ReceivingMirror``
-whose answers the session turns into frames. What it needs from the daemon
-is a ``SessionHost``.
+The session owns the socket, the handshake, the splice pipe and turns
+answers into frames; ``inbound.Inbound`` routes operations to the mirrors
+the peer opened (each a ``receiving.ReceivingMirror``) and keeps the
+descriptor budget. What the session needs from the daemon is a
+``SessionHost``.
 
 A session never trusts the peer: every path goes through ``paths.check`` and
 ``paths.Root``; a peer may only open mirrors that list it in ``accept_from``
-(``receiving.admit``); any protocol violation gets a fatal Error frame and the
-connection closes.
+(``receiving.admit``, through ``Inbound.open``); any protocol violation
+gets a fatal Error frame and the connection closes.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from . import frames as F
 from . import net, transfer
 from .config import Config
 from .errors import LinkError, RemoteProtocolError
+from .inbound import GroupCommit, Inbound
 from .manifest import EntryState
 from .paths import show
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
-from .publisher import PartialFile
-from .receiving import OP_FDS, Ack, Answer, ReceivingMirror, Refuse, Refused, admit
+from .receiving import Ack, Answer, Refuse
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,6 @@ HANDSHAKE_TIMEOUT = 3.0
 #: when the process's limit is small, never below MIN_SESSION_FDS.
 SESSION_FDS = 4096
 MIN_SESSION_FDS = 128
-#: Opens a session may have refused (unknown or forbidden mirrors) before
-#: the connection is closed: each one is logged.
-MAX_REFUSED_OPENS = 32
-#: Commit a group once it holds this many operations or bytes.
-GROUP_OPS = 1024
-GROUP_BYTES = 256 * 1024 * 1024
 #: Flush the outgoing buffer at this size.
 WBUF_MAX = 256 * 1024
 
@@ -83,7 +79,7 @@ class SessionHost(Protocol):
 
 class Session:
     """One inbound connection: handshake, the socket loop and its splices,
-    frames to and from the mirrors the peer opened (receiving.py)."""
+    answers turned into frames."""
 
     def __init__(
         self,
@@ -103,18 +99,13 @@ class Session:
         self.stats = stats
         self.host = host
         self.peer = ""
+        #: Lowered by the listener before run() when the process's limit is small.
         self.fd_budget = SESSION_FDS
         self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
         self._wbuf = bytearray()
-        self._mirrors: dict[int, ReceivingMirror] = {}
-        #: The mirror of each file operation in flight: Chunk, End and
-        #: Abort name only the operation.
-        self._ops: dict[int, ReceivingMirror] = {}
-        #: Where the current chunk's payload goes (None: drained).
-        self._target: tuple[ReceivingMirror, PartialFile] | None = None
-        #: Mirror names this connection asked to open (each may be asked once).
-        self._open_names: set[str] = set()
-        self._open_refused = 0
+        #: Made once the peer authenticated.
+        self._in: Inbound | None = None
+        self._commits = GroupCommit()
         #: Made once the peer authenticated: an unauthenticated connection
         #: costs one descriptor, its socket.
         self._splicer: transfer.Splicer | None = None
@@ -138,12 +129,13 @@ class Session:
 
     def fds_held(self) -> int:
         """File descriptors this session holds (see SESSION_FDS)."""
-        n = 1
-        if self._splicer is not None:
-            n += self._splicer.fds_held()
-        for m in self._mirrors.values():
-            n += len(m.files) + m.fds_held()
-        return n
+        return self._fixed_fds() if self._in is None else self._in.fds_held()
+
+    def _fixed_fds(self) -> int:
+        return 1 + (0 if self._splicer is None else self._splicer.fds_held())
+
+    def _peer_state(self, mirror: str, path: bytes) -> EntryState | None:
+        return self.host.peer_state(self.peer, mirror, path)
 
     def _ended(self, reason: str, level: int, message: str, code: str = "") -> None:
         """Log why the connection ended; before authentication, the listener
@@ -184,16 +176,8 @@ class Session:
             return
         self._closed = True
         self.stats.state = "closed"
-        # Complete files are still worth publishing: the sender will see them
-        # in the next manifest and not send them again.
-        for m in self._mirrors.values():
-            try:
-                m.commit()  # nobody left to answer
-            except Exception:
-                log.exception("publishing complete files of %s after the connection ended", m.name)
-        for m in self._mirrors.values():
-            m.close()
-        self._ops.clear()
+        if self._in is not None:
+            self._in.close()
         if self._splicer is not None:
             self._splicer.close()
         try:
@@ -234,6 +218,15 @@ class Session:
                 self.stats.peer = ev.peer
                 self.host.established(self)  # may refuse: LinkError/RemoteProtocolError
                 self._splicer = transfer.Splicer(self.sock, self.cfg.node.dead_after)
+                self._in = Inbound(
+                    self.cfg,
+                    ev.peer,
+                    self.stats,
+                    self.host.marker_ok,
+                    self._peer_state,
+                    self._fixed_fds,
+                    self.fd_budget,
+                )
                 return
             if isinstance(ev, F.Error):
                 raise LinkError(f"peer refused the handshake: {ev.message}")
@@ -253,7 +246,7 @@ class Session:
         sock, conn = self.sock, self.conn
         while not self.stop.is_set():
             if not net.wait_readable(sock, node.heartbeat_interval):
-                self._commit_all()
+                self._commit()
                 self._flush()
                 if time.monotonic() - last_rx > node.dead_after:
                     raise LinkError(f"no frame from the peer for {node.dead_after:.0f} s")
@@ -278,6 +271,11 @@ class Session:
                     net.consume(sock, consume, scratch)
                     self.stats.bytes_received += consume
                     consume = 0
+                    if net.input_queued(sock) < due:
+                        # The splice will wait for the network: publish and
+                        # acknowledge what is complete first.
+                        self._commit(more_at_hand=False)
+                        self._flush()
                     self._payload_splice(due)
                     conn.payload_consumed(due)
                     peek_size = net.SMALL_PEEK
@@ -287,61 +285,24 @@ class Session:
             if consume:
                 net.consume(sock, consume, scratch)
                 self.stats.bytes_received += consume
-            pending = sum(m.publisher.pending for m in self._mirrors.values())
-            if pending and (
-                pending >= GROUP_OPS
-                or not net.wait_readable(sock, 0)
-                or sum(m.publisher.pending_bytes for m in self._mirrors.values()) >= GROUP_BYTES
-            ):
-                self._commit_all()
+            self._commit(more_at_hand=net.wait_readable(sock, 0))
             self._flush()
 
     # -- payload -------------------------------------------------------------
 
     def _payload_inline(self, data: bytes) -> None:
-        target = self._target
-        if target is None:
-            return
-        m, p = target
-        try:
-            transfer.write_inline(p.fd, data, p.written)
-        except OSError as e:
-            self._fail(m, p, e)
-            return
-        self._wrote(m, p, len(data))
+        assert self._in is not None
+        self._answer(self._in.write_inline(data))
 
     def _payload_splice(self, n: int) -> None:
         splicer = self._splicer
-        assert splicer is not None  # made by the handshake
-        target = self._target
-        if target is None:
-            splicer.discard(n)
-            return
-        m, p = target
+        assert splicer is not None and self._in is not None  # made by the handshake
         try:
-            splicer.to_file(p.fd, p.written, n)
-        except transfer.SinkError as e:
-            self._fail(m, p, e)
-            return
+            self._answer(self._in.splice(splicer, n))
         finally:
             self.stats.mode = splicer.mode
-        self._wrote(m, p, n)
-
-    def _wrote(self, m: ReceivingMirror, p: PartialFile, n: int) -> None:
-        self.stats.payload_bytes_received += n
-        answers = m.wrote(p, n)
-        if answers:  # the file failed
-            self._target = None
-            self._answer(answers)
-
-    def _fail(self, m: ReceivingMirror, p: PartialFile, e: OSError) -> None:
-        self._target = None
-        self._answer(m.fail(p, e))
 
     # -- frames --------------------------------------------------------------
-
-    def _mirror(self, mid: int) -> ReceivingMirror:
-        return self._mirrors[mid]  # the protocol checked the id is open
 
     def _answer(self, answers: list[Answer]) -> None:
         """Turn a mirror's answers into frames and messages, in order."""
@@ -379,121 +340,66 @@ class Session:
             self.sock.sendall(self._wbuf)
             self._wbuf.clear()
 
+    def _commit(self, more_at_hand: bool = False) -> None:
+        """Publish and acknowledge what is complete, if it is time (GroupCommit)."""
+        inbound = self._in
+        assert inbound is not None
+        ops, nbytes = inbound.pending()
+        if self._commits.due(ops, nbytes, time.monotonic(), more_at_hand):
+            self._answer(inbound.commit())
+            self._commits.committed()
+
     def _dispatch(self, ev: object) -> None:
-        t = type(ev)
-        if t is F.Chunk:
-            assert isinstance(ev, F.Chunk)
-            m = self._ops.get(ev.op)
-            p = None if m is None else m.files.get(ev.op)
-            self._target = None if m is None or p is None else (m, p)
-        elif t is F.File:
-            assert isinstance(ev, F.File)
-            m = self._mirror(ev.mirror)
-            self._fit_fd_budget()
-            self._ops[ev.op] = m
-            self._answer(m.begin(ev))
-        elif t is F.End:
-            assert isinstance(ev, F.End)
-            m = self._ops.pop(ev.op, None)
-            if m is not None:
-                self._answer(m.end(ev.op))
-        elif t is F.Abort:
-            assert isinstance(ev, F.Abort)
-            m = self._ops.pop(ev.op, None)
-            if m is not None:
-                m.abort(ev.op)
-        elif t is F.Ping:
-            assert isinstance(ev, F.Ping)
-            self._queue(F.Pong(ev.nonce))
-        elif t is F.Pong:
-            pass
-        elif t is F.Open:
-            assert isinstance(ev, F.Open)
-            self._on_open(ev)
-        elif t is F.List:
-            assert isinstance(ev, F.List)
-            m = self._mirror(ev.mirror)
-            self._answer(m.commit())
-            for frame in m.listing(ev.mirror, ev.list_id):
-                self._queue(frame)
-            self._flush()
-        elif t is F.Error:
-            assert isinstance(ev, F.Error)
-            log.warning(
-                "peer %s reports: %s (%s)",
-                self.peer,
-                ev.message,
-                F.ErrorCode(ev.code).name if ev.code in F.ErrorCode._value2member_map_ else ev.code,
-                extra={"PEER": self.peer},
-            )
-            if ev.fatal:
-                raise LinkError(f"peer closed the connection: {ev.message}")
-        else:
-            m = self._mirror(ev.mirror)  # type: ignore[attr-defined]
-            self._fit_fd_budget()
-            self._answer(m.namespace(ev))  # type: ignore[arg-type]
-
-    def _on_open(self, ev: F.Open) -> None:
-        """Open a mirror the peer may push into (receiving.admit): each name
-        once per connection, within the session's descriptor budget."""
-        if ev.name in self._open_names:
-            raise RemoteProtocolError(
-                F.ErrorCode.UNEXPECTED,
-                f"mirror {ev.name!r} was already opened on this connection (a peer opens "
-                "each mirror once)",
-            )
-        self._open_names.add(ev.name)
-        host = self.host
-        try:
-            m = admit(
-                self.cfg,
-                ev.name,
-                self.peer,
-                self.stats,
-                host.marker_ok,
-                self._make_room,
-                lambda name, path: host.peer_state(self.peer, name, path),
-            )
-        except Refused as r:
-            self._open_refused += 1
-            if self._open_refused > MAX_REFUSED_OPENS:
+        inbound = self._in
+        assert inbound is not None  # made by the handshake
+        match ev:
+            case F.Chunk():
+                inbound.chunk(ev.op)
+            case F.File():
+                self._answer(inbound.begin(ev))
+            case F.End():
+                self._answer(inbound.end(ev.op))
+            case F.Abort():
+                inbound.abort(ev.op)
+            case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename():
+                self._answer(inbound.namespace(ev))
+            case F.Ping():
+                self._queue(F.Pong(ev.nonce))
+            case F.Pong():
+                pass
+            case F.Open():
+                freed, opened, refused = inbound.open(ev)
+                self._answer(freed)
+                self._queue(opened)
+                if refused is not None:
+                    log.log(
+                        refused.level,
+                        "%s",
+                        refused.logged,
+                        extra={"PEER": self.peer, "MIRROR": ev.name},
+                    )
+            case F.List():
+                m = inbound.mirror(ev.mirror)
+                self._answer(m.commit())
+                for frame in m.listing(ev.mirror, ev.list_id):
+                    self._queue(frame)
+                self._flush()
+            case F.Error():
+                code = (
+                    F.ErrorCode(ev.code).name
+                    if ev.code in F.ErrorCode._value2member_map_
+                    else ev.code
+                )
+                log.warning(
+                    "peer %s reports: %s (%s)",
+                    self.peer,
+                    ev.message,
+                    code,
+                    extra={"PEER": self.peer},
+                )
+                if ev.fatal:
+                    raise LinkError(f"peer closed the connection: {ev.message}")
+            case _:
                 raise RemoteProtocolError(
-                    F.ErrorCode.LIMIT,
-                    f"more than {MAX_REFUSED_OPENS} mirrors refused on this connection",
-                ) from None
-            self._queue(F.Opened(ev.mirror, r.code, 0, r.message))
-            log.log(r.level, "%s", r.logged, extra={"PEER": self.peer, "MIRROR": ev.name})
-            return
-        self._mirrors[ev.mirror] = m
-        self.stats.mirrors.append(ev.name)
-        self._queue(F.Opened(ev.mirror, 0, m.inbox.preserve, ""))
-
-    # -- descriptors and publishing ------------------------------------------
-
-    def _make_room(self, need: int) -> str | None:
-        """Free descriptors so that ``need`` more fit the budget, or say why
-        they do not."""
-        if self.fds_held() + need > self.fd_budget:
-            self._release_fds()
-        if self.fds_held() + need > self.fd_budget:
-            return (
-                f"this connection already holds {self.fds_held()} of its {self.fd_budget} "
-                f"file descriptors ({len(self._mirrors)} mirrors open)"
-            )
-        return None
-
-    def _release_fds(self) -> None:
-        """Commit what is pending and drop cached directories: afterwards the
-        session holds only its socket, pipe, mirrors and files in flight."""
-        self._commit_all()
-        for m in self._mirrors.values():
-            m.release_fds()
-
-    def _fit_fd_budget(self) -> None:
-        """Called before an operation that may open files."""
-        if self.fds_held() + OP_FDS > self.fd_budget:
-            self._release_fds()
-
-    def _commit_all(self) -> None:
-        for m in self._mirrors.values():
-            self._answer(m.commit())
+                    F.ErrorCode.UNEXPECTED, f"{type(ev).__name__} is not sent to a receiver"
+                )

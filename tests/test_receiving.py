@@ -20,7 +20,7 @@ from replicator.stats import SessionStats
 PEER = "a"
 
 
-def make_config(tmp_path: Path, accept: str = PEER, push: str = "") -> Config:
+def make_config(tmp_path: Path, accept: str = PEER, push: str = "", extra: str = "") -> Config:
     return config.parse(
         f"""
 [node]
@@ -36,6 +36,7 @@ path = "{tmp_path}/m"
 accept_from = [{f'"{accept}"' if accept else ""}]
 push_to = [{f'"{push}"' if push else ""}]
 {"two_way = true" if push else ""}
+{extra}
 """
     )
 

@@ -23,10 +23,10 @@ import pytest
 
 from replicator import frames as F
 from replicator import listener as L
+from replicator.inbound import MAX_REFUSED_OPENS
 from replicator.listener import Listener
 from replicator.localcluster import LocalCluster, LocalNode, free_port, wait_for, write_key
 from replicator.protocol import Established
-from replicator.session import MAX_REFUSED_OPENS
 
 from .conftest import make_pair
 from .test_ctl import ctl

@@ -1,0 +1,274 @@
+"""The mirrors a peer opened on one inbound connection, and when to publish.
+
+``Inbound`` routes the operations and payloads of one connection to the
+mirror and file each belongs to (``receiving.ReceivingMirror``), opens mirrors (``admit``, each
+name once per connection) and keeps the session within its descriptor
+budget. It never touches the socket: like the mirrors, it returns
+``Answer``s (and the Opened frame of an open) for the session to send.
+
+``GroupCommit`` decides when the files and directories waiting in the
+mirrors are published and acknowledged (one sync round for many of them):
+
+- at once when nothing more is coming right now — the socket has no input,
+  or the next payload is not all there yet (the session would wait for the
+  network; idle latency stays at one round trip plus one sync);
+- when a group is large (``GROUP_OPS`` operations, ``GROUP_BYTES`` bytes);
+- and at the latest ``COMMIT_DELAY`` after the first of them completed,
+  whatever the socket is doing: a small file that arrived between the
+  chunks of a big one, or in the middle of a cold sync, is published within
+  milliseconds instead of when the stream pauses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import frames as F
+from . import transfer
+from .config import Config
+from .errors import RemoteProtocolError
+from .manifest import EntryState
+from .publisher import PartialFile
+from .receiving import OP_FDS, Answer, ReceivingMirror, Refused, admit
+from .stats import SessionStats
+
+log = logging.getLogger(__name__)
+
+#: Opens a session may have refused (unknown or forbidden mirrors) before
+#: the connection is closed: each one is logged.
+MAX_REFUSED_OPENS = 32
+#: Commit a group once it holds this many operations or bytes.
+GROUP_OPS = 1024
+GROUP_BYTES = 256 * 1024 * 1024
+#: Seconds a completed file waits at most for company before its group is
+#: published, even while the socket stays busy.
+COMMIT_DELAY = 0.005
+
+
+class GroupCommit:
+    """When to publish what is pending (see the module docstring). Pure:
+    the caller says what is pending and whether more input is at hand."""
+
+    def __init__(
+        self, delay: float = COMMIT_DELAY, ops: int = GROUP_OPS, nbytes: int = GROUP_BYTES
+    ) -> None:
+        self.delay = delay
+        self.ops = ops
+        self.nbytes = nbytes
+        #: Monotonic time the oldest pending operation was first seen.
+        self.since: float | None = None
+
+    def due(self, pending: int, pending_bytes: int, now: float, more_at_hand: bool) -> bool:
+        if not pending:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+        return (
+            not more_at_hand
+            or pending >= self.ops
+            or pending_bytes >= self.nbytes
+            or now - self.since >= self.delay
+        )
+
+    def committed(self) -> None:
+        self.since = None
+
+
+class Inbound:
+    """The mirrors ``peer`` opened on one connection (see module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        peer: str,
+        stats: SessionStats,
+        marker_ok: Callable[[str], bool],
+        peer_state: Callable[[str, bytes], EntryState | None],
+        fixed_fds: Callable[[], int],
+        fd_budget: int,
+    ) -> None:
+        self.cfg = cfg
+        self.peer = peer
+        self.stats = stats
+        self.marker_ok = marker_ok
+        self.peer_state = peer_state
+        #: Descriptors the session holds outside the mirrors (socket, pipe).
+        self.fixed_fds = fixed_fds
+        self.fd_budget = fd_budget
+        self.mirrors: dict[int, ReceivingMirror] = {}
+        #: The mirror of each file operation in flight: Chunk, End and
+        #: Abort name only the operation.
+        self.ops: dict[int, ReceivingMirror] = {}
+        #: Mirror names this connection asked to open (each may be asked once).
+        self._open_names: set[str] = set()
+        self._open_refused = 0
+        #: Where the current chunk's payload goes (None: drained).
+        self._target: tuple[ReceivingMirror, PartialFile] | None = None
+        #: Answers of a commit made while opening a mirror (make_room).
+        self._freed: list[Answer] = []
+
+    # -- mirrors -------------------------------------------------------------
+
+    def open(self, ev: F.Open) -> tuple[list[Answer], F.Opened, Refused | None]:
+        """Open a mirror the peer may push into (receiving.admit): each name
+        once per connection, within the descriptor budget. Returns the
+        answers of a commit made to free descriptors, the Opened frame to
+        send and, if refused, why (for the log)."""
+        if ev.name in self._open_names:
+            raise RemoteProtocolError(
+                F.ErrorCode.UNEXPECTED,
+                f"mirror {ev.name!r} was already opened on this connection (a peer opens "
+                "each mirror once)",
+            )
+        self._open_names.add(ev.name)
+        self._freed = []
+        try:
+            m = admit(
+                self.cfg,
+                ev.name,
+                self.peer,
+                self.stats,
+                self.marker_ok,
+                self.make_room,
+                self.peer_state,
+            )
+        except Refused as r:
+            self._open_refused += 1
+            if self._open_refused > MAX_REFUSED_OPENS:
+                raise RemoteProtocolError(
+                    F.ErrorCode.LIMIT,
+                    f"more than {MAX_REFUSED_OPENS} mirrors refused on this connection",
+                ) from None
+            return self._freed, F.Opened(ev.mirror, r.code, 0, r.message), r
+        self.mirrors[ev.mirror] = m
+        self.stats.mirrors.append(ev.name)
+        return self._freed, F.Opened(ev.mirror, 0, m.inbox.preserve, ""), None
+
+    def mirror(self, mid: int) -> ReceivingMirror:
+        return self.mirrors[mid]  # the protocol checked the id is open
+
+    # -- operations ----------------------------------------------------------
+
+    def begin(self, ev: F.File) -> list[Answer]:
+        m = self.mirror(ev.mirror)
+        out = self.fit_fd_budget()
+        self.ops[ev.op] = m
+        return out + m.begin(ev)
+
+    def end(self, op: int) -> list[Answer]:
+        m = self.ops.pop(op, None)
+        return [] if m is None else m.end(op)
+
+    def abort(self, op: int) -> None:
+        m = self.ops.pop(op, None)
+        if m is not None:
+            m.abort(op)
+
+    def namespace(self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename) -> list[Answer]:
+        m = self.mirror(ev.mirror)
+        return self.fit_fd_budget() + m.namespace(ev)
+
+    # -- payload -------------------------------------------------------------
+
+    def chunk(self, op: int) -> None:
+        """A Chunk of ``op`` starts: its payload goes to that file (or is
+        drained, if the file failed or was refused)."""
+        m = self.ops.get(op)
+        p = None if m is None else m.files.get(op)
+        self._target = None if m is None or p is None else (m, p)
+
+    def write_inline(self, data: bytes) -> list[Answer]:
+        """Payload that arrived with its header, already in Python."""
+        target = self._target
+        if target is None:
+            return []
+        m, p = target
+        try:
+            transfer.write_inline(p.fd, data, p.written)
+        except OSError as e:
+            return self._fail(m, p, e)
+        return self._wrote(m, p, len(data))
+
+    def splice(self, splicer: transfer.Splicer, n: int) -> list[Answer]:
+        """``n`` payload bytes socket → pipe → file (drained if no target)."""
+        target = self._target
+        if target is None:
+            splicer.discard(n)
+            return []
+        m, p = target
+        try:
+            splicer.to_file(p.fd, p.written, n)
+        except transfer.SinkError as e:
+            return self._fail(m, p, e)
+        return self._wrote(m, p, n)
+
+    def _wrote(self, m: ReceivingMirror, p: PartialFile, n: int) -> list[Answer]:
+        self.stats.payload_bytes_received += n
+        answers = m.wrote(p, n)
+        if answers:  # the file failed
+            self._target = None
+        return answers
+
+    def _fail(self, m: ReceivingMirror, p: PartialFile, e: OSError) -> list[Answer]:
+        self._target = None
+        return m.fail(p, e)
+
+    # -- publishing ----------------------------------------------------------
+
+    def pending(self) -> tuple[int, int]:
+        """Operations and bytes waiting for a commit round."""
+        ms = self.mirrors.values()
+        return sum(m.publisher.pending for m in ms), sum(m.publisher.pending_bytes for m in ms)
+
+    def commit(self) -> list[Answer]:
+        out: list[Answer] = []
+        for m in self.mirrors.values():
+            out += m.commit()
+        return out
+
+    def close(self) -> None:
+        # Complete files are still worth publishing: the sender will see them
+        # in the next manifest and not send them again.
+        for m in self.mirrors.values():
+            try:
+                m.commit()  # nobody left to answer
+            except Exception:
+                log.exception("publishing complete files of %s after the connection ended", m.name)
+        for m in self.mirrors.values():
+            m.close()
+        self.ops.clear()
+
+    # -- descriptors ---------------------------------------------------------
+
+    def fds_held(self) -> int:
+        """Descriptors held by the session (see session.SESSION_FDS)."""
+        return self.fixed_fds() + sum(len(m.files) + m.fds_held() for m in self.mirrors.values())
+
+    def make_room(self, need: int) -> str | None:
+        """Free descriptors so that ``need`` more fit the budget, or say why
+        they do not (admit calls this; open() returns what a commit said)."""
+        if self.fds_held() + need > self.fd_budget:
+            self._freed += self._release_fds()
+        if self.fds_held() + need > self.fd_budget:
+            return (
+                f"this connection already holds {self.fds_held()} of its {self.fd_budget} "
+                f"file descriptors ({len(self.mirrors)} mirrors open)"
+            )
+        return None
+
+    def fit_fd_budget(self) -> list[Answer]:
+        """Called before an operation that may open files: commits what is
+        pending if the budget is tight (its answers are returned)."""
+        if self.fds_held() + OP_FDS > self.fd_budget:
+            return self._release_fds()
+        return []
+
+    def _release_fds(self) -> list[Answer]:
+        """Commit what is pending and drop cached directories: afterwards the
+        session holds only its socket, pipe, mirrors and files in flight."""
+        out = self.commit()
+        for m in self.mirrors.values():
+            m.release_fds()
+        return out
