@@ -13,8 +13,15 @@ reloads the backlog oldest first, so a peer that was down for hours gets
 everything, in order, without waiting for a full rescan (which still runs,
 and catches what a crash lost in the last unflushed batch).
 
-Memory is bounded: beyond ``MEMORY_MAX`` entries new ones live only in the
-table and are read back as the in-memory part drains.
+Memory is bounded: beyond ``MEMORY_MAX`` entries new bulk entries live
+only in the table and are read back as the in-memory part drains.
+
+Two lanes: a path the watcher saw change (``Flag.LIVE``) is *live*; what a
+cold sync, reconcile, rescan, or reload from the table found is *bulk*.
+``pop`` serves live entries first and gives bulk one start in every
+``LIVE_RUN + 1`` while both wait, so bulk never starves; a bulk entry marked
+live moves to the live lane. The lane is not persisted: after a restart
+everything is bulk.
 
 The link thread is the only user of a Backlog; each Backlog has its own
 SQLite connection.
@@ -27,13 +34,42 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from typing import NamedTuple
+
+from .changes import Flag
 
 log = logging.getLogger(__name__)
 
 Key = tuple[int, bytes]  # (mirror id, path relative to the mirror root)
-Info = tuple[float, int, int]  # (wall-clock time first dirty, size hint, changes.Flag bits)
 
+
+class Info(NamedTuple):
+    """What the backlog knows about one dirty path."""
+
+    #: Wall-clock time it first became dirty (what lag measures).
+    since: float
+    #: Size hint (bytes), for status.
+    size: int
+    #: ``changes.Flag`` bits of everything seen since.
+    flags: int
+
+
+#: What callers may pass where an Info goes: a plain (since, size, flags).
+InfoLike = Info | tuple[float, int, int]
+
+
+def merge(old: InfoLike, new: InfoLike) -> Info:
+    """Two marks of one path: the first time, the latest size, all flags."""
+    return Info(min(old[0], new[0]), new[1], old[2] | new[2])
+
+
+LIVE = int(Flag.LIVE)
 MEMORY_MAX = 200_000
+#: Live entries are kept in memory up to this many in all (they are not
+#: persisted with their lane); beyond, they spill like bulk ones.
+LIVE_MEMORY_MAX = 2 * MEMORY_MAX
+#: Live starts in a row, while bulk work waits, before one bulk start.
+LIVE_RUN = 8
 FLUSH_SECONDS = 0.05
 
 _SCHEMA = """
@@ -59,17 +95,16 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
-        self._up: dict[tuple[str, bytes], tuple[float, int, int]] = {}
+        self._up: dict[tuple[str, bytes], Info] = {}
         self._del: set[tuple[str, bytes]] = set()
         self._last = time.monotonic()
 
-    def upsert(self, mirror: str, path: bytes, info: Info) -> None:
+    def upsert(self, mirror: str, path: bytes, info: InfoLike) -> None:
         k = (mirror, path)
         self._del.discard(k)
+        info = Info(info[0], info[1], info[2] & ~LIVE)  # lanes are not persisted
         old = self._up.get(k)
-        if old is not None:
-            info = (min(old[0], info[0]), info[1], old[2] | info[2])
-        self._up[k] = info
+        self._up[k] = info if old is None else merge(old, info)
 
     def delete(self, mirror: str, path: bytes) -> None:
         k = (mirror, path)
@@ -116,7 +151,7 @@ class Store:
             key = (mid, bytes(p))
             if skip(key):
                 continue
-            out.append((key, (s, z, f)))
+            out.append((key, Info(s, z, f & ~LIVE)))
             if len(out) >= limit:
                 break
         return out
@@ -139,42 +174,77 @@ class Backlog:
         self.ids = {n: i for i, n in mirrors.items()}
         self.store = store
         self.memory_max = memory_max
-        self._ready: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
+        #: The two lanes' ready entries, per mirror, insertion-ordered.
+        self._live: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
+        self._bulk: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
         self._later: list[tuple[float, Key]] = []
         self._later_info: dict[Key, tuple[float, Info]] = {}
         self._parked: dict[Key, Info] = {}
+        #: Live starts in a row while bulk entries waited (see LIVE_RUN).
+        self._run = 0
         #: Entries that exist only in the store (memory was full).
         self.spilled = 0
 
     # -- marking ----------------------------------------------------------------
 
     def _in_memory(self) -> int:
-        return sum(len(d) for d in self._ready.values()) + len(self._later_info) + len(self._parked)
+        return (
+            sum(len(d) for d in self._live.values())
+            + sum(len(d) for d in self._bulk.values())
+            + len(self._later_info)
+            + len(self._parked)
+        )
+
+    def _ready(self, info: Info) -> dict[int, dict[Key, Info]]:
+        return self._live if info.flags & LIVE else self._bulk
 
     def holds(self, key: Key) -> bool:
-        return key in self._ready[key[0]] or key in self._later_info or key in self._parked
+        mid = key[0]
+        return (
+            key in self._live[mid]
+            or key in self._bulk[mid]
+            or key in self._later_info
+            or key in self._parked
+        )
 
-    def mark(self, key: Key, info: Info, delay: float = 0.0, persist: bool = True) -> None:
+    def mark(
+        self,
+        key: Key,
+        info: InfoLike,
+        delay: float = 0.0,
+        persist: bool = True,
+    ) -> None:
         """``key`` may differ on the peer; look at it now, or after ``delay`` s."""
+        info = Info(*info)
         if persist and self.store is not None:
             self.store.upsert(self.names[key[0]], key[1], info)
-        ready = self._ready[key[0]]
-        cur = ready.get(key)
+        mid = key[0]
+        live, bulk = self._live[mid], self._bulk[mid]
+        cur = live.get(key)
         if cur is not None:
-            ready[key] = (min(cur[0], info[0]), info[1], cur[2] | info[2])
+            live[key] = merge(cur, info)
             return
-        old = self._later_info.get(key)
+        cur = bulk.get(key)
+        if cur is not None:
+            merged = merge(cur, info)
+            if merged.flags & LIVE:  # now live: it moves ahead
+                del bulk[key]
+                live[key] = merged
+            else:
+                bulk[key] = merged
+            return
         parked = self._parked.get(key)
         if parked is not None:
-            self._parked[key] = (min(parked[0], info[0]), info[1], parked[2] | info[2])
+            self._parked[key] = merge(parked, info)
             return
-        if old is None and self._in_memory() >= self.memory_max and self.store is not None:
+        old = self._later_info.get(key)
+        if old is None and self.store is not None and self._full(info):
             if not persist:  # it lives only in the store from now on: it must be there
-                self.store.upsert(self.names[key[0]], key[1], info)
+                self.store.upsert(self.names[mid], key[1], info)
             self.spilled += 1  # read back by refill() as memory drains
             return
         if old is not None:
-            info = (min(old[1][0], info[0]), info[1], old[1][2] | info[2])
+            info = merge(old[1], info)
         if delay > 0:
             due = time.monotonic() + delay
             if old is not None and old[0] >= due:
@@ -184,10 +254,14 @@ class Backlog:
             heapq.heappush(self._later, (due, key))
             return
         self._later_info.pop(key, None)
-        ready[key] = info
+        self._ready(info)[mid][key] = info
+
+    def _full(self, info: Info) -> bool:
+        limit = LIVE_MEMORY_MAX if info.flags & LIVE else self.memory_max
+        return self._in_memory() >= max(limit, self.memory_max)
 
     def promote(self) -> None:
-        """Move delayed entries whose time has come to the ready queue."""
+        """Move delayed entries whose time has come to their lane."""
         now = time.monotonic()
         while self._later and self._later[0][0] <= now:
             due, key = heapq.heappop(self._later)
@@ -195,7 +269,7 @@ class Backlog:
             if cur is None or cur[0] != due:
                 continue  # superseded by a later mark
             del self._later_info[key]
-            self._ready[key[0]][key] = cur[1]
+            self._ready(cur[1])[key[0]][key] = cur[1]
 
     def refill(self, busy: Callable[[Key], bool]) -> None:
         """Read spilled entries back from the store once memory has room."""
@@ -206,20 +280,20 @@ class Backlog:
             return
         rows = self.store.oldest(self.ids, room, lambda k: self.holds(k) or busy(k))
         for key, info in rows:
-            self._ready[key[0]][key] = info
+            self._bulk[key[0]][key] = info
         if len(rows) < room:
             self.spilled = 0
         else:
             self.spilled = max(0, self.spilled - len(rows))
 
     def load(self) -> int:
-        """At start: everything the store holds, oldest first."""
+        """At start: everything the store holds, oldest first (bulk)."""
         if self.store is None:
             return 0
         total = self.store.count()
         rows = self.store.oldest(self.ids, self.memory_max, self.holds)
         for key, info in rows:
-            self._ready[key[0]][key] = info
+            self._bulk[key[0]][key] = info
         self.spilled = total - len(rows)
         return total
 
@@ -229,21 +303,29 @@ class Backlog:
         """Monotonic time of the next delayed entry, if any."""
         return self._later[0][0] if self._later else None
 
-    def has_ready(self, mid: int) -> bool:
-        return bool(self._ready[mid])
+    def has_ready(self, mid: int, bulk: bool = True) -> bool:
+        """Whether ``pop(mid, bulk)`` has something to give."""
+        return bool(self._live[mid]) or (bulk and bool(self._bulk[mid]))
 
-    def pop(self, mid: int) -> tuple[Key, Info]:
-        """The oldest ready entry of mirror ``mid`` (StopIteration if none)."""
-        ready = self._ready[mid]
+    def pop(self, mid: int, bulk: bool = True) -> tuple[Key, Info]:
+        """The next ready entry of mirror ``mid``: live first, with one bulk
+        start in every LIVE_RUN + 1 while both wait; with ``bulk`` False
+        (the bulk window is full), live only. StopIteration if none."""
+        live, waiting = self._live[mid], self._bulk[mid] if bulk else None
+        if waiting and (not live or self._run >= LIVE_RUN):
+            self._run = 0
+            ready = waiting
+        else:
+            if waiting:
+                self._run += 1
+            ready = live
         key = next(iter(ready))
         return key, ready.pop(key)
 
-    def park(self, key: Key, info: Info) -> None:
+    def park(self, key: Key, info: InfoLike) -> None:
         """``key`` is dirty again while an operation on it is in flight."""
         old = self._parked.get(key)
-        self._parked[key] = (
-            info if old is None else (min(old[0], info[0]), info[1], old[2] | info[2])
-        )
+        self._parked[key] = Info(*info) if old is None else merge(old, info)
 
     def unpark(self, key: Key) -> None:
         info = self._parked.pop(key, None)
@@ -254,7 +336,7 @@ class Backlog:
         for key in list(self._parked):
             self.unpark(key)
 
-    def persist(self, key: Key, info: Info) -> None:
+    def persist(self, key: Key, info: InfoLike) -> None:
         """Record ``key`` in the store only (an operation in flight that a
         crash must not forget, e.g. a rename)."""
         if self.store is not None:
@@ -275,14 +357,32 @@ class Backlog:
         return self._in_memory() + self.spilled
 
     def bytes(self) -> int:
-        return sum(i[1] for d in self._ready.values() for i in d.values())
+        return sum(i.size for q in (self._live, self._bulk) for d in q.values() for i in d.values())
 
     def oldest(self) -> float | None:
         """Wall-clock time of the oldest change waiting here."""
-        times = [next(iter(d.values()))[0] for d in self._ready.values() if d]
-        times += [i[1][0] for i in self._later_info.values()]
-        times += [i[0] for i in self._parked.values()]
+        times = [t for t in (self.lanes()[lane]["oldest"] for lane in ("live", "bulk")) if t]
         return min(times) if times else None
+
+    def lanes(self) -> dict[str, dict[str, float | int | None]]:
+        """Per lane: entries waiting (ready, delayed, parked; spilled ones
+        are bulk), their size hints, and the wall-clock time of the oldest."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        waiting = [*(i for _, i in self._later_info.values()), *self._parked.values()]
+        for lane, queues in (("live", self._live), ("bulk", self._bulk)):
+            is_live = lane == "live"
+            others = [i for i in waiting if bool(i.flags & LIVE) == is_live]
+            heads = [next(iter(d.values())).since for d in queues.values() if d]
+            times = heads + [i.since for i in others]
+            out[lane] = {
+                "files": sum(len(d) for d in queues.values())
+                + len(others)
+                + (0 if is_live else self.spilled),
+                "bytes": sum(i.size for d in queues.values() for i in d.values())
+                + sum(i.size for i in others),
+                "oldest": min(times) if times else None,
+            }
+        return out
 
     def close(self) -> None:
         if self.store is not None:

@@ -33,6 +33,9 @@ class Flag(enum.IntFlag):
     CLOSED = 2
     #: Attributes changed (chmod, utime, chown).
     ATTRIB = 4
+    #: The watcher saw it happen: a live change, sent ahead of bulk work
+    #: (cold sync, reconcile, rescans, retries) — see backlog.py's lanes.
+    LIVE = 8
 
 
 @dataclass(frozen=True, slots=True)

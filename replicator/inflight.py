@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import frames as F
-from .backlog import Info, Key
+from .backlog import InfoLike as Info
+from .backlog import Key
 from .manifest import EntryState
 
 

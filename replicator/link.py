@@ -36,7 +36,8 @@ from typing import Any
 
 from . import frames as F
 from . import net, paths
-from .backlog import Backlog, Info, Key, Store
+from .backlog import Backlog, Key, Store
+from .backlog import InfoLike as Info
 from .changes import Dirty, Flag, Moved, PeerHas, Rescan
 from .config import MirrorConfig, NodeConfig, PeerConfig
 from .errors import LinkError, ProtocolError, RemoteProtocolError

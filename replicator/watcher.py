@@ -109,6 +109,8 @@ class _Handler(FileSystemEventHandler):
                 log.exception("watcher: failed to handle %r", event)
 
     def _on(self, ev: FileSystemEvent) -> None:
+        """Every change seen here is live (Flag.LIVE): it goes ahead of bulk
+        work; what ``scan`` finds under a directory moved in is bulk."""
         m = self.mirror
         if isinstance(ev, (FileMovedEvent, DirMovedEvent)):
             if ev.is_synthetic:
@@ -121,11 +123,11 @@ class _Handler(FileSystemEventHandler):
             elif dst is not None:
                 # From the daemon's own partial folder (a file just received)
                 # or from an excluded name (an editor's temp file): new here.
-                self.sink(Dirty(m, dst, Flag.DATA | Flag.CLOSED))
+                self.sink(Dirty(m, dst, Flag.DATA | Flag.CLOSED | Flag.LIVE))
                 if ev.is_directory:
                     self.scan(m, dst)
             elif src is not None and not self.excludes(src):
-                self.sink(Dirty(m, src, Flag.DATA))  # moved out: gone
+                self.sink(Dirty(m, src, Flag.DATA | Flag.LIVE))  # moved out: gone
             return
         rel = self._rel(ev.src_path)
         if rel is None or self.excludes(rel):
@@ -135,15 +137,15 @@ class _Handler(FileSystemEventHandler):
             # IN_ATTRIB + IN_CLOSE_WRITE; a write() also brings IN_MODIFY. An
             # mmap write brings only IN_CLOSE_WRITE (no ATTRIB): the link
             # then sends data, since nothing says it was a touch.
-            self.sink(Dirty(m, rel, Flag.CLOSED))
+            self.sink(Dirty(m, rel, Flag.CLOSED | Flag.LIVE))
         elif isinstance(ev, (FileAttribEvent, DirAttribEvent)):
-            self.sink(Dirty(m, rel, Flag.ATTRIB))
+            self.sink(Dirty(m, rel, Flag.ATTRIB | Flag.LIVE))
         elif isinstance(ev, DirCreatedEvent):
-            self.sink(Dirty(m, rel, Flag.DATA))
+            self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
             if not ev.is_synthetic:
                 self.scan(m, rel)
         else:  # created, deleted
-            self.sink(Dirty(m, rel, Flag.DATA))
+            self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
 
 
 class Watcher:

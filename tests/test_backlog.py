@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from replicator.backlog import Backlog, Store
+from replicator.backlog import LIVE_RUN, Backlog, Info, Store
+from replicator.changes import Flag
 
 
 def test_coalesces_keeping_first_time_and_all_flags(tmp_path: Path) -> None:
@@ -62,3 +64,89 @@ def test_delays_and_parking(tmp_path: Path) -> None:
     assert not bl.has_ready(1) and bl.files() == 1
     bl.unpark((1, b"y"))
     assert bl.pop(1)[0] == (1, b"y")
+
+
+# -- lanes -------------------------------------------------------------------------------
+
+LIVE = int(Flag.LIVE)
+
+
+def test_live_entries_go_first(tmp_path: Path) -> None:
+    bl = Backlog({1: "m"})
+    for i in range(3):
+        bl.mark((1, b"cold%d" % i), (1.0 + i, 0, 1))
+    bl.mark((1, b"live"), (10.0, 0, 1 | LIVE))
+    assert bl.pop(1)[0] == (1, b"live")
+    assert [bl.pop(1)[0][1] for _ in range(3)] == [b"cold0", b"cold1", b"cold2"]
+
+
+def test_bulk_gets_one_start_in_every_live_run_plus_one(tmp_path: Path) -> None:
+    bl = Backlog({1: "m"})
+    bl.mark((1, b"cold0"), (1.0, 0, 1))
+    bl.mark((1, b"cold1"), (1.0, 0, 1))
+    for i in range(2 * LIVE_RUN + 2):
+        bl.mark((1, b"live%02d" % i), (2.0, 0, LIVE))
+    order = [bl.pop(1)[0][1] for _ in range(2 * LIVE_RUN + 4)]
+    assert order.index(b"cold0") == LIVE_RUN
+    assert order.index(b"cold1") == 2 * LIVE_RUN + 1
+    assert not bl.has_ready(1)
+
+
+def test_a_bulk_entry_marked_live_moves_ahead_keeping_its_first_time(tmp_path: Path) -> None:
+    bl = Backlog({1: "m"})
+    bl.mark((1, b"a"), (1.0, 5, 1))
+    bl.mark((1, b"b"), (2.0, 5, 1))
+    bl.mark((1, b"b"), (9.0, 7, 2 | LIVE))
+    assert bl.pop(1) == ((1, b"b"), Info(2.0, 7, 3 | LIVE))
+    # and marking a live entry again without LIVE keeps it live
+    bl.mark((1, b"c"), (3.0, 0, LIVE))
+    bl.mark((1, b"c"), (4.0, 0, 1))
+    assert bl.pop(1) == ((1, b"c"), Info(3.0, 0, 1 | LIVE))
+
+
+def test_a_full_bulk_window_leaves_bulk_waiting(tmp_path: Path) -> None:
+    bl = Backlog({1: "m"})
+    bl.mark((1, b"cold"), (1.0, 0, 1))
+    assert bl.has_ready(1) and not bl.has_ready(1, bulk=False)
+    bl.mark((1, b"live"), (2.0, 0, LIVE))
+    assert bl.pop(1, bulk=False)[0] == (1, b"live")
+    assert not bl.has_ready(1, bulk=False)
+    assert bl.pop(1)[0] == (1, b"cold")
+
+
+def test_lanes_are_not_persisted(tmp_path: Path) -> None:
+    db = str(tmp_path / "b.sqlite3")
+    bl = Backlog({1: "m"}, Store(db, "p"))
+    bl.mark((1, b"live"), (1.0, 0, 1 | LIVE))
+    bl.close()
+    again = Backlog({1: "m"}, Store(db, "p"))
+    assert again.load() == 1
+    assert again.pop(1) == ((1, b"live"), Info(1.0, 0, 1))  # bulk now, LIVE gone
+    assert again.lanes()["live"]["files"] == 0
+    again.close()
+
+
+def test_delayed_and_parked_entries_keep_their_lane(tmp_path: Path) -> None:
+    bl = Backlog({1: "m"})
+    bl.mark((1, b"cold"), (1.0, 0, 1))
+    bl.mark((1, b"settling"), (2.0, 0, LIVE), delay=0.01)
+    bl.park((1, b"busy"), (3.0, 0, LIVE))
+    lanes = bl.lanes()
+    assert lanes["live"]["files"] == 2 and lanes["bulk"]["files"] == 1
+    assert lanes["live"]["oldest"] == 2.0 and lanes["bulk"]["oldest"] == 1.0
+    time.sleep(0.02)
+    bl.promote()
+    bl.unpark((1, b"busy"))
+    assert [bl.pop(1)[0][1] for _ in range(3)] == [b"settling", b"busy", b"cold"]
+
+
+def test_lane_status_counts_files_bytes_and_the_oldest(tmp_path: Path) -> None:
+    bl = Backlog({1: "m", 2: "n"})
+    bl.mark((1, b"a"), (5.0, 100, LIVE))
+    bl.mark((2, b"b"), (4.0, 50, LIVE))
+    bl.mark((1, b"c"), (3.0, 7, 1))
+    assert bl.lanes() == {
+        "live": {"files": 2, "bytes": 150, "oldest": 4.0},
+        "bulk": {"files": 1, "bytes": 7, "oldest": 3.0},
+    }
+    assert bl.files() == 3 and bl.bytes() == 157 and bl.oldest() == 3.0
