@@ -138,6 +138,19 @@ def render(st: dict[str, Any]) -> str:
             f"        queue {ln['queue_files']} files / {fmt_bytes(ln['queue_bytes'])}, "
             f"in flight {ln['in_flight']}, lag {fmt_age(ln['lag_seconds'])}"
         )
+        lanes = ln.get("lanes") or {}
+        if lanes:
+            parts = []
+            for name in ("live", "bulk"):
+                lane = lanes.get(name)
+                if lane is None:
+                    continue
+                extra = f", {ln.get('in_flight_bulk', 0)} in flight" if name == "bulk" else ""
+                parts.append(
+                    f"{name} {lane['files']} files / {fmt_bytes(lane['bytes'])}, "
+                    f"oldest {fmt_age(lane.get('oldest_age_seconds'))}{extra}"
+                )
+            lines.append("        lanes: " + "; ".join(parts))
         cur = ln.get("current")
         if cur:
             lines.append(

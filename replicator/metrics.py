@@ -31,6 +31,7 @@ _LINK = [
     ("queue_files", "queue_files", "Paths waiting to be looked at", "gauge"),
     ("queue_bytes", "queue_bytes", "Bytes waiting (known sizes)", "gauge"),
     ("in_flight", "in_flight", "Operations sent and not yet acknowledged", "gauge"),
+    ("in_flight_bulk", "in_flight_bulk", "Bulk operations among those in flight", "gauge"),
     ("lag_seconds", "lag_seconds", "Age of the oldest unacknowledged change", "gauge"),
     ("rate_bytes_per_second", "rate_bps", "Payload rate over the last seconds", "gauge"),
 ]
@@ -84,6 +85,22 @@ class StatusCollector:
             if ln.get("rtt_ms") is not None:
                 rtt.add_metric([node, peer], ln["rtt_ms"] / 1000)
         yield rtt
+        lanes = [
+            ("files", "files", "Paths waiting in the lane"),
+            ("bytes", "bytes", "Bytes waiting in the lane (known sizes)"),
+            ("oldest_seconds", "oldest_age_seconds", "Age of the lane's oldest change"),
+        ]
+        for suffix, key, doc in lanes:
+            fam = GaugeMetricFamily(
+                f"replicator_link_lane_{suffix}",
+                f"{doc} (live: seen by the watcher; bulk: sync, rescans, retries)",
+                labels=["node", "peer", "lane"],
+            )
+            for peer, ln in st["links"].items():
+                for lane, v in (ln.get("lanes") or {}).items():
+                    if v.get(key) is not None:
+                        fam.add_metric([node, peer, lane], float(v[key]))
+            yield fam
         for suffix, key, doc, kind in _SESSION:
             fam = family(f"replicator_session_{suffix}", doc, kind, ["node", "peer"])
             totals: dict[str, float] = {}

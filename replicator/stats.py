@@ -43,7 +43,12 @@ class LinkStats:
     resumed_bytes_skipped: int = 0
     queue_files: int = 0
     queue_bytes: int = 0
+    #: Per lane ("live": the watcher saw it; "bulk": cold sync, reconcile,
+    #: rescans, retries): files, bytes and the wall-clock time of the oldest.
+    lanes: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: int = 0
+    #: Of in_flight, bulk operations (bounded by link.BULK_WINDOW).
+    in_flight_bulk: int = 0
     oldest_change: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
@@ -70,12 +75,19 @@ class LinkStats:
         # of letting asdict() iterate them while they change.
         mirrors = {k: dict(v) for k, v in list(self.mirrors.items())}
         current = self.current
+        now = time.time()
+        lanes = {}
+        for name, lane in list(self.lanes.items()):
+            oldest = lane.get("oldest")
+            age = None if oldest is None else max(0.0, now - oldest)
+            lanes[name] = {**lane, "oldest_age_seconds": age}
         d = {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("mirrors", "current")
+            if f.name not in ("mirrors", "current", "lanes")
         }
         d["mirrors"] = mirrors
+        d["lanes"] = lanes
         d["current"] = None if current is None else asdict(current)
         d["lag_seconds"] = self.lag()
         return d
