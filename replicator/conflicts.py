@@ -30,6 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from .frames import MAX_NAME
 from .manifest import EntryState
 
 
@@ -64,8 +65,15 @@ def conflict_name(name: bytes, node: str, mtime_ns: int) -> bytes:
     # not share a name (the second would replace the first)
     sec, ns = divmod(mtime_ns, 1_000_000_000)
     stamp = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(sec)) + f".{ns:09d}Z").encode()
-    out = stem + b".conflict-" + os.fsencode(node) + b"-" + stamp + suffix
-    return out[:255]
+    tag = b".conflict-" + os.fsencode(node) + b"-" + stamp
+    # Too long for a name: cut the stem (then the suffix), never the tag. Cut
+    # into the tag, the copy's name could be the file's own (b"x" * 255) or
+    # that of another version's copy, and publishing the copy would replace it.
+    room = MAX_NAME - len(tag)
+    if len(stem) + len(suffix) > room:
+        stem = stem[: max(1, room - len(suffix))]
+        suffix = suffix[: room - len(stem)]
+    return (stem + tag + suffix)[:MAX_NAME]
 
 
 def decide(

@@ -69,9 +69,11 @@ class RemoteMirror:
 
     def move(self, src: bytes, dst: bytes) -> None:
         self.forget(dst)
-        if src in self.guessed:
-            self.guessed.discard(src)
-            self.guessed.add(dst)
+        # Guesses move with their files, also those below a directory.
+        prefix = src + b"/"
+        for g in [g for g in self.guessed if g == src or g.startswith(prefix)]:
+            self.guessed.discard(g)
+            self.guessed.add(dst + g[len(src) :])
         st = self.known.pop(src, None)
         if st is None:
             return
