@@ -143,7 +143,7 @@ class Link(threading.Thread):
             self.mirrors,
             self._remote,
             self._backlog,
-            self._wire,
+            self._wire.queue,
             stats,
             self._status,
             self._log,

@@ -25,7 +25,6 @@ from .mirror import SourceMirror
 from .plan import reconcile
 from .remote import RemoteMirror
 from .stats import LinkStats
-from .wire import Wire
 
 
 class Reconciler:
@@ -34,7 +33,7 @@ class Reconciler:
         mirrors: Mapping[int, SourceMirror],
         remote: Mapping[int, RemoteMirror],
         backlog: Backlog,
-        wire: Wire,
+        send: Callable[[F.Event], None],
         stats: LinkStats,
         status: LinkStatus,
         log: Fields,
@@ -43,7 +42,8 @@ class Reconciler:
         self._mirrors = mirrors
         self._remote = remote
         self._backlog = backlog
-        self._wire = wire
+        #: Queues a frame for the peer (``Wire.queue``).
+        self._send = send
         self._stats = stats
         self._status = status
         self._log = log
@@ -55,7 +55,7 @@ class Reconciler:
         """A new connection: ask the peer to open every mirror."""
         for m in self._mirrors.values():
             self._remote[m.id].reset()
-            self._wire.queue(F.Open(m.id, m.name))
+            self._send(F.Open(m.id, m.name))
 
     def rescan(self, mirror: str | None) -> None:
         """List ``mirror`` (None: every mirror) again as soon as possible."""
@@ -79,7 +79,7 @@ class Reconciler:
         r.listing = {}
         r.partials = {}
         r.next_scan = float("inf")
-        self._wire.queue(F.List(mid, r.list_id))
+        self._send(F.List(mid, r.list_id))
 
     # -- the peer's side ---------------------------------------------------------------
 
