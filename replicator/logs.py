@@ -1,6 +1,7 @@
 """Logging setup: stderr for the foreground, journald (structured) under systemd.
 
-Modules log with ``extra={"PEER": ..., "MIRROR": ..., "PATH": ..., "CODE": ...}``.
+Modules log with ``extra={"PEER": ..., "MIRROR": ..., "PATH": ..., "CODE": ...}``,
+or through a ``Fields`` adapter that carries some of them (a link's PEER).
 Under systemd, with systemd-python installed, records go to journald and those
 become journal fields of the same names, next to NODE (this node's name),
 PRIORITY, LOGGER, THREAD_NAME and CODE_FILE/LINE/FUNC, so an operator can ask
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 FIELDS = ("PEER", "MIRROR", "PATH", "CODE")
@@ -122,6 +123,26 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return _render(record, self, "")
+
+
+class Fields(logging.LoggerAdapter[logging.Logger]):
+    """A logger that puts the same fields on every record (a link: PEER),
+    merged with those of the call's ``extra`` (the stdlib adapter would
+    replace them) and those added by ``at``."""
+
+    def __init__(self, logger: logging.Logger, **fields: str) -> None:
+        super().__init__(logger, fields)
+        self.fields = fields
+
+    def at(self, **fields: str) -> Fields:
+        """This logger with more fields: ``log.at(MIRROR=m, PATH=p).info(...)``."""
+        return Fields(self.logger, **{**self.fields, **fields})
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**self.fields, **(kwargs.get("extra") or {})}
+        return msg, kwargs
 
 
 def under_systemd() -> bool:

@@ -21,7 +21,7 @@ SETTLE_NS = 200_000_000
 #: file that is never closed.
 SETTLE_MAX = 5.0
 
-#: How two states differ, as the receiving side applies them (link._compare).
+#: How two states differ, as the receiving side applies them (SourceMirror.compare, mirror.py).
 Compare = Callable[[EntryState, EntryState | None], Change]
 
 

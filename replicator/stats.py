@@ -60,6 +60,10 @@ class LinkStats:
     def error(self, msg: str) -> None:
         self.last_error, self.last_error_at = msg, time.time()
 
+    def mirror(self, name: str) -> dict[str, Any]:
+        """The gauges of one mirror (created empty)."""
+        return self.mirrors.setdefault(name, {})
+
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state, self.since = state, time.time()

@@ -70,6 +70,18 @@ def test_messages_and_fields_are_escaped(stderr_log: io.StringIO) -> None:
     assert "\x1b" not in text and not _forged(text)
 
 
+def test_a_fields_logger_adds_its_fields_to_the_call_s(stderr_log: io.StringIO) -> None:
+    """A link logs through logs.Fields: its PEER, the call's MIRROR/PATH (at()
+    or extra), all escaped like any field."""
+    link = logs.Fields(logging.getLogger("replicator.link"), PEER="b")
+    link.at(MIRROR="media", PATH=EVIL).warning("cannot read %s", EVIL)
+    link.info("up", extra={"CODE": "AUTH"})
+    first, second = stderr_log.getvalue().split("\n")[:2]
+    assert first.endswith(f"cannot read {_shown(EVIL)} [PEER=b MIRROR=media PATH={_shown(EVIL)}]")
+    assert second.endswith("up [PEER=b CODE=AUTH]")
+    assert link.fields == {"PEER": "b"}  # at() made a new logger
+
+
 def test_traceback_lines_are_indented(stderr_log: io.StringIO) -> None:
     log = logging.getLogger("replicator.test")
     try:

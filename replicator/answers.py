@@ -1,0 +1,215 @@
+"""What the peer's answers mean: an ``Ack`` or an ``Error`` for an operation
+the link has in flight.
+
+Pure: no socket, no file, no clock. ``Answers`` releases the operation from
+``InFlight``, brings what the link knows the peer holds (``RemoteMirror``)
+up to date, and keeps the retry policy. It returns an ``Answer``: what the
+link must do about it — the backlog changes in order, counters, a log line
+— and the link applies it (``Pump.apply``). It never sends a frame:
+cancelling a file still being sent is the pump's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import frames as F
+from .backlog import InfoLike as Info
+from .backlog import Key
+from .changes import Flag
+from .errors import LinkError
+from .inflight import InFlight, Record, parent
+from .paths import show
+from .remote import RemoteMirror
+
+#: After a directory's child changed, wait this long before re-sending its
+#: mtime (it is pushed back while children are in flight; the queue empties
+#: only after it, so it shows in lag: keep it short).
+DIR_SETTLE = 0.1
+#: Retry delays for operations the peer refused with a transient error.
+RETRY_MIN, RETRY_MAX = 1.0, 30.0
+
+
+# -- what the link does about an answer ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Mark ``key`` dirty (``Backlog.mark``)."""
+
+    key: Key
+    info: Info
+    delay: float = 0.0
+    persist: bool = True
+
+
+@dataclass(frozen=True)
+class MarkTree:
+    """Mark everything below the directory ``top`` dirty; with
+    ``only_changed``, only what differs from what the peer holds."""
+
+    mirror: int
+    top: bytes
+    since: float
+    only_changed: bool = False
+
+
+@dataclass(frozen=True)
+class Done:
+    """Forget ``key`` in the backlog: the peer holds it (``Backlog.done``)."""
+
+    key: Key
+
+
+@dataclass(frozen=True)
+class Unpark:
+    """``key`` waited for the answered operation: it may go (``Backlog.unpark``)."""
+
+    key: Key
+
+
+Effect = Mark | MarkTree | Done | Unpark
+
+
+@dataclass(frozen=True)
+class Line:
+    """A log line: ``log.log(level, msg, *args)`` with the journal ``fields``
+    (the link adds PEER)."""
+
+    level: int
+    msg: str
+    args: tuple[object, ...]
+    fields: Mapping[str, str]
+
+
+@dataclass
+class Answer:
+    """What an answer means for the link."""
+
+    #: The operation answered; None if none in flight had its op (nothing to do).
+    record: Record | None = None
+    #: Backlog changes, in the order they are made.
+    effects: list[Effect] = field(default_factory=list)
+    #: Count it in ``ops_acked`` / ``renames``.
+    acked: bool = False
+    renamed: bool = False
+    #: For ``last_error``.
+    error: str | None = None
+    log: Line | None = None
+
+
+def release(inflight: InFlight, op: int) -> Answer:
+    """``op`` was answered (or aborted by the link): what waited on it may go."""
+    out = inflight.release(op)
+    if out is None:
+        return Answer()
+    effects: list[Effect] = [Unpark(k) for k in out.freed]
+    effects += [Mark(key, info, persist=False) for key, info in out.woken]
+    return Answer(out.record, effects)
+
+
+class Answers:
+    """The meaning of the peer's answers to one link's operations."""
+
+    def __init__(
+        self,
+        inflight: InFlight,
+        remote: Mapping[int, RemoteMirror],
+        names: Mapping[int, str],
+        peer: str,
+    ) -> None:
+        self._inflight = inflight
+        self._remote = remote
+        self._names = names
+        self._peer = peer
+        #: Transient refusals in a row, per path: the next retry's delay.
+        self._retries: Counter[Key] = Counter()
+
+    def ack(self, op: int) -> Answer:
+        """``op`` is durable on the peer."""
+        a = release(self._inflight, op)
+        rec = a.record
+        if rec is None:
+            return a
+        a.acked = True
+        self._retries.pop(rec.key, None)
+        mid, rel = rec.key
+        r = self._remote[mid]
+        if rec.kind is F.Delete:
+            r.forget(rel)
+        elif rec.kind is F.Rename:
+            assert rec.dst is not None
+            r.move(rel, rec.dst)
+            a.renamed = True
+            a.effects.append(Done((mid, rec.dst)))
+            # What moved may have changed on the way: compare it again.
+            a.effects.append(Mark((mid, rec.dst), (rec.since, 0, Flag.DATA), persist=False))
+            if rec.is_dir:
+                a.effects.append(MarkTree(mid, rec.dst, rec.since, only_changed=True))
+        elif rec.state is not None:
+            r.acked(rel, rec.state)
+        if rec.kind is not F.Meta:
+            # The entry's folder on the peer got a new mtime: put ours back.
+            for p in {parent(rel), parent(rec.dst) if rec.dst else b""}:
+                if p:
+                    r.stale_dir(p)
+                    info: Info = (rec.since, 0, Flag.DATA)
+                    a.effects.append(Mark((mid, p), info, DIR_SETTLE, persist=False))
+        a.effects.append(Done(rec.key))
+        return a
+
+    def error(self, ev: F.Error) -> Answer:
+        """The peer refused ``ev.op``; a fatal Error raises LinkError (the
+        peer closes the link)."""
+        try:
+            code = F.ErrorCode(ev.code)
+        except ValueError:
+            code = F.ErrorCode.INTERNAL
+        if ev.fatal:
+            raise LinkError(f"peer closed the link ({code.name}): {ev.message}")
+        a = release(self._inflight, ev.op)
+        rec = a.record
+        if rec is None:
+            return a
+        mid, rel = rec.key
+        where = {"MIRROR": self._names[mid], "PATH": show(rel), "CODE": code.name}
+        a.error = ev.message
+        info: Info = (rec.since, rec.size, Flag.DATA)
+        if rec.kind is F.Rename:
+            # The peer could not rename: send the destination as new data.
+            assert rec.dst is not None
+            a.log = Line(
+                logging.WARNING,
+                "peer %s could not rename %s: %s; sending it again",
+                (self._peer, show(rel), ev.message),
+                where,
+            )
+            a.effects.append(Mark((mid, rec.dst), info))
+            if rec.is_dir:
+                a.effects.append(MarkTree(mid, rec.dst, rec.since))
+            a.effects.append(Mark(rec.key, info))
+        elif code is F.ErrorCode.RESUME_MISMATCH:
+            self._remote[mid].partials.pop(rel, None)
+            a.effects.append(Mark(rec.key, info))
+        elif code in F.RETRYABLE:
+            n = self._retries[rec.key] = self._retries[rec.key] + 1
+            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (n - 1))
+            a.log = Line(
+                logging.WARNING,
+                "peer %s: %s; retrying in %.0f s",
+                (self._peer, ev.message, delay),
+                where,
+            )
+            a.effects.append(Mark(rec.key, info, delay))
+        else:
+            a.log = Line(
+                logging.ERROR,
+                "peer %s refused %s: %s (not retried until the next scan)",
+                (self._peer, show(rel), ev.message),
+                where,
+            )
+            a.effects.append(Done(rec.key))
+        return a

@@ -1,0 +1,367 @@
+"""The pump: what a link sends next, and sending it.
+
+Each round (``Pump.pump``) takes the dirty paths that are ready from the
+backlog, mirror by mirror; asks ``InFlight`` whether each may start; plans
+it (``plan.plan_path``) against what the peer holds; and turns a real
+difference into an operation: a frame, tracked in flight until it is
+answered. Then every large file in progress (``FileSend``) sends one chunk,
+so a 100 GiB file never holds back a 4 KiB one. A rename travels as a
+rename when it can (``moved``).
+
+This is the one place that decides what goes out and in what order. It
+never reads from the connection and never interprets the peer's answers
+(answers.py does; the pump makes the backlog changes they ask for: ``apply``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from . import frames as F
+from . import net, paths
+from .answers import DIR_SETTLE, Done, Effect, Mark, MarkTree, Unpark, release
+from .backlog import Backlog, Info, Key
+from .changes import Flag, Moved
+from .inflight import Admit, InFlight, Record
+from .linkstatus import LinkStatus
+from .logs import Fields
+from .manifest import Change, EntryState, scan
+from .mirror import SourceMirror
+from .outgoing import CHUNK, FileSend, Step
+from .paths import Located, Source
+from .plan import Action, plan_path
+from .remote import RemoteMirror
+from .stats import LinkStats, Transfer
+from .wire import Wire
+
+#: Large files sent interleaved, one chunk each per round.
+MAX_ACTIVE = 4
+#: Unacknowledged operations before the link waits for acks.
+WINDOW = 4096
+#: Dirty paths started per round (between chunks of the large files).
+STARTS_PER_ROUND = 256
+#: A file still being written (plan.SETTLE_NS) is looked at again after this long.
+SETTLE_RETRY = 0.1
+#: Wait before re-sending a file that changed while it was sent.
+RESEND_DELAY = 0.1
+
+
+class Pump:
+    def __init__(
+        self,
+        mirrors: Mapping[int, SourceMirror],
+        remote: Mapping[int, RemoteMirror],
+        backlog: Backlog,
+        inflight: InFlight,
+        wire: Wire,
+        stats: LinkStats,
+        status: LinkStatus,
+        log: Fields,
+    ) -> None:
+        self._mirrors = mirrors
+        self._remote = remote
+        self._backlog = backlog
+        self._inflight = inflight
+        self._wire = wire
+        self._stats = stats
+        self._status = status
+        self._log = log
+        #: Files being sent a chunk per round.
+        self._active: list[FileSend] = []
+        self._next_op = 0
+
+    def pump(self) -> bool:
+        """Send what can be sent now; True if anything was sent.
+
+        Starting paths (mostly small files, a few frames and a sendfile each)
+        happens corked, so many of them share TCP segments; the uncork at the
+        end pushes them out. Chunks of large files go uncorked: their header
+        is sent with MSG_MORE so it joins the payload that follows (corking
+        them measurably cost the sender CPU on loopback)."""
+        conn, sock = self._wire.conn, self._wire.sock
+        assert conn is not None and sock is not None
+        worked = False
+        started = 0
+        bl = self._backlog
+        corked = False
+        for mid, m in self._mirrors.items():
+            if not self._remote[mid].listed or m.paused:
+                continue  # nothing is sent before we know what the peer holds
+            while (
+                bl.has_ready(mid)
+                and started < STARTS_PER_ROUND
+                and conn.unacked() < WINDOW
+                and conn.open_files() < F.MAX_OPEN_FILES - 1
+            ):
+                if not corked:
+                    net.cork(sock, True)
+                    corked = True
+                key, info = bl.pop(mid)
+                if self._try_start(key, info):
+                    started += 1
+                    worked = True
+        if corked:
+            self._wire.flush()
+            net.cork(sock, False)
+        for s in list(self._active):
+            self._step(s)
+            worked = True
+        return worked
+
+    def _try_start(self, key: Key, info: Info) -> bool:
+        verdict, op = self._inflight.admit(key)
+        if verdict is Admit.BUSY:
+            self._backlog.park(key, info)
+            return False
+        if verdict is Admit.DIR_BUSY:
+            # A directory whose children are in flight: its mtime will change
+            # again on the peer; look at it once they are acknowledged.
+            self._backlog.mark(key, info, DIR_SETTLE, persist=False)
+            return False
+        if verdict is Admit.RENAMING:
+            self._inflight.wait(op, key, info)
+            return False
+        return self._start(key, info)
+
+    def _start(self, key: Key, info: Info) -> bool:
+        """Turn one dirty path into an operation, if it really changed."""
+        m = self._mirrors[key[0]]
+        # One confined walk per path: the file is opened, and later checked,
+        # through the directory fd this lookup found.
+        found = None if m.excludes(key[1]) else Source(m.root).locate(key[1])
+        try:
+            return self._start_found(key, info, found)
+        finally:
+            if found is not None:
+                found.close()  # a no-op if a FileSend took it
+
+    def _start_found(self, key: Key, info: Info, found: Located | None) -> bool:
+        mid, rel = key
+        m = self._mirrors[mid]
+        since, _, flags = info
+        src = None if found is None else EntryState.from_stat(found.st, found.target)
+        r = self._remote[mid]
+        action = plan_path(
+            src,
+            r.known.get(rel),
+            flags,
+            since,
+            lambda a, b: m.compare(a, b, r.preserve),
+            m.delete,
+            time.time(),
+            time.time_ns(),
+            rel in r.guessed,
+        )
+        if action is Action.META_GUESS:
+            r.guessed.add(rel)
+        elif action is not Action.NOTHING and action is not Action.SETTLE:
+            r.guessed.discard(rel)
+        if action is Action.NOTHING:
+            self._backlog.done(key)
+            return False
+        if action is Action.SETTLE:
+            self._backlog.mark(key, info, SETTLE_RETRY, persist=False)
+            return False
+        if action is Action.DELETE:
+            if not m.deletes_allowed():
+                self._status.marker_missing(m, 1)
+                self._backlog.done(key)
+                return False
+            return self._send_op(F.Delete(self._op(), mid, rel), key, since, None)
+        assert src is not None
+        ev: F.Event
+        if action is Action.META or action is Action.META_GUESS:
+            ev = F.Meta(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
+        elif action is Action.MKDIR:
+            ev = F.Mkdir(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
+        elif action is Action.SYMLINK:
+            ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
+        else:
+            assert found is not None
+            return self._start_file(m, key, since, found)
+        return self._send_op(ev, key, since, src)
+
+    def _op(self) -> int:
+        self._next_op = self._next_op % 0xFFFFFFFF + 1
+        return self._next_op
+
+    def _send_op(
+        self,
+        ev: F.Event,
+        key: Key,
+        since: float,
+        state: EntryState | None,
+        dst: bytes | None = None,
+        is_dir: bool = False,
+    ) -> bool:
+        op: int = ev.op  # type: ignore[attr-defined]
+        self._wire.queue(ev)
+        self._inflight.track(op, Record(type(ev), key, since, state, dst, is_dir=is_dir))
+        self._stats.ops_sent += 1
+        return True
+
+    # -- renames -------------------------------------------------------------------------
+
+    def moved(self, m: SourceMirror, msg: Moved, sending: bool) -> None:
+        """A rename travels as a rename when the peer holds the source and
+        nothing about either path is in flight (and the link is ``sending``:
+        neither paused nor draining); otherwise it becomes a delete of
+        ``src`` and new data at ``dst``."""
+        mid = m.id
+        src, dst = msg.src, msg.dst
+        now = time.time()
+        r = self._remote[mid]
+        if (
+            self._wire.conn is not None
+            and r.listed
+            and sending
+            and not m.paused
+            and src in r.known
+            and not m.excludes(src)
+            and not m.excludes(dst)
+            and not self._inflight.rename_blocked(mid, src, dst)
+        ):
+            self._send_op(
+                F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir
+            )
+            # A crash before the Ack must not forget it: both paths are then
+            # looked at again after the restart.
+            self._backlog.persist((mid, src), (now, 0, Flag.DATA))
+            self._backlog.persist((mid, dst), (now, 0, Flag.DATA))
+            self._wire.flush()
+            return
+        self._backlog.mark((mid, src), (now, 0, Flag.DATA))
+        self._backlog.mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED))
+        if msg.is_dir:
+            self.mark_tree(mid, dst, now)
+
+    def mark_tree(self, mid: int, top: bytes, since: float, only_changed: bool = False) -> None:
+        m = self._mirrors[mid]
+        r = self._remote[mid]
+        for rel, st in scan(m.root, m.excludes, top):
+            if not only_changed or m.compare(st, r.known.get(rel), r.preserve) is not Change.NONE:
+                self._backlog.mark((mid, rel), (since, st.size, Flag.DATA))
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _start_file(self, m: SourceMirror, key: Key, since: float, found: Located) -> bool:
+        rel = key[1]
+        r = self._remote[m.id]
+        op = self._op()
+        try:
+            begun = FileSend.begin(op, m.id, m.name, key, found, since, r.partials.pop(rel, None))
+        except OSError as e:
+            msg = f"mirror {m.name}: cannot read {paths.show(rel)}: {e.strerror}"
+            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).error(
+                "%s (will retry at the next scan)", msg
+            )
+            self._stats.error(msg)
+            return False
+        if begun is None:  # gone or changed type since lstat: look again
+            self._backlog.mark(key, (since, 0, Flag.DATA), RESEND_DELAY, persist=False)
+            return False
+        s, frame = begun
+        if s.resumed:
+            self._stats.resumed_files += 1
+            self._stats.resumed_bytes_skipped += s.resumed
+            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).info(
+                "link to %s: resuming %s at offset %d of %d",
+                self._stats.peer,
+                paths.show(rel),
+                s.resumed,
+                s.size,
+            )
+        self._wire.queue(frame)
+        self._inflight.track(
+            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size)
+        )
+        self._stats.ops_sent += 1
+        if s.left <= CHUNK:
+            while s.fd >= 0:
+                self._step(s)
+        else:
+            self._active.append(s)
+        return True
+
+    def _step(self, s: FileSend) -> None:
+        """Send the next chunk of ``s``; End or Abort it when it is done."""
+        wire = self._wire
+        conn, sock = wire.conn, wire.sock
+        assert conn is not None and sock is not None
+        if s.left:
+            self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
+            self._stats.bytes_sent += len(wire.buf)
+        headers = s.frame_bytes
+        step, n = s.step(sock, conn, wire.buf)
+        self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
+        self._stats.payload_bytes_sent += n
+        if n:
+            wire.last_tx = time.monotonic()
+        if step is Step.MORE:
+            return
+        wire.queue(s.finish(step))
+        self._drop(s)
+        if step is Step.DONE:
+            self._stats.files_sent += 1
+            return
+        released = release(self._inflight, s.op)
+        self.apply(released.effects)
+        rec = released.record
+        self._stats.files_aborted += 1
+        self._log.at(MIRROR=s.mirror, PATH=paths.show(s.key[1])).info(
+            "link to %s: %s changed while being sent; sending it again",
+            self._stats.peer,
+            paths.show(s.key[1]),
+        )
+        since = rec.since if rec else s.since
+        self._backlog.mark(s.key, (since, s.size, Flag.DATA), RESEND_DELAY, persist=False)
+
+    def _drop(self, s: FileSend) -> None:
+        s.close()
+        if s in self._active:
+            self._active.remove(s)
+        self._stats.current = None
+
+    def cancel(self, op: int) -> None:
+        """The peer refused ``op``: stop sending its file if it still is."""
+        for s in list(self._active):
+            if s.op == op:
+                self._wire.queue(s.cancel())
+                self._drop(s)
+
+    def sending(self) -> int:
+        """Bytes still to send of the large files in progress."""
+        return sum(s.left for s in self._active)
+
+    # -- the backlog ----------------------------------------------------------------------
+
+    def apply(self, effects: list[Effect]) -> None:
+        """Make the backlog changes an answer asks for (answers.py), in order."""
+        bl = self._backlog
+        for e in effects:
+            if isinstance(e, Mark):
+                bl.mark(e.key, e.info, e.delay, e.persist)
+            elif isinstance(e, MarkTree):
+                self.mark_tree(e.mirror, e.top, e.since, e.only_changed)
+            elif isinstance(e, Done):
+                bl.done(e.key)
+            elif isinstance(e, Unpark):
+                bl.unpark(e.key)
+
+    def reset(self) -> None:
+        """The connection is gone: stop sending files, and what was in flight
+        (nothing of it was acknowledged) is dirty again."""
+        for s in self._active:
+            s.close()
+        self._active.clear()
+        records, waiting = self._inflight.clear()
+        for rec in records:
+            self._backlog.mark(rec.key, (rec.since, rec.size, Flag.DATA))
+            if rec.dst is not None:
+                self._backlog.mark((rec.key[0], rec.dst), (rec.since, 0, Flag.DATA))
+                if rec.is_dir:
+                    self.mark_tree(rec.key[0], rec.dst, rec.since)
+        for key, info in waiting:
+            self._backlog.mark(key, info)
+        self._backlog.unpark_all()

@@ -1,0 +1,218 @@
+"""A link's connection to its peer: TCP connect, the handshake, the reader
+thread, the write buffer, and taking it down; ``Backoff`` between attempts.
+
+The link thread drives the protocol (``protocol.Connection``): it queues
+frames here, flushes them, and has what the reader read parsed here
+(``receive``). The reader thread only reads bytes and posts them to the
+link (``Received``), or posts ``Down`` once; it never touches the
+connection's state machine. Each connection has a generation (``gen``):
+what an older reader posts is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import frames as F
+from . import net
+from .config import NodeConfig
+from .errors import LinkError, RemoteProtocolError
+from .protocol import NEED_DATA, Connection, Established, Role
+from .stats import LinkStats
+
+
+@dataclass(frozen=True)
+class Received:
+    """Bytes the reader thread read; the link thread parses them (one thread
+    drives the connection's state machine)."""
+
+    gen: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Down:
+    gen: int
+    reason: str
+
+
+class Backoff:
+    """Exponential backoff with ±20 % jitter."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.current = initial
+
+    def next(self) -> float:
+        d = self.current * random.uniform(0.8, 1.2)
+        self.current = min(self.maximum, self.current * 2)
+        return d
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class AuthFailed(LinkError):
+    pass
+
+
+class Wire:
+    """The connection of one link (at most one at a time)."""
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        peer: str,
+        address: str,
+        key: bytes,
+        stats: LinkStats,
+        post: Callable[[object], None],
+    ) -> None:
+        self._node = node
+        self._peer = peer
+        self._address = address
+        self._key = key
+        self._stats = stats
+        self._post = post
+        self.sock: socket.socket | None = None
+        self.conn: Connection | None = None
+        #: Frames queued and not yet sent.
+        self.buf = bytearray()
+        #: Connection generation: messages from an older reader are ignored.
+        self.gen = 0
+        #: When something last went out (monotonic): heartbeats fill silences.
+        self.last_tx = 0.0
+
+    def connect(self, stopping: Callable[[], bool]) -> None:
+        """Connect and authenticate; AuthFailed if the peer refused our key."""
+        host, port = net.parse_address(self._address)
+        sock = socket.create_connection((host, port), timeout=self._node.dead_after)
+        sock.settimeout(None)  # blocking: see net.tune
+        self.sock = sock  # before looking at stopping: stop() shuts it down
+        if stopping():
+            raise LinkError("stopping")
+        net.tune(sock, self._node.dead_after)
+        self._stats.set_state("handshake")
+        conn = Connection(
+            Role.INITIATOR,
+            self._node.name,
+            os.urandom(F.NONCE_SIZE),
+            lambda n: self._key if n == self._peer else None,
+            expect_peer=self._peer,
+        )
+        self.conn = conn
+        self.gen += 1
+        try:
+            self._handshake(sock, conn)
+        except RemoteProtocolError as e:
+            with contextlib.suppress(Exception):
+                sock.sendall(conn.send(F.Error(e.code, 0, 1, str(e))))
+            if e.code is F.ErrorCode.AUTH:
+                raise AuthFailed(str(e)) from None
+            raise
+
+    def _handshake(self, sock: socket.socket, conn: Connection) -> None:
+        deadline = time.monotonic() + 10.0
+        conn.start()
+        while True:
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+            ev = conn.next_event()
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+            if isinstance(ev, Established):
+                return
+            if isinstance(ev, F.Error):
+                if ev.code == F.ErrorCode.AUTH:
+                    raise AuthFailed(f"peer refused authentication: {ev.message}")
+                raise LinkError(f"peer refused the handshake: {ev.message}")
+            if ev is NEED_DATA:
+                conn.receive_data(net.recv_some(sock, deadline, 4096))
+            else:
+                raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"{ev} during handshake")
+
+    def start_reader(self) -> None:
+        threading.Thread(
+            target=self._read,
+            args=(self.sock, self.gen),
+            name=f"link-{self._peer}-rx",
+            daemon=True,
+        ).start()
+
+    def _read(self, sock: socket.socket, gen: int) -> None:
+        """Reader thread: post what arrives; report the link down."""
+        dead_after = self._node.dead_after
+        last = time.monotonic()
+        try:
+            while True:
+                if not net.wait_readable(sock, 0.5):
+                    if time.monotonic() - last > dead_after:
+                        self._post(Down(gen, f"no answer from the peer for {dead_after:.0f} s"))
+                        break
+                    continue
+                data = sock.recv(65536)
+                if not data:
+                    self._post(Down(gen, "connection closed by the peer"))
+                    break
+                last = time.monotonic()
+                self._post(Received(gen, data))
+        except (OSError, ValueError) as e:
+            self._post(Down(gen, f"connection failed: {e}"))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    # -- the link thread's side ---------------------------------------------------------
+
+    def queue(self, ev: F.Event) -> None:
+        assert self.conn is not None
+        self.buf += self.conn.send(ev)
+
+    def flush(self) -> None:
+        if self.buf and self.sock is not None:
+            self._stats.bytes_sent += len(self.buf)
+            self.sock.sendall(self.buf)
+            self.buf.clear()
+            self.last_tx = time.monotonic()
+
+    def receive(self, data: bytes, on_frame: Callable[[object], None]) -> None:
+        """Parse what the peer sent and hand every whole frame in it to
+        ``on_frame``; a protocol error raises LinkError."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                on_frame(ev)
+        except RemoteProtocolError as e:
+            # Tell the peer why, unless a payload is half sent (the Error
+            # would land inside it).
+            sock = self.sock
+            if sock is not None and not conn.payload_owed:
+                with contextlib.suppress(Exception):
+                    sock.sendall(self.buf + conn.send(F.Error(e.code, 0, 1, str(e))))
+            raise LinkError(f"protocol error from the peer ({e.code.name}): {e}") from None
+
+    def shutdown(self) -> None:
+        """Cut the connection (from any thread): blocked sends and reads end."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.conn = None
+        self.buf.clear()
