@@ -356,14 +356,6 @@ class Backlog:
     def files(self) -> int:
         return self._in_memory() + self.spilled
 
-    def bytes(self) -> int:
-        return sum(i.size for q in (self._live, self._bulk) for d in q.values() for i in d.values())
-
-    def oldest(self) -> float | None:
-        """Wall-clock time of the oldest change waiting here."""
-        times = [t for t in (self.lanes()[lane]["oldest"] for lane in ("live", "bulk")) if t]
-        return min(times) if times else None
-
     def lanes(self) -> dict[str, dict[str, float | int | None]]:
         """Per lane: entries waiting (ready, delayed, parked; spilled ones
         are bulk), their size hints, and the wall-clock time of the oldest."""

@@ -37,6 +37,9 @@ class Record:
     size: int = 0
     #: Renames: a directory moves (everything below it with it).
     is_dir: bool = False
+    #: Started from the live lane (backlog.py); bulk ones count against
+    #: the bulk window (window.py).
+    live: bool = False
 
     def paths(self) -> list[Key]:
         """The paths this operation holds: its own, and a rename's destination."""
@@ -81,6 +84,8 @@ class InFlight:
         self._renaming: dict[Key, int] = {}
         #: Paths waiting for an op (a rename of an ancestor) to be answered.
         self._waiting: defaultdict[int, list[tuple[Key, Info]]] = defaultdict(list)
+        #: Operations in flight that were not live.
+        self.bulk = 0
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -152,6 +157,8 @@ class InFlight:
         if op in self._ops:
             raise ValueError(f"op {op} is already in flight")
         self._ops[op] = rec
+        if not rec.live:
+            self.bulk += 1
         mid = rec.key[0]
         for k in rec.paths():
             self._busy[k] = op
@@ -164,6 +171,8 @@ class InFlight:
         rec = self._ops.pop(op, None)
         if rec is None:
             return None
+        if not rec.live:
+            self.bulk -= 1
         mid = rec.key[0]
         freed = rec.paths()
         for k in freed:
@@ -181,6 +190,7 @@ class InFlight:
         records = list(self._ops.values())
         waiting = [w for ws in self._waiting.values() for w in ws]
         self._ops.clear()
+        self.bulk = 0
         self._busy.clear()
         self._busy_under.clear()
         self._renaming.clear()

@@ -50,10 +50,14 @@ class LinkStatus:
         self._stats_at = now
         st = self._stats
         bl = self._backlog
-        st.queue_files = bl.files()
-        st.queue_bytes = bl.bytes() + self._sending()
+        lanes = bl.lanes()
+        st.lanes = lanes
+        st.queue_files = sum(int(lane["files"] or 0) for lane in lanes.values())
+        st.queue_bytes = sum(int(lane["bytes"] or 0) for lane in lanes.values()) + self._sending()
         st.in_flight = len(self._inflight)
-        oldest = [t for t in (bl.oldest(), self._inflight.oldest()) if t is not None]
+        st.in_flight_bulk = self._inflight.bulk
+        times = [lane["oldest"] for lane in lanes.values()] + [self._inflight.oldest()]
+        oldest = [float(t) for t in times if t is not None]
         st.oldest_change = min(oldest) if oldest else None
         st.rate_bps = self._rate.add(st.payload_bytes_sent)
         recheck = now - self._marker_at >= 1.0  # a marker read is a syscall: once a second

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from . import frames as F
 from . import net, paths
 from .answers import DIR_SETTLE, Done, Effect, Mark, MarkTree, Unpark, release
-from .backlog import Backlog, Info, Key
+from .backlog import LIVE, LIVE_RUN, Backlog, Info, Key
 from .changes import Flag, Moved
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
@@ -33,6 +33,7 @@ from .paths import Located, Source
 from .plan import Action, plan_path
 from .remote import RemoteMirror
 from .stats import LinkStats, Transfer
+from .window import BulkWindow
 from .wire import Wire
 
 #: Large files sent interleaved, one chunk each per round.
@@ -41,6 +42,8 @@ MAX_ACTIVE = 4
 WINDOW = 4096
 #: Dirty paths started per round (between chunks of the large files).
 STARTS_PER_ROUND = 256
+#: Of those, live ones first, leaving room for bulk (backlog.LIVE_RUN).
+LIVE_STARTS = STARTS_PER_ROUND - STARTS_PER_ROUND // (LIVE_RUN + 1)
 #: A file still being written (plan.SETTLE_NS) is looked at again after this long.
 SETTLE_RETRY = 0.1
 #: Wait before re-sending a file that changed while it was sent.
@@ -70,6 +73,8 @@ class Pump:
         #: Files being sent a chunk per round.
         self._active: list[FileSend] = []
         self._next_op = 0
+        #: How many bulk operations may be in flight (window.py).
+        self.bulk_window = BulkWindow(ceiling=WINDOW)
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -85,22 +90,32 @@ class Pump:
         started = 0
         bl = self._backlog
         corked = False
-        for mid, m in self._mirrors.items():
-            if not self._remote[mid].listed or m.paused:
-                continue  # nothing is sent before we know what the peer holds
-            while (
-                bl.has_ready(mid)
-                and started < STARTS_PER_ROUND
-                and conn.unacked() < WINDOW
-                and conn.open_files() < F.MAX_OPEN_FILES - 1
-            ):
-                if not corked:
-                    net.cork(sock, True)
-                    corked = True
-                key, info = bl.pop(mid)
-                if self._try_start(key, info):
-                    started += 1
-                    worked = True
+        st = self._stats
+        window = self.bulk_window
+        window.update(
+            time.monotonic(), st.ops_acked, None if st.rtt_ms is None else st.rtt_ms / 1e3
+        )
+        # Live entries of every mirror first, then bulk within its window
+        # (and one bulk start in every LIVE_RUN + 1 while both wait: pop()).
+        for only_live, limit in ((True, LIVE_STARTS), (False, STARTS_PER_ROUND)):
+            for mid, m in self._mirrors.items():
+                if not self._remote[mid].listed or m.paused:
+                    continue  # nothing is sent before we know what the peer holds
+                bulk = not only_live and window.allows(self._inflight.bulk)
+                while (
+                    bl.has_ready(mid, bulk)
+                    and started < limit
+                    and conn.unacked() < WINDOW
+                    and conn.open_files() < F.MAX_OPEN_FILES - 1
+                ):
+                    if not corked:
+                        net.cork(sock, True)
+                        corked = True
+                    key, info = bl.pop(mid, bulk)
+                    if self._try_start(key, info):
+                        started += 1
+                        worked = True
+                    bulk = not only_live and window.allows(self._inflight.bulk)
         if corked:
             self._wire.flush()
             net.cork(sock, False)
@@ -140,6 +155,7 @@ class Pump:
         mid, rel = key
         m = self._mirrors[mid]
         since, _, flags = info
+        live = bool(flags & LIVE)
         src = None if found is None else EntryState.from_stat(found.st, found.target)
         r = self._remote[mid]
         action = plan_path(
@@ -168,7 +184,7 @@ class Pump:
                 self._status.marker_missing(m, 1)
                 self._backlog.done(key)
                 return False
-            return self._send_op(F.Delete(self._op(), mid, rel), key, since, None)
+            return self._send_op(F.Delete(self._op(), mid, rel), key, since, None, live=live)
         assert src is not None
         ev: F.Event
         if action is Action.META or action is Action.META_GUESS:
@@ -179,8 +195,8 @@ class Pump:
             ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
         else:
             assert found is not None
-            return self._start_file(m, key, since, found)
-        return self._send_op(ev, key, since, src)
+            return self._start_file(m, key, since, found, live)
+        return self._send_op(ev, key, since, src, live=live)
 
     def _op(self) -> int:
         self._next_op = self._next_op % 0xFFFFFFFF + 1
@@ -194,10 +210,12 @@ class Pump:
         state: EntryState | None,
         dst: bytes | None = None,
         is_dir: bool = False,
+        live: bool = False,
     ) -> bool:
         op: int = ev.op  # type: ignore[attr-defined]
         self._wire.queue(ev)
-        self._inflight.track(op, Record(type(ev), key, since, state, dst, is_dir=is_dir))
+        rec = Record(type(ev), key, since, state, dst, is_dir=is_dir, live=live)
+        self._inflight.track(op, rec)
         self._stats.ops_sent += 1
         return True
 
@@ -223,7 +241,7 @@ class Pump:
             and not self._inflight.rename_blocked(mid, src, dst)
         ):
             self._send_op(
-                F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir
+                F.Rename(self._op(), mid, src, dst), (mid, src), now, None, dst, msg.is_dir, True
             )
             # A crash before the Ack must not forget it: both paths are then
             # looked at again after the restart.
@@ -231,8 +249,10 @@ class Pump:
             self._backlog.persist((mid, dst), (now, 0, Flag.DATA))
             self._wire.flush()
             return
-        self._backlog.mark((mid, src), (now, 0, Flag.DATA))
-        self._backlog.mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED))
+        # The watcher saw it: both paths are live; what is below a directory
+        # moved is bulk (a whole tree may have moved in).
+        self._backlog.mark((mid, src), (now, 0, Flag.DATA | Flag.LIVE))
+        self._backlog.mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED | Flag.LIVE))
         if msg.is_dir:
             self.mark_tree(mid, dst, now)
 
@@ -245,7 +265,9 @@ class Pump:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _start_file(self, m: SourceMirror, key: Key, since: float, found: Located) -> bool:
+    def _start_file(
+        self, m: SourceMirror, key: Key, since: float, found: Located, live: bool
+    ) -> bool:
         rel = key[1]
         r = self._remote[m.id]
         op = self._op()
@@ -259,7 +281,8 @@ class Pump:
             self._stats.error(msg)
             return False
         if begun is None:  # gone or changed type since lstat: look again
-            self._backlog.mark(key, (since, 0, Flag.DATA), RESEND_DELAY, persist=False)
+            again = Flag.DATA | (Flag.LIVE if live else 0)
+            self._backlog.mark(key, (since, 0, again), RESEND_DELAY, persist=False)
             return False
         s, frame = begun
         if s.resumed:
@@ -274,7 +297,7 @@ class Pump:
             )
         self._wire.queue(frame)
         self._inflight.track(
-            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size)
+            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size, live=live)
         )
         self._stats.ops_sent += 1
         if s.left <= CHUNK:
@@ -315,7 +338,8 @@ class Pump:
             paths.show(s.key[1]),
         )
         since = rec.since if rec else s.since
-        self._backlog.mark(s.key, (since, s.size, Flag.DATA), RESEND_DELAY, persist=False)
+        again = Flag.DATA | (Flag.LIVE if rec is not None and rec.live else 0)
+        self._backlog.mark(s.key, (since, s.size, again), RESEND_DELAY, persist=False)
 
     def _drop(self, s: FileSend) -> None:
         s.close()

@@ -112,3 +112,19 @@ def test_oldest_is_the_first_tracked_or_waiting() -> None:
     assert f.oldest() == 10.0  # the first one sent (ops go out in order)
     f.release(1)
     assert f.oldest() == 4.0
+
+
+def test_bulk_operations_are_counted_until_released_or_cleared() -> None:
+    f = InFlight()
+    f.track(1, Record(F.File, (1, b"a"), 1.0))
+    f.track(2, Record(F.File, (1, b"b"), 1.0, live=True))
+    f.track(3, Record(F.Delete, (1, b"c"), 1.0))
+    assert f.bulk == 2
+    f.release(2)
+    assert f.bulk == 2
+    f.release(1)
+    assert f.bulk == 1
+    f.release(1)  # twice: nothing changes
+    assert f.bulk == 1
+    f.clear()
+    assert f.bulk == 0

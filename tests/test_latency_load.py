@@ -80,3 +80,30 @@ def _small_behind_big(
         held = partial_size(b)
         assert not (dst / "big.bin").exists()
         assert 0 < held < size, f"small{i}.txt was published with the big file"
+
+
+def _small_files(root: Path, n: int, per_dir: int = 500) -> None:
+    for i in range(n):
+        d = root / f"d{i // per_dir:03}"
+        if i % per_dir == 0:
+            d.mkdir()
+        (d / f"f{i:06}").write_bytes(os.urandom(200 + i % 800))
+
+
+def test_a_live_change_during_a_cold_sync_is_published_before_it_ends(
+    cluster: LocalCluster, netns: Netns
+) -> None:
+    n = 20_000
+    a, b = throttled_pair(cluster, netns, 20)  # ~15 MB of files and frames: ~8 s
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    _small_files(src, n)
+    cluster.start()
+    wait_for(lambda: sum(1 for _ in dst.glob("d*/f*")) > 1000, 60, "the cold sync to be going")
+    (src / "live.txt").write_bytes(b"written during the cold sync\n")
+    wait_published(dst, "live.txt", timeout=120)
+    have = sum(1 for _ in dst.glob("d*/f*"))
+    assert have < n, "the live change waited for the whole cold sync"
+    wait_same(src, dst, timeout=180)
+    # Both lanes drained; nothing is left queued.
+    link = a.link("b")
+    assert link["queue_files"] == 0
