@@ -50,7 +50,39 @@ burst's destination, waits for it to recover (at most ``--settle`` s over the
 whole run) and prints it; after deleting its own files it runs syncfs so
 that the next run is slowed for ~60 s rather than ~6 min.
 
+Under load (``--under-load``; replicator only, nothing else runs): the same
+latency measure for small live changes (4 KiB files into ``lat/``, one every
+20 ms from a thread of this script) while the same mirror carries a bulk load,
+next to an idle row (the latency workload above, 20 ms apart). Each load has
+its own pair of daemons and mirror. ``--loads`` picks from:
+
+  big   a ``--load-big`` MiB file (2 GiB), written to a staging directory on
+        the same filesystem, then renamed into the mirror. Sampling starts
+        once its partial file on the receiver (.replicator/partial/a/*.part)
+        grows and stops when it is published; load time = rename → published.
+  cold  ``--load-files`` files (200,000) of 200-1,000 B in one directory per
+        20 files, present before the daemons start. Sampling runs from the
+        first reconcile (the link reports the mirror listed) until the link
+        is drained (queue_files 0, in_flight 0) and every entry is on the
+        replica; load time = daemons started → drained.
+  tree  /usr/include and the running Python's stdlib, copied (cp -a, not
+        timed) into a staging directory, then renamed into the mirror;
+        sampling and load time from the rename until drained and complete.
+
+The watcher on the replica watches only ``lat/``, so the load's arrivals do
+not cost it anything. CPU: each daemon's, and everybody else's, over the
+load. By default (``--fs loop-ext4``) everything runs on a fresh ext4 on a
+sparse file (mkfs.ext4, losetup, mount under the temporary directory; undone
+on exit): no recently deleted inodes, and a journal. ``--compare`` reads the
+``--json`` of an earlier run (e.g. an older commit) for the load throughput
+target. The daemons run ``python -m replicator`` from the current directory
+and PYTHONPATH, which the report names: to measure an older commit, run from
+a worktree of it with PYTHONPATH pointing there.
+
 Usage:  .venv/bin/python bench/live.py [--samples 200] [--burst 10000]
+        .venv/bin/python bench/live.py --under-load [--loads big,cold,tree]
+            [--load-big 2048] [--load-files 200000] [--fs loop-ext4|tmp]
+            [--json out.json] [--compare before.json]
 """
 
 from __future__ import annotations
@@ -72,15 +104,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _load
 from _arrivals import Arrivals
 
 from replicator.localcluster import LocalCluster, free_port, wait_for
@@ -90,6 +125,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 LAT_DIR = "lat"
 BURST_DIR = "burst"
 CATCHUP_DIR = "catchup"
+#: Seconds between small live changes under load (and in its idle row).
+LOAD_INTERVAL = 0.020
+LOADS = ("big", "cold", "tree")
+#: Targets of the under-load section: p99 ms idle, under load; throughput vs before.
+IDLE_P99_MS, LOAD_P99_MS, LOAD_RATE_MIN = 5.0, 50.0, 0.95
 #: Seconds to wait for other processes to go quiet before a timed workload.
 QUIET_WAIT = 15.0
 QUIET_MAX_BUSY = 0.3
@@ -374,9 +414,7 @@ class Replicator(Tool):
 
     def start(self) -> None:
         self.cluster.start()
-        wait_for(
-            lambda: self.a.link("b")["mirrors"].get("m", {}).get("listed"), 30, "first reconcile"
-        )
+        wait_for(self.listed, 30, "first reconcile")
         wait_for(lambda: (self.dst / LAT_DIR).is_dir(), 30, "lat/ on the replica")
         wait_for(lambda: self.drained()["all"], 30, "the link to go idle")
 
@@ -388,6 +426,15 @@ class Replicator(Tool):
 
     def pids(self) -> list[int]:
         return [n.proc.pid for n in (self.a, self.b) if n.proc is not None]
+
+    def node_cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the sender (a) and the receiver (b)."""
+        a, b = (proc_cpu(n.proc.pid) if n.proc is not None else 0.0 for n in (self.a, self.b))
+        return a, b
+
+    def listed(self) -> bool:
+        """The first reconcile began: the sender knows what the replica holds."""
+        return bool(self.a.link("b")["mirrors"].get("m", {}).get("listed"))
 
     def drained(self) -> dict[str, bool]:
         link = self.a.link("b")
@@ -593,6 +640,25 @@ class Row:
         return self.asked / self.burst_s
 
 
+@dataclass
+class LoadRow(Row):
+    """The small live changes written while one load ran (or none: "idle")."""
+
+    load: str = ""
+    amount: float = 0.0  # of ``unit``: MB, files, entries
+    unit: str = ""
+    load_s: float | None = None
+    sampled_s: float | None = None
+    cpu_a: float | None = None
+    cpu_b: float | None = None
+    load_mb: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        """The load's throughput: ``unit`` per second."""
+        return self.amount / self.load_s if self.load_s else None
+
+
 # -- workloads ---------------------------------------------------------------------------
 
 
@@ -789,6 +855,174 @@ def rsync_once(root: Path, rsyncd: Rsyncd, module: str, n: int, fsync: bool, row
     _check_dst(dst / BURST_DIR, n, row)
 
 
+# -- under load ------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Writes a 4 KiB file into ``lat`` every ``interval`` s, from a thread,
+    between start() and stop(); ``closed`` maps each name (relative to
+    ``lat``) to the time its close() returned."""
+
+    def __init__(self, lat: Path, prefix: str, interval: float) -> None:
+        self.lat, self.prefix, self.interval = lat, prefix, interval
+        self.closed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        blob = os.urandom(FILE_SIZE)
+        start = time.monotonic()
+        i = 0
+        while not self._stop.wait(max(0.0, start + i * self.interval - time.monotonic())):
+            name = f"{self.prefix}{i:06d}"
+            self.closed[name] = write_file(str(self.lat / name), payload(blob, i))
+            i += 1
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+
+
+def under_load(
+    tool: Replicator,
+    row: LoadRow,
+    begin: Callable[[], None],
+    started: Callable[[], bool],
+    finished: Callable[[], float | None],
+    timeout: float,
+) -> None:
+    """One load: ``begin()`` starts it (its time is t0), samples are
+    written from ``started()`` until ``finished()`` returns the time the
+    load was done; then wait for the last samples to arrive."""
+    wait_quiet(row, row.load)
+    arrivals = Arrivals(tool.dst / LAT_DIR)
+    sampler = Sampler(tool.src / LAT_DIR, f"{row.load}-", LOAD_INTERVAL)
+    try:
+        meter = Meter(tool.cpu, arrivals.proc.pid)
+        cpu0 = tool.node_cpu()
+        rq0 = sum(run_queue_wait(pid) for pid in tool.pids())
+        t0 = time.monotonic()
+        begin()
+        wait_for(started, timeout, f"{row.load}: the load to start", interval=0.005)
+        t1 = time.monotonic()
+        sampler.start()
+        try:
+            done = wait_for(finished, timeout, f"{row.load}: the load to finish", interval=0.01)
+        finally:
+            sampler.stop()
+        row.sampled_s, row.load_s = time.monotonic() - t1, done - t0
+        if not arrivals.wait_all(sampler.closed, 30):
+            row.notes.append("samples still missing 30 s after the load")
+        meter.stop(row)
+        row.cpu_a, row.cpu_b = (x - x0 for x, x0 in zip(tool.node_cpu(), cpu0, strict=True))
+        rq = sum(run_queue_wait(pid) for pid in tool.pids()) - rq0
+        row.notes.append(
+            f"the daemons' threads waited {rq:.1f} s in all for a CPU; sampling "
+            f"began {t1 - t0:.2f} s into the load and lasted {row.sampled_s:.1f} s"
+        )
+    finally:
+        arrivals.close()
+    got = arrivals.times
+    row.lat_ms = [(got[r] - t) * 1e3 for r, t in sampler.closed.items() if r in got]
+    row.lat_asked = len(sampler.closed)
+    t2 = time.monotonic()
+    wait_for(lambda: tool.drained()["all"], timeout, f"{row.load}: the link to drain")
+    row.notes.append(
+        f"the link drained (queue 0, in flight 0) {time.monotonic() - t2:.2f} s "
+        f"after the last samples arrived"
+    )
+
+
+def _complete(tool: Replicator, top: Path, entries: int) -> Callable[[], float | None]:
+    """finished() of a load of many files: the link is drained but for the
+    samples' own residue, and all ``entries`` are below ``top`` on the
+    replica. Residue: every sample acknowledged marks lat/ for an mtime
+    update 0.1 s later, so while samples are written the queue never
+    empties; at most lat/ queued and one sample in flight is allowed. (The
+    status is up to 0.25 s old.)"""
+
+    def done() -> float | None:
+        link = tool.a.link("b")
+        if link["queue_files"] > 1 or link["in_flight"] > 1:
+            return None
+        t = time.monotonic()
+        return t if top.is_dir() and _load.count_entries(top) >= entries else None
+
+    return done
+
+
+def load_big(tool: Replicator, mib: int, timeout: float, row: LoadRow) -> None:
+    staged, src, dst = tool.src.parent / "staging-big", tool.src / "big.bin", tool.dst / "big.bin"
+    staged.mkdir()
+    _load.write_big(staged / "big.bin", mib)
+    os.sync()
+    row.amount, row.unit, row.load_mb = mib * (1 << 20) / 1e6, "MB", mib * (1 << 20) / 1e6
+    grown = [-1]
+
+    def growing() -> bool:
+        size = _load.partial_size(tool.dst)
+        if dst.exists():
+            row.notes.append("published before its partial file was seen growing")
+            return True
+        was, grown[0] = grown[0], -1 if size is None else size
+        return size is not None and was >= 0 and size > was
+
+    under_load(
+        tool,
+        row,
+        lambda: os.rename(staged / "big.bin", src),
+        growing,
+        lambda: time.monotonic() if dst.exists() else None,
+        timeout,
+    )
+    if dst.stat().st_size != src.stat().st_size:
+        row.notes.append(f"{dst.stat().st_size} bytes on the replica")
+
+
+def load_cold(tool: Replicator, files: int, timeout: float, row: LoadRow) -> None:
+    """The files are there before the daemons start (this starts them)."""
+    log(f"cold: writing {files} files")
+    entries, size = _load.make_cold_tree(tool.src / "cold", files)
+    (tool.src / LAT_DIR).mkdir()
+    (tool.dst / LAT_DIR).mkdir()  # for the watcher; the reconcile finds it there
+    os.sync()
+    row.amount, row.unit, row.load_mb = files, "files", size / 1e6
+    under_load(
+        tool,
+        row,
+        lambda: tool.cluster.start(),
+        tool.listed,
+        _complete(tool, tool.dst / "cold", entries),
+        timeout,
+    )
+    row.notes.append(
+        f"{entries} entries, {size / 1e6:.0f} MB of files; timed from starting the "
+        f"daemons, sampled from their first reconcile"
+    )
+
+
+def load_tree(tool: Replicator, timeout: float, row: LoadRow) -> None:
+    staged = tool.src.parent / "staging-tree" / "tree"
+    sources = _load.real_trees()
+    log(f"tree: copying {', '.join(map(str, sources))}")
+    entries, size = _load.stage_tree(staged, sources)
+    os.sync()
+    row.amount, row.unit, row.load_mb = entries, "entries", size / 1e6
+    row.notes.append(f"{entries} entries, {size / 1e6:.0f} MB of files")
+    under_load(
+        tool,
+        row,
+        lambda: os.rename(staged, tool.src / "tree"),
+        lambda: True,
+        _complete(tool, tool.dst / "tree", entries),
+        timeout,
+    )
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -905,6 +1139,128 @@ def report(rows: list[Row], args: argparse.Namespace, env: str) -> str:
     return "\n".join(out)
 
 
+def report_load(
+    rows: list[LoadRow], args: argparse.Namespace, env: str, before: dict[str, dict[str, Any]]
+) -> str:
+    out = [
+        env,
+        f"daemons: python -m replicator imports {_load.daemon_import_path()}",
+        "",
+        f"Small live changes under load, replicator only: {FILE_SIZE // 1024} KiB files into "
+        f"lat/, one every {LOAD_INTERVAL * 1e3:.0f} ms; latency = close() on the source → "
+        f"published on the replica (inotify on lat/), ms. idle: {args.samples} samples, no load. "
+        f"big: a {args.load_big} MiB file renamed into the mirror, sampled while its partial "
+        f"file grows, until published. cold: {args.load_files} files of "
+        f"{_load.COLD_MIN}-{_load.COLD_MAX} B, {_load.COLD_PER_DIR} a directory, there before "
+        f"the daemons start, sampled from the first reconcile until drained. tree: "
+        f"{' + '.join(map(str, _load.real_trees()))} renamed into the mirror, sampled until "
+        f"drained. Load time: from the rename (cold: starting the daemons) until published "
+        f"(big) or drained with every entry on the replica. CPU over the load: sender / "
+        f"receiver daemon; others = everything else on the machine.",
+        "",
+        "| load | samples arrived / written | p50 | p90 | p99 | max | p99 target "
+        "| load time (s) | load throughput | vs before (target ≥ 0.95) "
+        "| CPU sender / receiver (s) | others (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    targets = []
+    for r in rows:
+        target = IDLE_P99_MS if r.load == "idle" else LOAD_P99_MS
+        p99 = r.lat(99)
+        met = "n/a" if p99 is None else "MET" if p99 <= target else "MISSED"
+        targets.append(f"- {r.load}: latency p99 ≤ {target:.0f} ms: {fmt(p99)} ms → {met}")
+        thr = vs = "—"
+        if r.load != "idle":
+            thr = f"{fmt(r.rate, ',.0f')} {r.unit}/s"
+            if r.unit != "MB" and r.load_s:
+                thr += f" ({r.load_mb / r.load_s:,.0f} MB/s)"
+            b = before.get(r.load)
+            if b is not None:
+                b_rate = b["amount"] / b["load_s"] if b.get("load_s") else None
+                vs = ratio(r.rate, b_rate)
+                ok = r.rate is not None and b_rate is not None and r.rate >= LOAD_RATE_MIN * b_rate
+                targets.append(
+                    f"- {r.load}: throughput ≥ {LOAD_RATE_MIN} x before: {vs} "
+                    f"({fmt(r.rate, ',.0f')} vs {fmt(b_rate, ',.0f')} {r.unit}/s) → "
+                    + ("MET" if ok else "MISSED")
+                )
+        cpu = "—" if r.cpu_a is None else f"{r.cpu_a:.2f} / {fmt(r.cpu_b, '.2f')}"
+        out.append(
+            f"| {r.load} | {len(r.lat_ms or [])} / {r.lat_asked} | {fmt(r.lat(50))} | "
+            f"{fmt(r.lat(90))} | {fmt(p99)} | {fmt(r.lat(100))} | ≤ {target:.0f} ms: {met} | "
+            f"{fmt(r.load_s, '.2f', '—')} | {thr} | {vs} | {cpu} | "
+            f"{fmt(r.others_cpu_s, '.2f', '—')} |"
+        )
+    notes = [f"- {r.load}: {n}" for r in rows for n in r.notes]
+    notes += [
+        f"- {r.load}: busiest other processes during the load: {r.others_top}"
+        for r in rows
+        if r.others_top and (r.others_cpu_s or 0) >= 0.5
+    ]
+    if notes:
+        out += ["", "Notes:", *notes]
+    if not before:
+        targets.append("- throughput within 5 % of before: n/a (no --compare)")
+    return "\n".join([*out, "", "Targets:", *targets])
+
+
+def under_load_main(args: argparse.Namespace) -> int:
+    loads = [x for x in args.loads.split(",") if x]
+    if set(loads) - set(LOADS):
+        sys.exit(f"--loads: unknown {', '.join(sorted(set(loads) - set(LOADS)))}")
+    before: dict[str, dict[str, Any]] = {}
+    if args.compare:
+        before = {d["load"]: d for d in json.loads(Path(args.compare).read_text()) if d.get("load")}
+    tmp = Path(tempfile.mkdtemp(prefix="replicator-load-", dir=args.tmp))
+    log(f"working in {tmp}")
+    rows: list[LoadRow] = []
+    env = ""
+    t_start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_load.exit_on_sigterm())
+        if not args.keep:
+            stack.callback(shutil.rmtree, tmp, True)  # last: after unmounting
+        root = tmp
+        if args.fs == "loop-ext4":
+            root = stack.enter_context(_load.LoopExt4(tmp / "ext4.img", tmp / "mnt", args.fs_size))
+            log(f"fresh ext4 ({args.fs_size:g} GiB sparse) mounted on {root}")
+        SETTLE_BUDGET[0] = args.settle
+        create_us, waited = settle_creates(root / "probe")
+        env = environment(root / "probe", create_us, waited)
+        for name in ["idle", *loads]:
+            row = LoadRow("replicator", Replicator.durable, load=name)
+            rows.append(row)
+            tool = Replicator(root / name)
+            try:
+                if name == "cold":
+                    load_cold(tool, args.load_files, args.load_timeout, row)
+                    continue
+                (tool.src / LAT_DIR).mkdir()
+                log(f"{name}: starting")
+                tool.start()
+                log(f"{name}: sampling")
+                if name == "idle":
+                    latency(tool, args.samples, LOAD_INTERVAL, 30.0, row)
+                elif name == "big":
+                    load_big(tool, args.load_big, args.load_timeout, row)
+                else:
+                    load_tree(tool, args.load_timeout, row)
+            except Exception:
+                row.notes.append(_failure())
+                log(f"{name} failed:\n{traceback.format_exc()}\n{tool.logs()}")
+            finally:
+                tool.stop()
+                log(f"{name}: done")
+    if args.fs == "tmp" and not args.keep:
+        with contextlib.suppress(OSError):
+            syncfs(tmp.parent)
+    log(f"total {time.monotonic() - t_start:.0f} s")
+    print(report_load(rows, args, env, before))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -939,8 +1295,37 @@ def main() -> int:
         default=45.0,
         help="seconds to wait, over the whole run, for file creates to be fast again",
     )
+    ul = ap.add_argument_group("under load (replicator only; see the module docstring)")
+    ul.add_argument(
+        "--under-load",
+        action="store_true",
+        help="run only the under-load section (no lsyncd/rsync, no burst)",
+    )
+    ul.add_argument(
+        "--loads", default=",".join(LOADS), help="comma-separated subset of: " + ", ".join(LOADS)
+    )
+    ul.add_argument("--load-big", type=int, default=2048, help="MiB of the big file")
+    ul.add_argument(
+        "--load-files", type=int, default=200000, help="files of the cold sync (20 a directory)"
+    )
+    ul.add_argument(
+        "--fs",
+        choices=("loop-ext4", "tmp"),
+        default="loop-ext4",
+        help="loop-ext4: a fresh ext4 on a sparse file under the temporary directory; "
+        "tmp: the temporary directory's own filesystem",
+    )
+    ul.add_argument("--fs-size", type=float, default=16.0, help="GiB of the sparse file")
+    ul.add_argument(
+        "--load-timeout", type=float, default=1800.0, help="seconds allowed for each load"
+    )
+    ul.add_argument(
+        "--compare", default=None, help="--json output of an earlier under-load run (before)"
+    )
     args = ap.parse_args()
     QUIET_WAIT = args.quiet_wait
+    if args.under_load:
+        return under_load_main(args)
     tools = args.tools.split(",")
     for exe in ("rsync", "lsyncd"):
         if shutil.which(exe) is None:
