@@ -15,13 +15,14 @@ from types import TracebackType
 
 
 class OwnedFd:
-    """Holds an open fd until ``close`` or ``detach``."""
+    """Holds an open fd until ``close`` or ``detach``; ``OwnedFd(-1)`` holds
+    nothing (closed from the start)."""
 
     __slots__ = ("_fd",)
 
     def __init__(self, fd: int) -> None:
-        if fd < 0:
-            raise ValueError(f"not an open file descriptor: {fd}")
+        if fd < -1:
+            raise ValueError(f"not a file descriptor: {fd}")
         self._fd = fd
 
     @property

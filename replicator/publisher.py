@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from . import frames as F
 from .conflicts import Decision, Verdict
 from .errors import ApplyError, BadPath
+from .fd import OwnedFd
 from .frames import EntryKind
 from .manifest import TEMP_PREFIX, EntryState, Preserve
-from .paths import STATE_DIR, Root, remove_at, show
+from .paths import STATE_DIR, Root, open_dir_at, remove_at, show
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class PartialFile:
     mtime_ns: int
     uid: int
     gid: int
-    fd: int
+    #: The partial file, open for writing until published or discarded.
+    file: OwnedFd
     written: int
     resumable: bool
     checkpointed: int = 0
@@ -134,6 +136,11 @@ class PartialFile:
     #: Two-way mirrors: what the sending peer last had here (conflicts.py).
     base: EntryState | None = None
     decision: Decision | None = None
+
+    @property
+    def fd(self) -> int:
+        """The partial's fd; -1 once closed."""
+        return self.file.fd
 
     @property
     def state(self) -> EntryState:
@@ -181,9 +188,7 @@ class PartialFile:
         os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self.file.close()
 
     def discard(self) -> None:
         self.close()
@@ -205,27 +210,22 @@ class Inbox:
         self.peer = peer
         #: What this mirror applies as the peer declared it (the rest: ours).
         self.preserve = preserve
-        sd = os.fsencode(peer)
-        fd = root.fd
-        for name in (STATE_DIR, b"partial", sd):
-            try:
-                os.mkdir(name, 0o700, dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
-            if fd != root.fd:
-                os.close(fd)
-            fd = nfd
-        self.fd = fd
-        #: A setgid partial folder would give new files its group: chown then.
-        self.setgid = bool(os.fstat(fd).st_mode & stat.S_ISGID)
+        parts = (STATE_DIR, b"partial", os.fsencode(peer))
+        self._dir = OwnedFd(open_dir_at(root.fd, parts, mkdir_mode=0o700))
+        try:
+            #: A setgid partial folder would give new files its group: chown then.
+            self.setgid = bool(os.fstat(self._dir.fd).st_mode & stat.S_ISGID)
+        except BaseException:
+            self._dir.close()
+            raise
+
+    @property
+    def fd(self) -> int:
+        """The partial folder's fd; -1 once closed."""
+        return self._dir.fd
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self._dir.close()
 
     @staticmethod
     def _name(path: bytes) -> bytes:
@@ -341,7 +341,7 @@ class Inbox:
             ev.mtime_ns,
             ev.uid,
             ev.gid,
-            fd,
+            OwnedFd(fd),
             ev.offset,
             resumable,
             ev.offset,

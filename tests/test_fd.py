@@ -66,9 +66,14 @@ def test_detach_hands_over_without_closing() -> None:
     os.close(r)
 
 
-def test_rejects_a_negative_fd() -> None:
+def test_minus_one_holds_nothing() -> None:
+    f = OwnedFd(-1)
+    assert f.closed and f.fd == -1
+    f.close()  # nothing to close
     with pytest.raises(ValueError):
-        OwnedFd(-1)
+        f.fileno()
+    with pytest.raises(ValueError):
+        OwnedFd(-2)
 
 
 def test_repr_says_whether_it_is_open() -> None:
