@@ -375,7 +375,6 @@ class Outcome:
 
     acked: list[int]
     failed: list[tuple[int, ApplyError]]
-    published: list[tuple[bytes, EntryState]]
 
 
 class Publisher:
@@ -424,13 +423,11 @@ class Publisher:
         """Make everything pending durable and visible; report what to ack."""
         r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        published: list[tuple[bytes, EntryState]] = []
         files = self._sync_files(r.files, failed)
         acked: list[int] = []
         for p in files:
             try:
-                where = self._place(p, r)
-                st = os.fstat(p.fd)
+                self._place(p, r)
             except (OSError, BadPath, ApplyError) as e:
                 err = (
                     e
@@ -444,19 +441,16 @@ class Publisher:
                 failed.append((p.op, err))
                 p.discard()
                 continue
-            state = EntryState.from_stat(st)
             p.close()
             if p.resumable:
                 self.inbox.remove(p.name)
             acked.append(p.op)
-            if state is not None:
-                published.append((where, state))
         try:
             self._sync_dirs(r)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in acked + r.ops)
-            return Outcome([], failed, [])
+            return Outcome([], failed)
         finally:
             for fd in r.dirs.values():
                 os.close(fd)
@@ -465,7 +459,7 @@ class Publisher:
         # were applied when they arrived, files only now. The sender relies on
         # it (an entry's ack after its parent's tells it the parent's mtime
         # changed on the replica).
-        return Outcome(r.ops + acked, failed, published)
+        return Outcome(r.ops + acked, failed)
 
     def _sync_files(
         self, files: list[PartialFile], failed: list[tuple[int, ApplyError]]
@@ -486,8 +480,8 @@ class Publisher:
                 p.discard()
         return ok
 
-    def _place(self, p: PartialFile, r: _Round) -> bytes:
-        """Rename ``p`` into place; returns the path it was published at."""
+    def _place(self, p: PartialFile, r: _Round) -> None:
+        """Rename ``p`` into place (or beside it, as its decision says)."""
         parent = self._parent(p.parts, r)
         name = p.parts[-1]
         verdict = p.decision.verdict if p.decision else Verdict.APPLY
@@ -506,7 +500,6 @@ class Publisher:
         self._clear_for(parent, name, want_dir=False)
         os.rename(p.name + b".part", name, src_dir_fd=self.inbox.fd, dst_dir_fd=parent)
         self._note_dir(parent)
-        return b"/".join((*p.parts[:-1], name))
 
     def _parent(self, parts: tuple[bytes, ...], r: _Round) -> int:
         try:
