@@ -81,8 +81,9 @@ def send_filler(sock: socket.socket, count: int) -> None:
 def write_inline(file_fd: int, data: bytes, offset: int) -> None:
     """Write a small payload that arrived together with its frame header.
 
-    Below ``node.inline_max`` one recv of header+payload beats two splices
-    (measured: bench/small_files.py); the bytes are in Python already.
+    Below ``node.inline_max`` the payload came with the recv that read its
+    header, so one pwrite replaces two splices (docs/protocol.md, the
+    receiver's "inline" case); the bytes are in Python already.
     """
     view = memoryview(data)
     while view:
