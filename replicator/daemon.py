@@ -4,7 +4,9 @@ The Daemon is the composition root: it builds the parts and wires them.
 Threads: the listener (accepts peers, one Session thread each; listener.py),
 one Link per peer this node pushes to (plus its reader; LinkSet, linkset.py),
 the watcher and the scanner (WatchSupervisor, watching.py), the control
-server. The main thread only handles signals and supervises: SIGTERM/SIGINT
+server (its commands and the status: commands.py). Messages from watcher,
+scanner and sessions reach the links through the Router (routing.py), which
+is also every session's host. The main thread only handles signals and supervises: SIGTERM/SIGINT
 stop with a bounded drain (a second one forces exit), SIGHUP reloads the
 config (see ``reload``), and once a second ``check_workers`` restarts a dead
 watcher and tells systemd whether every other worker is alive (a dead one
@@ -13,14 +15,10 @@ removes partial files nobody will finish.
 
 Only the main thread changes the daemon's shape (links, watcher, scanner,
 config): a ``replicatorctl reload`` is posted to it and waited for
-(``request_reload``), so reloads never overlap each other or a watcher
+(``Reloads``, reloading.py), so reloads never overlap each other or a watcher
 restart. Other threads only read: the table of links is replaced whole,
 never changed in place (``LinkSet.snapshot``), so a reader that took it once
 iterates a dict that stays as it was.
-
-Changes flow through ``route``: watcher and scanner produce Dirty/Moved
-messages for the links pushing that mirror; sessions produce PeerHas
-messages for the link to the peer that sent the change (echo suppression).
 """
 
 from __future__ import annotations
@@ -37,21 +35,21 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from . import __version__, config, janitor, logs, metrics
-from .changes import PeerHas, Rescan
+from .commands import Commands
 from .config import Config
 from .control import ControlServer
-from .errors import ConfigError, ControlError, KeyFileError
+from .errors import ConfigError, KeyFileError
+from .fd import OwnedFd
 from .janitor import Janitor
-from .link import Pause
 from .linkset import LinkSet
 from .listener import Listener
-from .manifest import EntryState
 from .marker import Marker
+from .reloading import Reloads, load_config, stale_sessions
+from .routing import Router
 from .sdnotify import Notifier
 from .session import Session
 from .stats import SessionStats
@@ -61,8 +59,6 @@ log = logging.getLogger("replicator")
 
 #: On SIGTERM, links get this long to see their operations in flight acknowledged.
 DRAIN_SECONDS = 5.0
-#: How long a control request waits for the main thread to run its reload.
-RELOAD_WAIT = 120.0
 
 
 class Wakeup:
@@ -73,13 +69,14 @@ class Wakeup:
     (inside Event.wait) would wait for itself forever; os.write cannot."""
 
     def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._r, self._w = OwnedFd(r), OwnedFd(w)
         self._poll = select.poll()
-        self._poll.register(self._r, select.POLLIN)
+        self._poll.register(r, select.POLLIN)
 
     def set(self) -> None:
         try:
-            os.write(self._w, b"\0")
+            os.write(self._w.fd, b"\0")
         except OSError:
             pass  # full: a wakeup is pending anyway (or closed: nobody waits)
 
@@ -87,24 +84,12 @@ class Wakeup:
         """Until ``set`` (since the last wait) or ``timeout`` seconds."""
         if self._poll.poll(max(0, int(timeout * 1000))):
             with contextlib.suppress(BlockingIOError):
-                while os.read(self._r, 4096):
+                while os.read(self._r.fd, 4096):
                     pass
 
     def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
-
-
-@dataclass
-class _ReloadRequest:
-    """A reload asked for through the control socket, run by the main thread."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    reply: dict[str, Any] = field(default_factory=dict)
-
-    def finish(self, reply: dict[str, Any]) -> None:
-        self.reply = reply
-        self.done.set()
+        self._r.close()
+        self._w.close()
 
 
 #: Kernel protections a mirror written by untrusted local users relies on
@@ -132,28 +117,28 @@ def unsafe_sysctls(proc: str = "/proc/sys") -> list[str]:
 
 
 class Daemon:
+    """The parts of one node, and their start, reload, supervision and stop."""
+
     def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.keys = config.read_keys(cfg, config_path)
         self.started = time.time()
         self.stopping = threading.Event()
+        #: By mirror; changed in place, never replaced (the router holds this dict).
+        self.markers: dict[str, Marker] = {}
         self.links = LinkSet()
-        self.watching = WatchSupervisor(self.route, self.stopping)
         self.listener = Listener(
             cfg.node.listen, self._new_session, self.stopping, self._inbound_peers
         )
-        self.control = ControlServer(cfg.node.control_socket, self._control)
-        self.markers: dict[str, Marker] = {}
+        self.router = Router(self.links, self.listener, self.markers)
+        self.watching = WatchSupervisor(self.router.route, self.stopping)
+        self.commands = Commands(self)
+        self.control = ControlServer(cfg.node.control_socket, self.commands.handle)
         self.reloads = 0
         self.wakeup = Wakeup()
-        #: SIGHUPs received: counted by the handler (a plain attribute, see
-        #: Wakeup), compared with those reloaded for by the main thread.
-        self.hups = 0
-        self._hups_done = 0
-        self._lock = threading.Lock()  # guards _reload_requests
-        self._reload_requests: list[_ReloadRequest] = []
-        self.janitor = Janitor(cfg.node.partial_max_age, self._receiving)
+        self.reload_requests = Reloads(self.wakeup.set, self.stopping)
+        self.janitor = Janitor(cfg.node.partial_max_age, self.router.receiving)
         self._metrics: object | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -212,10 +197,7 @@ class Daemon:
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
         """Stop accepting, let links drain what is in flight (bounded), stop."""
         self.stopping.set()
-        with self._lock:
-            waiting, self._reload_requests = self._reload_requests, []
-        for req in waiting:
-            req.finish({"ok": False, "error": "the daemon is stopping: not reloaded"})
+        self.reload_requests.refuse_waiting()
         self.watching.stop()
         self.listener.close()
         deadline = self.links.stop(drain)
@@ -231,142 +213,34 @@ class Daemon:
 
     # -- reload ------------------------------------------------------------------
 
-    def request_reload(self, timeout: float = RELOAD_WAIT) -> dict[str, Any]:
-        """From a thread other than the main one: have the main thread
-        reload, wait for it, and return the control reply. Requests made
-        while a reload runs are served by the next one (which reads the
-        file after they were made); requests waiting together share one."""
-        req = _ReloadRequest()
-        with self._lock:
-            if self.stopping.is_set():
-                return {"ok": False, "error": "the daemon is stopping: not reloaded"}
-            self._reload_requests.append(req)
-        self.wakeup.set()
-        if not req.done.wait(timeout):
-            return {
-                "ok": False,
-                "error": f"the reload did not finish within {timeout:.0f} s (see the log)",
-            }
-        return req.reply
-
     def handle_reloads(self, notify: Notifier | None = None) -> bool:
         """On the main thread: one reload for the SIGHUP and the control
         requests that came since the last one, if any. True if it ran."""
-        with self._lock:
-            waiting, self._reload_requests = self._reload_requests, []
-        # Only the handler writes hups: a SIGHUP arriving now is either
-        # counted in this read or seen next time, never lost.
-        hups = self.hups
-        hup, self._hups_done = hups != self._hups_done, hups
-        if not waiting and not hup:
-            return False
-        why = ["SIGHUP"] if hup else []
-        if waiting:
-            why.append(f"{len(waiting)} control request{'s' if len(waiting) > 1 else ''}")
-        log.info("reloading %s (%s)", self.config_path, " and ".join(why))
-        if notify is not None:
-            notify.reloading()
-        try:
-            reply = {"ok": True, "message": self.reload()}
-        except (ConfigError, KeyFileError) as e:
-            log.error("reload refused, the running config stays: %s", e)
-            reply = {"ok": False, "error": f"reload refused, the running config stays:\n{e}"}
-        except BaseException as e:
-            # Half applied: let the daemon fail (systemd restarts it), but
-            # answer first.
-            for req in waiting:
-                req.finish({"ok": False, "error": f"reload failed: {e!r} (see the log)"})
-            raise
-        for req in waiting:
-            req.finish(reply)
-        if notify is not None:
-            notify.ready(self.summary())
-        return True
+        return self.reload_requests.handle(self.reload, self.config_path, self.summary, notify)
 
     def reload(self) -> str:
         """Re-read the config file and apply it (on the main thread only:
-        ``request_reload`` from others). Links whose peer or mirrors
+        ``reload_requests.request`` from others). Links whose peer or mirrors
         did not change stay up. An invalid config changes nothing: the error
         is raised (ConfigError/KeyFileError) and the old config keeps running."""
-        new, keys = self._load_new_config()
+        new, keys = load_config(self.config_path, self.cfg)
         old_cfg, old_keys = self.cfg, self.keys
         self.cfg, self.keys = new, keys
         self._ensure_markers()
         links = self.links.apply(new, keys, self.markers)
         self.watching.apply(new)
-        self._drop_stale_sessions(old_cfg, old_keys)
+        for s in stale_sessions(self.listener.sessions(), old_cfg, old_keys, new, keys):
+            log.info(
+                "closing the session of %s: its part of the config changed",
+                s.peer,
+                extra={"PEER": s.peer},
+            )
+            s.shutdown()
         self.janitor.run_soon()  # peers or mirrors may have gone
         self.reloads += 1
         summary = f"reloaded {self.config_path}: {links.summary()}"
         log.info("%s", summary)
         return summary
-
-    def _load_new_config(self) -> tuple[Config, dict[str, bytes]]:
-        """The config file and its keys, checked; ConfigError/KeyFileError if
-        they are invalid or change what only a restart can change ([node])."""
-        if self.config_path is None:
-            raise ConfigError("no config file to reload from")
-        new = config.load(self.config_path)
-        config.check_filesystem(new, self.config_path)
-        keys = config.read_keys(new, self.config_path)
-        if new.node != self.cfg.node:
-            changed = [
-                k
-                for k in type(new.node).model_fields
-                if getattr(new.node, k) != getattr(self.cfg.node, k)
-            ]
-            raise ConfigError(
-                f"{self.config_path}: "
-                + ", ".join(f"node.{k}" for k in changed)
-                + " changed: the [node] section needs a restart (systemctl restart replicatord)"
-            )
-        return new, keys
-
-    def _drop_stale_sessions(self, old: Config, old_keys: dict[str, bytes]) -> None:
-        """Close sessions whose peer, key or accepted mirrors changed: the
-        peer reconnects and is judged by the new config."""
-        new = self.cfg
-        for s in self.listener.sessions():
-            peer = s.peer
-            if not peer:
-                continue
-            stale = peer not in new.peers or old_keys.get(peer) != self.keys.get(peer)
-            for name in s.stats.mirrors:
-                before, after = old.mirrors.get(name), new.mirrors.get(name)
-                if (
-                    after is None
-                    or before is None
-                    or peer not in after.accept_from
-                    or (before.path, before.push_to) != (after.path, after.push_to)
-                ):
-                    stale = True
-            if stale:
-                log.info(
-                    "closing the session of %s: its part of the config changed",
-                    peer,
-                    extra={"PEER": peer},
-                )
-                s.shutdown()
-
-    # -- routing -------------------------------------------------------------------
-
-    def route(self, msg: object) -> None:
-        """Hand a change to the links it concerns: PeerHas to the link to that
-        peer; Dirty/Moved/Rescan to every link pushing its mirror."""
-        links = self.links.snapshot()
-        if isinstance(msg, PeerHas):
-            link = links.get(msg.peer)
-            if link is not None:
-                link.post(msg)
-            return
-        mirror = getattr(msg, "mirror", None)
-        for link in list(links.values()):
-            if mirror is None or mirror in link.by_name:
-                link.post(msg)
-
-    def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
-        link = self.links.snapshot().get(peer)
-        return None if link is None else link.peer_state(mirror, path)
 
     # -- supervision -----------------------------------------------------------------
 
@@ -385,51 +259,6 @@ class Daemon:
             dead.append("control")
         return dead + self.links.dead()
 
-    def summary(self) -> str:
-        """One line for systemd's STATUS= and the log."""
-        links = self.links.snapshot().values()
-        up = sum(1 for link in links if link.stats.state == "connected")
-        queued = sum(link.stats.queue_files for link in links)
-        lag = max((link.stats.lag() or 0.0 for link in links), default=0.0)
-        sessions = len(self.listener.sessions())
-        dead = self.dead_workers()
-        return (
-            f"{up}/{len(links)} links up, {sessions} inbound, {queued} queued, lag {lag:.1f} s"
-            + (f"; DEAD: {', '.join(dead)} (watchdog pings stopped)" if dead else "")
-        )
-
-    # -- inbound sessions ------------------------------------------------------------
-
-    def _new_session(self, sock: socket.socket, where: str) -> Session:
-        return Session(
-            sock, where, self.cfg, self.keys, self.stopping, SessionStats("", where), self
-        )
-
-    # The SessionHost of every inbound session (with peer_state above): the
-    # listener admits and counts sessions, markers guard mirrors, links hear.
-
-    def established(self, session: Session) -> None:
-        self.listener.established(session)
-
-    def preauth_ended(self, session: Session, reason: str, level: int, message: str) -> None:
-        self.listener.preauth_ended(session, reason, level, message)
-
-    def marker_ok(self, mirror: str) -> bool:
-        marker = self.markers.get(mirror)
-        return marker is None or marker.ok()
-
-    def notify(self, msg: object) -> None:
-        self.route(msg)
-
-    def _inbound_peers(self) -> int:
-        return len({p for m in self.cfg.mirrors.values() for p in m.accept_from})
-
-    def _receiving(self) -> set[tuple[str, str]]:
-        """(mirror, peer) of every inbound session with the mirror open."""
-        return {
-            (m, s.peer) for s in self.listener.sessions() if s.peer for m in list(s.stats.mirrors)
-        }
-
     def run_janitor(self) -> None:
         """On the main thread: a janitor run, if one is due. Housekeeping:
         whatever goes wrong in it is logged, replication goes on."""
@@ -439,80 +268,23 @@ class Daemon:
             except Exception:
                 log.exception("janitor: the run failed (next one in %.0f s)", janitor.INTERVAL)
 
-    # -- control ---------------------------------------------------------------------
-
     def status(self) -> dict[str, Any]:
-        """Everything ``replicatorctl status`` shows. Called from the control
-        and metrics threads: it reads what other threads write, so it takes
-        each of them once (links, config, scanner, watcher) and copies."""
-        cfg, links = self.cfg, self.links.snapshot()
-        sessions = [s.stats.snapshot() for s in self.listener.sessions()]
-        link_status = {p: link.status() for p, link in links.items()}
-        mirrors = {}
-        scans = self.watching.scans()
-        for name, m in cfg.mirrors.items():
-            marker = self.markers.get(name)
-            per_link = {
-                p: ls["mirrors"].get(name, {}) for p, ls in link_status.items() if p in m.push_to
-            }
-            scan = scans.get(name, {})
-            mirrors[name] = {
-                "path": m.path,
-                "push_to": m.push_to,
-                "accept_from": m.accept_from,
-                "delete": m.delete,
-                "marker_ok": marker.ok() if marker else None,
-                "watched": name in scans,
-                "dirs": scan.get("dirs"),
-                "unwatched_dirs": scan.get("unwatched_dirs"),
-                "last_watch_check": scan.get("last_watch_check"),
-                "links": per_link,
-            }
-        return {
-            "node": cfg.node.name,
-            "version": __version__,
-            "pid": os.getpid(),
-            "started": self.started,
-            "uptime": time.time() - self.started,
-            "listen": cfg.node.listen,
-            "config": self.config_path,
-            "reloads": self.reloads,
-            "links": link_status,
-            "sessions": sessions,
-            "listener": self.listener.status(),
-            "dead_workers": self.dead_workers(),
-            "mirrors": mirrors,
-            "watcher": self.watching.status(),
-            "janitor": self.janitor.status(),
-        }
+        """Everything ``replicatorctl status`` shows (commands.py)."""
+        return self.commands.status()
 
-    def _control(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            return {"ok": True, "status": self.status()}
-        if cmd == "sync":
-            mirror = req.get("mirror")
-            if mirror is not None and mirror not in self.cfg.mirrors:
-                raise ControlError(f"no mirror {mirror!r} on this node")
-            self.route(Rescan(mirror))
-            return {"ok": True}
-        if cmd in ("pause", "resume"):
-            return self._pause(req, cmd == "pause")
-        if cmd == "reload":
-            return self.request_reload()
-        raise ControlError(f"unknown command {cmd!r}")
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        return self.commands.summary()
 
-    def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
-        peer, mirror = req.get("peer"), req.get("mirror")
-        links = self.links.snapshot()
-        if peer is not None and peer not in links:
-            raise ControlError(f"this node does not push to a peer {peer!r}")
-        if mirror is not None and mirror not in self.cfg.mirrors:
-            raise ControlError(f"no mirror {mirror!r} on this node")
-        for name, link in links.items():
-            if peer is None or name == peer:
-                link.post(Pause(on, mirror))
-        return {"ok": True}
+    # -- inbound sessions ------------------------------------------------------------
+
+    def _new_session(self, sock: socket.socket, where: str) -> Session:
+        return Session(
+            sock, where, self.cfg, self.keys, self.stopping, SessionStats("", where), self.router
+        )
+
+    def _inbound_peers(self) -> int:
+        return len({p for m in self.cfg.mirrors.values() for p in m.accept_from})
 
 
 def _install_signals(daemon: Daemon) -> dict[int, Any]:
@@ -528,7 +300,7 @@ def _install_signals(daemon: Daemon) -> dict[int, Any]:
         daemon.wakeup.set()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
-        daemon.hups += 1
+        daemon.reload_requests.hups += 1
         daemon.wakeup.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -147,8 +147,8 @@ def session_fd_budget(sessions: int) -> int:
 
 class Listener:
     """Socket, accept loop, session registry and its lock. ``established``
-    and ``preauth_ended`` are the sessions' SessionHost calls (the daemon,
-    their host, forwards them here)."""
+    and ``preauth_ended`` are the sessions' SessionHost calls (their host,
+    routing.Router, forwards them here)."""
 
     def __init__(
         self,

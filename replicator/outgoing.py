@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from . import frames as F
 from . import transfer
 from .backlog import Key
+from .fd import OwnedFd
 from .paths import Located
 from .protocol import Connection
 
@@ -64,7 +65,8 @@ class FileSend:
     mirror: str
     #: where the file was found: its directory stays open until the end
     found: Located
-    fd: int
+    #: the source file, open until ``close``
+    file: OwnedFd
     st: os.stat_result
     offset: int
     since: float
@@ -95,12 +97,12 @@ class FileSend:
         opened = found.open_file()
         if opened is None:
             return None
-        fd, st = opened
+        file, st = opened
         version = version_of(st)
         offset = 0
         if held is not None and held.version == version and 0 < held.held <= st.st_size:
             offset = held.held
-        s = cls(op, key, mirror, found.take(), fd, st, offset, since, start=offset)
+        s = cls(op, key, mirror, found.take(), file, st, offset, since, start=offset)
         frame = F.File(
             op,
             mirror_id,
@@ -116,6 +118,11 @@ class FileSend:
         return s, frame
 
     @property
+    def fd(self) -> int:
+        """The source file's fd; -1 once closed (the exchange ended)."""
+        return self.file.fd
+
+    @property
     def resumed(self) -> int:
         """Bytes not sent again because the peer held them."""
         return self.start
@@ -129,9 +136,7 @@ class FileSend:
         return self.size - self.offset
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self.file.close()
         self.found.close()
 
     def step(self, sock: socket.socket, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:

@@ -22,6 +22,7 @@ This module must never follow a symlink below a mirror root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -29,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from .errors import BadPath
+from .fd import OwnedFd
 from .frames import MAX_NAME, MAX_PATH
 
 #: The daemon's own folder inside every mirror root: partial files, sidecars,
@@ -75,13 +77,19 @@ def open_root(root: bytes | str) -> int:
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def open_dir_at(dir_fd: int, parts: tuple[bytes, ...] | list[bytes]) -> int:
+def open_dir_at(
+    dir_fd: int, parts: tuple[bytes, ...] | list[bytes], mkdir_mode: int | None = None
+) -> int:
     """A new fd for the directory ``parts`` below ``dir_fd``, each component
     opened no-follow (the caller closes it). OSError with ENOENT, ENOTDIR or
-    ELOOP when a component is missing, not a directory, or a symlink."""
+    ELOOP when a component is missing, not a directory, or a symlink. With
+    ``mkdir_mode``, missing components are made with that mode first."""
     fd = os.dup(dir_fd)
     try:
         for part in parts:
+            if mkdir_mode is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, mkdir_mode, dir_fd=fd)
             nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nxt
@@ -95,29 +103,29 @@ class Located:
     """An entry found inside a mirror: the fd of its parent directory (held
     open, so later looks at the entry need no new walk) and its name."""
 
-    __slots__ = ("dir_fd", "name", "st", "target")
+    __slots__ = ("_dir", "name", "st", "target")
 
     def __init__(self, dir_fd: int, name: bytes, st: os.stat_result, target: bytes) -> None:
-        self.dir_fd = dir_fd
+        self._dir = OwnedFd(dir_fd)
         self.name = name
         #: lstat when it was found
         self.st = st
         #: symlink target, b"" for anything else
         self.target = target
 
+    @property
+    def dir_fd(self) -> int:
+        """The parent directory's fd; -1 once closed or taken."""
+        return self._dir.fd
+
     def close(self) -> None:
-        # -1 first: fd numbers are reused at once, a second close must not
-        # close somebody else's file.
-        fd, self.dir_fd = self.dir_fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self._dir.close()
 
     def take(self) -> Located:
         """A new owner of the directory fd; this one closes nothing any more."""
-        fd, self.dir_fd = self.dir_fd, -1
-        return Located(fd, self.name, self.st, self.target)
+        return Located(self._dir.detach(), self.name, self.st, self.target)
 
-    def open_file(self) -> tuple[int, os.stat_result] | None:
+    def open_file(self) -> tuple[OwnedFd, os.stat_result] | None:
         """A read-only fd and fstat of the entry if it is a regular file now;
         None if it is gone or something else (look at it again)."""
         try:
@@ -125,22 +133,22 @@ class Located:
             fd = os.open(
                 self.name,
                 os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                dir_fd=self.dir_fd,
+                dir_fd=self._dir.fd,
             )
         except OSError as e:
             if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
                 return None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return fd, st
+        with OwnedFd(fd) as f:  # closed unless handed out below
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return OwnedFd(f.detach()), st
 
     def inode(self) -> int | None:
         """The inode number under this name in its directory now, or None."""
         try:
-            return os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino
+            return os.stat(self.name, dir_fd=self._dir.fd, follow_symlinks=False).st_ino
         except OSError as e:
             if e.errno in _ABSENT:
                 return None
@@ -165,13 +173,10 @@ class Source:
         """(an fd of the parent directory of ``rel``, the last component);
         the caller closes the fd. Raises OSError (see _ABSENT)."""
         parts = rel.split(b"/")
-        rfd = open_root(self.path)
-        if len(parts) == 1:
-            return rfd, parts[0]
-        try:
-            return open_dir_at(rfd, parts[:-1]), parts[-1]
-        finally:
-            os.close(rfd)
+        with OwnedFd(open_root(self.path)) as root:
+            if len(parts) == 1:
+                return root.detach(), parts[0]
+            return open_dir_at(root.fd, parts[:-1]), parts[-1]
 
     def locate(self, rel: bytes) -> Located | None:
         """The entry at ``rel`` with its parent directory held open, or None
@@ -182,15 +187,15 @@ class Source:
             if e.errno in _ABSENT:
                 return None
             raise
-        try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else b""
-        except OSError as e:
-            os.close(pfd)
-            if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
-                return None
-            raise
-        return Located(pfd, name, st, target)
+        with OwnedFd(pfd) as parent:  # closed unless the Located takes it
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else b""
+            except OSError as e:
+                if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
+                    return None
+                raise
+            return Located(parent.detach(), name, st, target)
 
     def lstat(self, rel: bytes) -> tuple[os.stat_result, bytes] | None:
         """(lstat, symlink target or b"") of ``rel``; None if nothing is there."""
@@ -207,9 +212,10 @@ class Source:
         if found is None:
             return None
         try:
-            return found.open_file()
+            opened = found.open_file()
         finally:
             found.close()
+        return None if opened is None else (opened[0].detach(), opened[1])
 
     def listing(self, rel: bytes) -> dict[bytes, os.stat_result] | None:
         """Name → lstat of the directory ``rel`` (b"" for the root); None if
@@ -220,21 +226,15 @@ class Source:
             if e.errno in _ABSENT:
                 return None
             raise
-        try:
-            fd = open_dir_at(rfd, rel.split(b"/") if rel else ())
-        except OSError as e:
-            if e.errno in _ABSENT:
-                return None
-            raise
-        finally:
-            os.close(rfd)
-        try:
-            out: dict[bytes, os.stat_result] = {}
-            for name, st in _entries(fd):
-                out[name] = st
-            return out
-        finally:
-            os.close(fd)
+        with OwnedFd(rfd):
+            try:
+                fd = open_dir_at(rfd, rel.split(b"/") if rel else ())
+            except OSError as e:
+                if e.errno in _ABSENT:
+                    return None
+                raise
+        with OwnedFd(fd):
+            return dict(_entries(fd))
 
     def walk(
         self, skip: Callable[[bytes], bool], top: bytes = b""
@@ -246,10 +246,8 @@ class Source:
             if e.errno in _ABSENT:
                 return
             raise
-        try:
+        with OwnedFd(rfd):
             yield from walk(rfd, skip, top)
-        finally:
-            os.close(rfd)
 
 
 def walk(
@@ -333,16 +331,19 @@ class Root:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, _DIR_FLAGS)
+        self._root = OwnedFd(os.open(path, _DIR_FLAGS))
         self._cache: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self._stale: list[int] = []
+
+    @property
+    def fd(self) -> int:
+        """The root directory's fd; -1 once closed."""
+        return self._root.fd
 
     def close(self) -> None:
         self.forget()
         self.reap()
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self._root.close()
 
     def forget(self) -> None:
         """Drop cached directory fds (the tree's shape may have changed)."""

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from . import frames as F
 from .conflicts import Decision, Verdict
 from .errors import ApplyError, BadPath
+from .fd import OwnedFd
 from .frames import EntryKind
 from .manifest import TEMP_PREFIX, EntryState, Preserve
-from .paths import STATE_DIR, Root, remove_at, show
+from .paths import STATE_DIR, Root, open_dir_at, remove_at, show
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class PartialFile:
     mtime_ns: int
     uid: int
     gid: int
-    fd: int
+    #: The partial file, open for writing until published or discarded.
+    file: OwnedFd
     written: int
     resumable: bool
     checkpointed: int = 0
@@ -134,6 +136,11 @@ class PartialFile:
     #: Two-way mirrors: what the sending peer last had here (conflicts.py).
     base: EntryState | None = None
     decision: Decision | None = None
+
+    @property
+    def fd(self) -> int:
+        """The partial's fd; -1 once closed."""
+        return self.file.fd
 
     @property
     def state(self) -> EntryState:
@@ -181,9 +188,7 @@ class PartialFile:
         os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self.file.close()
 
     def discard(self) -> None:
         self.close()
@@ -205,27 +210,22 @@ class Inbox:
         self.peer = peer
         #: What this mirror applies as the peer declared it (the rest: ours).
         self.preserve = preserve
-        sd = os.fsencode(peer)
-        fd = root.fd
-        for name in (STATE_DIR, b"partial", sd):
-            try:
-                os.mkdir(name, 0o700, dir_fd=fd)
-            except FileExistsError:
-                pass
-            nfd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
-            if fd != root.fd:
-                os.close(fd)
-            fd = nfd
-        self.fd = fd
-        #: A setgid partial folder would give new files its group: chown then.
-        self.setgid = bool(os.fstat(fd).st_mode & stat.S_ISGID)
+        parts = (STATE_DIR, b"partial", os.fsencode(peer))
+        self._dir = OwnedFd(open_dir_at(root.fd, parts, mkdir_mode=0o700))
+        try:
+            #: A setgid partial folder would give new files its group: chown then.
+            self.setgid = bool(os.fstat(self._dir.fd).st_mode & stat.S_ISGID)
+        except BaseException:
+            self._dir.close()
+            raise
+
+    @property
+    def fd(self) -> int:
+        """The partial folder's fd; -1 once closed."""
+        return self._dir.fd
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self._dir.close()
 
     @staticmethod
     def _name(path: bytes) -> bytes:
@@ -341,7 +341,7 @@ class Inbox:
             ev.mtime_ns,
             ev.uid,
             ev.gid,
-            fd,
+            OwnedFd(fd),
             ev.offset,
             resumable,
             ev.offset,
@@ -375,7 +375,6 @@ class Outcome:
 
     acked: list[int]
     failed: list[tuple[int, ApplyError]]
-    published: list[tuple[bytes, EntryState]]
 
 
 class Publisher:
@@ -424,13 +423,11 @@ class Publisher:
         """Make everything pending durable and visible; report what to ack."""
         r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        published: list[tuple[bytes, EntryState]] = []
         files = self._sync_files(r.files, failed)
         acked: list[int] = []
         for p in files:
             try:
-                where = self._place(p, r)
-                st = os.fstat(p.fd)
+                self._place(p, r)
             except (OSError, BadPath, ApplyError) as e:
                 err = (
                     e
@@ -444,19 +441,16 @@ class Publisher:
                 failed.append((p.op, err))
                 p.discard()
                 continue
-            state = EntryState.from_stat(st)
             p.close()
             if p.resumable:
                 self.inbox.remove(p.name)
             acked.append(p.op)
-            if state is not None:
-                published.append((where, state))
         try:
             self._sync_dirs(r)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in acked + r.ops)
-            return Outcome([], failed, [])
+            return Outcome([], failed)
         finally:
             for fd in r.dirs.values():
                 os.close(fd)
@@ -465,7 +459,7 @@ class Publisher:
         # were applied when they arrived, files only now. The sender relies on
         # it (an entry's ack after its parent's tells it the parent's mtime
         # changed on the replica).
-        return Outcome(r.ops + acked, failed, published)
+        return Outcome(r.ops + acked, failed)
 
     def _sync_files(
         self, files: list[PartialFile], failed: list[tuple[int, ApplyError]]
@@ -486,8 +480,8 @@ class Publisher:
                 p.discard()
         return ok
 
-    def _place(self, p: PartialFile, r: _Round) -> bytes:
-        """Rename ``p`` into place; returns the path it was published at."""
+    def _place(self, p: PartialFile, r: _Round) -> None:
+        """Rename ``p`` into place (or beside it, as its decision says)."""
         parent = self._parent(p.parts, r)
         name = p.parts[-1]
         verdict = p.decision.verdict if p.decision else Verdict.APPLY
@@ -506,7 +500,6 @@ class Publisher:
         self._clear_for(parent, name, want_dir=False)
         os.rename(p.name + b".part", name, src_dir_fd=self.inbox.fd, dst_dir_fd=parent)
         self._note_dir(parent)
-        return b"/".join((*p.parts[:-1], name))
 
     def _parent(self, parts: tuple[bytes, ...], r: _Round) -> int:
         try:

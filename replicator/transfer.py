@@ -21,6 +21,7 @@ import fcntl
 import os
 import socket
 
+from .fd import OwnedFd
 from .net import wait_readable
 
 #: The pipe size we ask for. The kernel refuses more than
@@ -80,8 +81,9 @@ def send_filler(sock: socket.socket, count: int) -> None:
 def write_inline(file_fd: int, data: bytes, offset: int) -> None:
     """Write a small payload that arrived together with its frame header.
 
-    Below ``node.inline_max`` one recv of header+payload beats two splices
-    (measured: bench/small_files.py); the bytes are in Python already.
+    Below ``node.inline_max`` the payload came with the recv that read its
+    header, so one pwrite replaces two splices (docs/protocol.md, the
+    receiver's "inline" case); the bytes are in Python already.
     """
     view = memoryview(data)
     while view:
@@ -95,35 +97,39 @@ class Splicer:
     def __init__(self, sock: socket.socket, timeout: float, use_splice: bool = True) -> None:
         self.sock = sock
         self.timeout = timeout
-        self._r = self._w = -1
+        #: The pipe's ends: only in splice mode (copy mode holds nothing).
+        self._r = OwnedFd(-1)
+        self._w = OwnedFd(-1)
         self.pipe_size = 0
         self.mode = "splice" if use_splice else "copy"
-        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._devnull = OwnedFd(os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC))
         self._buf = bytearray(PIPE_SIZE) if not use_splice else bytearray()
         if use_splice:
-            self._open_pipe()
+            try:
+                self._open_pipe()
+            except BaseException:
+                self.close()
+                raise
 
     def _open_pipe(self) -> None:
-        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self._r, self._w = OwnedFd(r), OwnedFd(w)
         for size in (PIPE_SIZE, min(PIPE_SIZE, _pipe_max())):
             try:
-                self.pipe_size = fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, size)
+                self.pipe_size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
                 break
             except PermissionError:
                 continue
         else:
-            self.pipe_size = fcntl.fcntl(self._w, fcntl.F_GETPIPE_SZ)
+            self.pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
 
     def close(self) -> None:
-        # Set fds to -1 first: fd numbers are reused at once, and a second
-        # close() must not close somebody else's file.
-        fds, (self._r, self._w, self._devnull) = (self._r, self._w, self._devnull), (-1, -1, -1)
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        """Close the pipe and /dev/null (idempotent)."""
+        for f in (self._r, self._w, self._devnull):
+            f.close()
 
     def fds_held(self) -> int:
-        return sum(fd >= 0 for fd in (self._r, self._w, self._devnull))
+        return sum(not f.closed for f in (self._r, self._w, self._devnull))
 
     def _wait_readable(self) -> None:
         if not wait_readable(self.sock, self.timeout):
@@ -133,7 +139,7 @@ class Splicer:
         """Splice up to ``want`` bytes socket → pipe (pipe must be empty)."""
         self._wait_readable()
         try:
-            n = os.splice(self.sock.fileno(), self._w, min(want, self.pipe_size))
+            n = os.splice(self.sock.fileno(), self._w.fd, min(want, self.pipe_size))
         except OSError as e:
             raise PeerClosed(f"socket error during payload: {e}") from e
         if n == 0:
@@ -144,9 +150,9 @@ class Splicer:
         """Move exactly ``n`` bytes from the pipe to ``fd`` (at ``offset``)."""
         while n:
             if offset is None:
-                m = os.splice(self._r, fd, n)
+                m = os.splice(self._r.fd, fd, n)
             else:
-                m = os.splice(self._r, fd, n, offset_dst=offset)
+                m = os.splice(self._r.fd, fd, n, offset_dst=offset)
                 offset += m
             if m == 0:
                 raise OSError(errno.EIO, "splice to file moved no bytes")
@@ -180,16 +186,16 @@ class Splicer:
         return None
 
     def _drain_pipe_into_file(self, file_fd: int, n: int, offset: int) -> None:
-        data = os.read(self._r, n)
+        data = os.read(self._r.fd, n)
         while len(data) < n:
-            data += os.read(self._r, n - len(data))
+            data += os.read(self._r.fd, n - len(data))
         os.pwrite(file_fd, data, offset)
 
     def _drain_pipe(self, n: int) -> None:
         """Throw away what is left in the pipe (at most ``n`` bytes)."""
         while n:
             try:
-                m = os.splice(self._r, self._devnull, n, flags=os.SPLICE_F_NONBLOCK)
+                m = os.splice(self._r.fd, self._devnull.fd, n, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 return
             if m == 0:
@@ -209,7 +215,7 @@ class Splicer:
             return
         while count:
             n = self._from_socket(count)
-            self._pipe_to(self._devnull, n, None)
+            self._pipe_to(self._devnull.fd, n, None)
             count -= n
 
     def _copy_to_file(self, file_fd: int, offset: int, count: int) -> None:

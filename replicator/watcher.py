@@ -1,6 +1,6 @@
 """Live change detection with watchdog's InotifyObserver.
 
-Facts this module is built on (watchdog 7.1, measured; see DESIGN.md §6):
+Facts this module is built on (watchdog 7.1, measured):
 
 - ``InotifyObserver`` directly: the generic ``Observer`` silently falls back
   to polling when inotify is unusable.
@@ -8,10 +8,11 @@ Facts this module is built on (watchdog 7.1, measured; see DESIGN.md §6):
   the mask, a tree of more than ~5,000 directories overflows the inotify
   queue while watches are added (watchdog's own directory walk opens every
   directory), and never recovers.
-- It keeps *modified* events, unlike DESIGN.md §6's list: ``truncate(path)``
-  and a writer that keeps its file open produce nothing else, and would go
-  unnoticed until the next rescan. inotify merges repeated IN_MODIFY events
-  while the reader lags, so a big write costs a bounded number of events.
+- It keeps *modified* events (the first design left them out):
+  ``truncate(path)`` and a writer that keeps its file open produce nothing
+  else, and would go unnoticed until the next rescan. inotify merges
+  repeated IN_MODIFY events while the reader lags, so a big write costs a
+  bounded number of events.
   A modified file is marked dirty without CLOSED: the link waits for it to
   settle (or for its close) before sending. IN_ATTRIB comes with the same
   mask bit in watchdog and gives chmod/touch/chown as attribute events.
