@@ -166,6 +166,46 @@ class Store:
         self.db.close()
 
 
+class Lane:
+    """One lane's ready entries, per mirror and insertion-ordered, with
+    running totals (status reads them often; a backlog may hold 200k)."""
+
+    def __init__(self, mirrors: dict[int, str]) -> None:
+        self.queues: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
+        self.files = 0
+        self.bytes = 0
+
+    def get(self, key: Key) -> Info | None:
+        return self.queues[key[0]].get(key)
+
+    def put(self, key: Key, info: Info) -> None:
+        q = self.queues[key[0]]
+        old = q.get(key)
+        if old is None:
+            self.files += 1
+            self.bytes += info.size
+        else:
+            self.bytes += info.size - old.size
+        q[key] = info
+
+    def take(self, key: Key) -> Info:
+        info = self.queues[key[0]].pop(key)
+        self.files -= 1
+        self.bytes -= info.size
+        return info
+
+    def first(self, mid: int) -> Key:
+        return next(iter(self.queues[mid]))
+
+    def ready(self, mid: int) -> bool:
+        return bool(self.queues[mid])
+
+    def oldest(self) -> float | None:
+        """The first entry of each mirror (insertion order: about the oldest)."""
+        heads = [next(iter(q.values())).since for q in self.queues.values() if q]
+        return min(heads) if heads else None
+
+
 class Backlog:
     def __init__(
         self, mirrors: dict[int, str], store: Store | None = None, memory_max: int = MEMORY_MAX
@@ -175,8 +215,8 @@ class Backlog:
         self.store = store
         self.memory_max = memory_max
         #: The two lanes' ready entries, per mirror, insertion-ordered.
-        self._live: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
-        self._bulk: dict[int, dict[Key, Info]] = {mid: {} for mid in mirrors}
+        self._live = Lane(mirrors)
+        self._bulk = Lane(mirrors)
         self._later: list[tuple[float, Key]] = []
         self._later_info: dict[Key, tuple[float, Info]] = {}
         self._parked: dict[Key, Info] = {}
@@ -188,21 +228,16 @@ class Backlog:
     # -- marking ----------------------------------------------------------------
 
     def _in_memory(self) -> int:
-        return (
-            sum(len(d) for d in self._live.values())
-            + sum(len(d) for d in self._bulk.values())
-            + len(self._later_info)
-            + len(self._parked)
-        )
+        return self._live.files + self._bulk.files + len(self._later_info) + len(self._parked)
 
-    def _ready(self, info: Info) -> dict[int, dict[Key, Info]]:
+    def _lane(self, info: Info) -> Lane:
         return self._live if info.flags & LIVE else self._bulk
 
     def holds(self, key: Key) -> bool:
         mid = key[0]
         return (
-            key in self._live[mid]
-            or key in self._bulk[mid]
+            key in self._live.queues[mid]
+            or key in self._bulk.queues[mid]
             or key in self._later_info
             or key in self._parked
         )
@@ -219,19 +254,19 @@ class Backlog:
         if persist and self.store is not None:
             self.store.upsert(self.names[key[0]], key[1], info)
         mid = key[0]
-        live, bulk = self._live[mid], self._bulk[mid]
+        live, bulk = self._live, self._bulk
         cur = live.get(key)
         if cur is not None:
-            live[key] = merge(cur, info)
+            live.put(key, merge(cur, info))
             return
         cur = bulk.get(key)
         if cur is not None:
             merged = merge(cur, info)
             if merged.flags & LIVE:  # now live: it moves ahead
-                del bulk[key]
-                live[key] = merged
+                bulk.take(key)
+                live.put(key, merged)
             else:
-                bulk[key] = merged
+                bulk.put(key, merged)
             return
         parked = self._parked.get(key)
         if parked is not None:
@@ -254,7 +289,7 @@ class Backlog:
             heapq.heappush(self._later, (due, key))
             return
         self._later_info.pop(key, None)
-        self._ready(info)[mid][key] = info
+        self._lane(info).put(key, info)
 
     def _full(self, info: Info) -> bool:
         limit = LIVE_MEMORY_MAX if info.flags & LIVE else self.memory_max
@@ -269,7 +304,7 @@ class Backlog:
             if cur is None or cur[0] != due:
                 continue  # superseded by a later mark
             del self._later_info[key]
-            self._ready(cur[1])[key[0]][key] = cur[1]
+            self._lane(cur[1]).put(key, cur[1])
 
     def refill(self, busy: Callable[[Key], bool]) -> None:
         """Read spilled entries back from the store once memory has room."""
@@ -280,7 +315,7 @@ class Backlog:
             return
         rows = self.store.oldest(self.ids, room, lambda k: self.holds(k) or busy(k))
         for key, info in rows:
-            self._bulk[key[0]][key] = info
+            self._bulk.put(key, info)
         if len(rows) < room:
             self.spilled = 0
         else:
@@ -293,7 +328,7 @@ class Backlog:
         total = self.store.count()
         rows = self.store.oldest(self.ids, self.memory_max, self.holds)
         for key, info in rows:
-            self._bulk[key[0]][key] = info
+            self._bulk.put(key, info)
         self.spilled = total - len(rows)
         return total
 
@@ -305,22 +340,23 @@ class Backlog:
 
     def has_ready(self, mid: int, bulk: bool = True) -> bool:
         """Whether ``pop(mid, bulk)`` has something to give."""
-        return bool(self._live[mid]) or (bulk and bool(self._bulk[mid]))
+        return self._live.ready(mid) or (bulk and self._bulk.ready(mid))
 
     def pop(self, mid: int, bulk: bool = True) -> tuple[Key, Info]:
         """The next ready entry of mirror ``mid``: live first, with one bulk
         start in every LIVE_RUN + 1 while both wait; with ``bulk`` False
         (the bulk window is full), live only. StopIteration if none."""
-        live, waiting = self._live[mid], self._bulk[mid] if bulk else None
-        if waiting and (not live or self._run >= LIVE_RUN):
+        live = self._live
+        waiting = bulk and self._bulk.ready(mid)
+        if waiting and (not live.ready(mid) or self._run >= LIVE_RUN):
             self._run = 0
-            ready = waiting
+            lane = self._bulk
         else:
-            if waiting:
+            if self._bulk.ready(mid):
                 self._run += 1
-            ready = live
-        key = next(iter(ready))
-        return key, ready.pop(key)
+            lane = live
+        key = lane.first(mid)
+        return key, lane.take(key)
 
     def park(self, key: Key, info: InfoLike) -> None:
         """``key`` is dirty again while an operation on it is in flight."""
@@ -361,17 +397,16 @@ class Backlog:
         are bulk), their size hints, and the wall-clock time of the oldest."""
         out: dict[str, dict[str, float | int | None]] = {}
         waiting = [*(i for _, i in self._later_info.values()), *self._parked.values()]
-        for lane, queues in (("live", self._live), ("bulk", self._bulk)):
-            is_live = lane == "live"
+        for name, lane in (("live", self._live), ("bulk", self._bulk)):
+            is_live = name == "live"
             others = [i for i in waiting if bool(i.flags & LIVE) == is_live]
-            heads = [next(iter(d.values())).since for d in queues.values() if d]
-            times = heads + [i.since for i in others]
-            out[lane] = {
-                "files": sum(len(d) for d in queues.values())
-                + len(others)
-                + (0 if is_live else self.spilled),
-                "bytes": sum(i.size for d in queues.values() for i in d.values())
-                + sum(i.size for i in others),
+            times = [i.since for i in others]
+            head = lane.oldest()
+            if head is not None:
+                times.append(head)
+            out[name] = {
+                "files": lane.files + len(others) + (0 if is_live else self.spilled),
+                "bytes": lane.bytes + sum(i.size for i in others),
                 "oldest": min(times) if times else None,
             }
         return out

@@ -288,10 +288,13 @@ class Link(threading.Thread):
                 wire.queue(F.Ping(time.monotonic_ns()))
             wire.flush()
             self._backlog.flush()
-            self._status.update(force=not worked)  # going idle: show the final state
+            # Going idle, show the final state; while operations are in flight
+            # (a full bulk window, say) refresh at most every PERIOD s: lanes()
+            # reads the delayed and parked entries.
+            stale = self._status.update(force=not worked and not self._inflight)
             if worked:
                 continue
-            timeout = hb
+            timeout = hb if stale is None else min(hb, stale)
             due = self._backlog.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))

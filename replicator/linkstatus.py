@@ -18,6 +18,9 @@ from .mirror import SourceMirror
 from .remote import RemoteMirror
 from .stats import LinkStats, RateMeter
 
+#: Seconds between two refreshes of a link's figures.
+PERIOD = 0.25
+
 
 class LinkStatus:
     def __init__(
@@ -43,10 +46,12 @@ class LinkStatus:
         self._marker_at = 0.0
         self._marker_warned: set[str] = set()
 
-    def update(self, force: bool = False) -> None:
+    def update(self, force: bool = False) -> float | None:
+        """Refresh the figures at most every PERIOD s (``force``: now).
+        Returns in how many seconds a skipped refresh is due (else None)."""
         now = time.monotonic()
-        if not force and now - self._stats_at < 0.25:
-            return
+        if not force and now - self._stats_at < PERIOD:
+            return PERIOD - (now - self._stats_at)
         self._stats_at = now
         st = self._stats
         bl = self._backlog
@@ -70,6 +75,7 @@ class LinkStatus:
             if recheck and m.marker is not None and m.marker.ok():
                 ms.pop("marker_missing", None)
                 self._marker_warned.discard(m.name)
+        return None
 
     def marker_missing(self, m: SourceMirror, n: int) -> None:
         """``n`` deletions in ``m`` are not propagated: its marker is missing."""

@@ -130,6 +130,12 @@ class _Handler(FileSystemEventHandler):
             elif src is not None and not self.excludes(src):
                 self.sink(Dirty(m, src, Flag.DATA | Flag.LIVE))  # moved out: gone
             return
+        if ev.is_synthetic and isinstance(ev, (FileCreatedEvent, DirCreatedEvent)):
+            # What watchdog found under a directory moved in from outside: the
+            # scan of that directory (bulk) finds it too. Marked here it would
+            # all be live: a tree of 68k entries moved in held every live
+            # change behind it for half a minute.
+            return
         rel = self._rel(ev.src_path)
         if rel is None or self.excludes(rel):
             return
@@ -143,8 +149,7 @@ class _Handler(FileSystemEventHandler):
             self.sink(Dirty(m, rel, Flag.ATTRIB | Flag.LIVE))
         elif isinstance(ev, DirCreatedEvent):
             self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
-            if not ev.is_synthetic:
-                self.scan(m, rel)
+            self.scan(m, rel)
         else:  # created, deleted
             self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
 
