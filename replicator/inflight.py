@@ -40,6 +40,9 @@ class Record:
     #: Started from the live lane (backlog.py); bulk ones count against
     #: the bulk window (window.py).
     live: bool = False
+    #: When it was sent (monotonic): its send-to-ack latency sizes the
+    #: bulk window.
+    sent: float = 0.0
 
     def paths(self) -> list[Key]:
         """The paths this operation holds: its own, and a rename's destination."""

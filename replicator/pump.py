@@ -42,6 +42,9 @@ MAX_ACTIVE = 4
 WINDOW = 4096
 #: Dirty paths started per round (between chunks of the large files).
 STARTS_PER_ROUND = 256
+#: A round starts paths for at most this long: then the link looks at what
+#: was posted to it (a live change) before the next round.
+ROUND_S = 0.005
 #: Of those, live ones first, leaving room for bulk (backlog.LIVE_RUN).
 LIVE_STARTS = STARTS_PER_ROUND - STARTS_PER_ROUND // (LIVE_RUN + 1)
 #: A file still being written (plan.SETTLE_NS) is looked at again after this long.
@@ -92,9 +95,9 @@ class Pump:
         corked = False
         st = self._stats
         window = self.bulk_window
-        window.update(
-            time.monotonic(), st.ops_acked, None if st.rtt_ms is None else st.rtt_ms / 1e3
-        )
+        start = time.monotonic()
+        window.update(start, st.ops_acked)
+        deadline = start + ROUND_S
         # Live entries of every mirror first, then bulk within its window
         # (and one bulk start in every LIVE_RUN + 1 while both wait: pop()).
         for only_live, limit in ((True, LIVE_STARTS), (False, STARTS_PER_ROUND)):
@@ -105,6 +108,7 @@ class Pump:
                 while (
                     bl.has_ready(mid, bulk)
                     and started < limit
+                    and time.monotonic() < deadline
                     and conn.unacked() < WINDOW
                     and conn.open_files() < F.MAX_OPEN_FILES - 1
                 ):
