@@ -28,8 +28,8 @@ from . import frames as F
 from . import transfer
 from .config import Config
 from .errors import RemoteProtocolError
+from .inbox import PartialFile
 from .manifest import EntryState
-from .publisher import PartialFile
 from .receiving import OP_FDS, Answer, ReceivingMirror, Refused, admit
 from .stats import SessionStats
 

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 
 from .config import MirrorConfig
+from .inbox import IS_ROOT
 from .manifest import Change, EntryState, Excludes, Preserve, compare
 from .marker import Marker
-from .publisher import IS_ROOT
 
 
 @dataclass

@@ -28,8 +28,9 @@ from .changes import Dirty, Flag, PeerHas
 from .config import Config
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, RemoteProtocolError
+from .inbox import Inbox, PartialFile, apply_error
 from .manifest import EntryState, Excludes, Preserve, scan
-from .publisher import Inbox, PartialFile, Publisher, apply_error
+from .publisher import Publisher
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)

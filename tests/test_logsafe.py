@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from replicator import logs
+from replicator.inbox import BOOT_ID, Inbox
 from replicator.localcluster import LocalCluster, wait_for
 from replicator.outgoing import version_of
-from replicator.publisher import BOOT_ID, Inbox
 
 from .test_replicate import wait_same
 from .test_topologies import idle

@@ -15,11 +15,12 @@ import pytest
 
 from replicator import frames as F
 from replicator.daemon import unsafe_sysctls
+from replicator.inbox import Inbox
 from replicator.localcluster import LocalCluster, LocalNode, wait_for, write_key
 from replicator.manifest import Change, EntryState, Preserve, compare
 from replicator.paths import Root
 from replicator.protocol import Established
-from replicator.publisher import Inbox, Publisher
+from replicator.publisher import Publisher
 
 from .conftest import make_pair
 from .test_hostile import Client

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from replicator import frames as F
-from replicator import publisher
+from replicator import inbox as inbox_mod
+from replicator.inbox import Inbox, PartialFile
 from replicator.paths import Root, remove_at
-from replicator.publisher import Inbox, PartialFile, Publisher
+from replicator.publisher import Publisher
 
 
 def test_remove_at_handles_trees_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
@@ -58,13 +59,13 @@ def test_pending_file_blocks_operations_on_its_path_and_below(tmp_path: Path) ->
 
 @pytest.fixture
 def partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PartialFile, list]]:
-    monkeypatch.setattr(publisher, "WRITEBACK_BYTES", 100)
-    monkeypatch.setattr(publisher, "CHECKPOINT_BYTES", 250)
+    monkeypatch.setattr(inbox_mod, "WRITEBACK_BYTES", 100)
+    monkeypatch.setattr(inbox_mod, "CHECKPOINT_BYTES", 250)
     started: list[tuple[int, int]] = []
-    monkeypatch.setattr(publisher, "start_writeback", lambda fd, off, n: started.append((off, n)))
+    monkeypatch.setattr(inbox_mod, "start_writeback", lambda fd, off, n: started.append((off, n)))
     root = Root(str(tmp_path))
     inbox = Inbox(root, "peer")
-    ev = F.File(1, 1, 0, publisher.RESUME_MIN, 0o644, 0, 0, 0, b"v", b"big")
+    ev = F.File(1, 1, 0, inbox_mod.RESUME_MIN, 0o644, 0, 0, 0, b"v", b"big")
     p = inbox.begin(ev, (b"big",))
     yield p, started
     p.discard()
