@@ -92,3 +92,22 @@ def consume(sock: socket.socket, n: int, scratch: bytearray) -> None:
         if got == 0:
             raise LinkError("connection closed by the peer")
         n -= got
+
+
+def send_last(sock: socket.socket, data: bytes, drain_max: int = 4 << 20) -> None:
+    """Send ``data`` (a fatal Error frame), then close gently: closing with
+    unread input makes the kernel send a RST, which can destroy the frame
+    before the peer reads it. So: shut down our side, drain briefly. Never
+    raises: the connection is ending anyway."""
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 2.0
+        drained = 0
+        while drained < drain_max and wait_readable(sock, deadline - time.monotonic()):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except Exception:
+        pass

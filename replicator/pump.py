@@ -28,11 +28,12 @@ from .linkstatus import LinkStatus
 from .logs import Fields
 from .manifest import Change, EntryState, scan
 from .mirror import SourceMirror
-from .outgoing import CHUNK, FileSend, Step
+from .outgoing import FileSend
 from .paths import Located, Source
 from .plan import Action, plan_path
 from .remote import RemoteMirror
-from .stats import LinkStats, Transfer
+from .stats import LinkStats
+from .streams import Streams
 from .window import BulkWindow
 from .wire import Wire
 
@@ -74,7 +75,7 @@ class Pump:
         self._status = status
         self._log = log
         #: Files being sent a chunk per round.
-        self._active: list[FileSend] = []
+        self.streams = Streams(wire, stats, self._changed)
         self._next_op = 0
         #: How many bulk operations may be in flight (window.py).
         self.bulk_window = BulkWindow(ceiling=WINDOW)
@@ -123,10 +124,7 @@ class Pump:
         if corked:
             self._wire.flush()
             net.cork(sock, False)
-        for s in list(self._active):
-            self._step(s)
-            worked = True
-        return worked
+        return self.streams.step_all() or worked
 
     def _try_start(self, key: Key, info: Info) -> bool:
         verdict, op = self._inflight.admit(key)
@@ -304,38 +302,14 @@ class Pump:
             op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size, live=live)
         )
         self._stats.ops_sent += 1
-        if s.left <= CHUNK:
-            while s.fd >= 0:
-                self._step(s)
-        else:
-            self._active.append(s)
+        self.streams.add(s)
         return True
 
-    def _step(self, s: FileSend) -> None:
-        """Send the next chunk of ``s``; End or Abort it when it is done."""
-        wire = self._wire
-        conn, sock = wire.conn, wire.sock
-        assert conn is not None and sock is not None
-        if s.left:
-            self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
-            self._stats.bytes_sent += len(wire.buf)
-        headers = s.frame_bytes
-        step, n = s.step(sock, conn, wire.buf)
-        self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
-        self._stats.payload_bytes_sent += n
-        if n:
-            wire.last_tx = time.monotonic()
-        if step is Step.MORE:
-            return
-        wire.queue(s.finish(step))
-        self._drop(s)
-        if step is Step.DONE:
-            self._stats.files_sent += 1
-            return
+    def _changed(self, s: FileSend) -> None:
+        """``s`` changed while it was sent (Streams aborted it): send it again."""
         released = release(self._inflight, s.op)
         self.apply(released.effects)
         rec = released.record
-        self._stats.files_aborted += 1
         self._log.at(MIRROR=s.mirror, PATH=paths.show(s.key[1])).info(
             "link to %s: %s changed while being sent; sending it again",
             self._stats.peer,
@@ -345,22 +319,13 @@ class Pump:
         again = Flag.DATA | (Flag.LIVE if rec is not None and rec.live else 0)
         self._backlog.mark(s.key, (since, s.size, again), RESEND_DELAY, persist=False)
 
-    def _drop(self, s: FileSend) -> None:
-        s.close()
-        if s in self._active:
-            self._active.remove(s)
-        self._stats.current = None
-
     def cancel(self, op: int) -> None:
         """The peer refused ``op``: stop sending its file if it still is."""
-        for s in list(self._active):
-            if s.op == op:
-                self._wire.queue(s.cancel())
-                self._drop(s)
+        self.streams.cancel(op)
 
     def sending(self) -> int:
         """Bytes still to send of the large files in progress."""
-        return sum(s.left for s in self._active)
+        return self.streams.sending()
 
     # -- the backlog ----------------------------------------------------------------------
 
@@ -380,9 +345,7 @@ class Pump:
     def reset(self) -> None:
         """The connection is gone: stop sending files, and what was in flight
         (nothing of it was acknowledged) is dirty again."""
-        for s in self._active:
-            s.close()
-        self._active.clear()
+        self.streams.close()
         records, waiting = self._inflight.clear()
         for rec in records:
             self._backlog.mark(rec.key, (rec.since, rec.size, Flag.DATA))

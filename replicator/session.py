@@ -186,23 +186,7 @@ class Session:
             pass
 
     def _send_fatal(self, code: F.ErrorCode, message: str) -> None:
-        """Send a fatal Error, then close gently: closing with unread input
-        makes the kernel send a RST, which can destroy the Error frame
-        before the peer reads it. So: shut down our side, drain briefly."""
-        try:
-            self.sock.sendall(self._wbuf + self.conn.send(F.Error(code, 0, 1, message)))
-            self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 2.0
-            drained = 0
-            while drained < 4 * 1024 * 1024 and net.wait_readable(
-                self.sock, deadline - time.monotonic()
-            ):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except Exception:
-            pass
+        net.send_last(self.sock, bytes(self._wbuf) + self.conn.send(F.Error(code, 0, 1, message)))
 
     # -- reading -------------------------------------------------------------
 

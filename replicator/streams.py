@@ -1,0 +1,91 @@
+"""The files a link is sending, a chunk at a time, and how each one ends.
+
+The pump starts a file (``FileSend.begin``, its File frame, in flight) and
+hands it here: a file of at most one chunk goes out at once; a larger one
+sends one chunk per pump round, so a 100 GiB file never holds a 4 KiB one
+back by more than one chunk. When a file ends, ``Streams`` queues its End
+or Abort; a file that changed while it was sent goes back to the pump
+(``changed``) to be sent again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from . import paths
+from .outgoing import CHUNK, FileSend, Step
+from .stats import LinkStats, Transfer
+from .wire import Wire
+
+
+class Streams:
+    def __init__(self, wire: Wire, stats: LinkStats, changed: Callable[[FileSend], None]) -> None:
+        self._wire = wire
+        self._stats = stats
+        self._changed = changed
+        #: Files being sent a chunk per round.
+        self._active: list[FileSend] = []
+
+    def add(self, s: FileSend) -> None:
+        """A file just started (its File frame is queued)."""
+        if s.left <= CHUNK:
+            while s.fd >= 0:
+                self.step(s)
+        else:
+            self._active.append(s)
+
+    def step_all(self) -> bool:
+        """One chunk of every large file in progress; True if there were any."""
+        active = list(self._active)
+        for s in active:
+            self.step(s)
+        return bool(active)
+
+    def step(self, s: FileSend) -> None:
+        """Send the next chunk of ``s``; End or Abort it when it is done."""
+        wire = self._wire
+        conn, sock = wire.conn, wire.sock
+        assert conn is not None and sock is not None
+        if s.left:
+            self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
+            self._stats.bytes_sent += len(wire.buf)
+        headers = s.frame_bytes
+        step, n = s.step(sock, conn, wire.buf)
+        self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
+        self._stats.payload_bytes_sent += n
+        if n:
+            wire.last_tx = time.monotonic()
+        if step is Step.MORE:
+            return
+        wire.queue(s.finish(step))
+        self._drop(s)
+        if step is Step.DONE:
+            self._stats.files_sent += 1
+            return
+        self._stats.files_aborted += 1
+        self._changed(s)
+
+    def _drop(self, s: FileSend) -> None:
+        s.close()
+        if s in self._active:
+            self._active.remove(s)
+        self._stats.current = None
+
+    def cancel(self, op: int) -> None:
+        """The peer refused ``op``: stop sending its file if it still is."""
+        for s in list(self._active):
+            if s.op == op:
+                self._wire.queue(s.cancel())
+                self._drop(s)
+
+    def sending(self) -> int:
+        """Bytes still to send of the large files in progress."""
+        return sum(s.left for s in self._active)
+
+    def close(self) -> None:
+        """The connection is gone: stop sending."""
+        for s in self._active:
+            s.close()
+        self._active.clear()
+        self._stats.current = None
