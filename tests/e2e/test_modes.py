@@ -21,7 +21,7 @@ from replicator.paths import Root
 from replicator.protocol import Established
 from replicator.publisher import Inbox, Publisher
 
-from .conftest import make_pair
+from ..helpers import make_pair
 from .test_hostile import Client
 
 K = F.EntryKind
