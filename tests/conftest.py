@@ -9,7 +9,8 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode
 
-from . import netns as _netns
+from .helpers import make_pair
+from .system import netns as _netns
 
 
 @pytest.fixture
@@ -30,15 +31,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
-
-
-def make_pair(cluster: LocalCluster, **mirror: object) -> tuple[LocalNode, LocalNode]:
-    """Node a pushes mirror "m" to node b; both started."""
-    a, b = cluster.node("a"), cluster.node("b")
-    cluster.connect("a", "b")
-    a.add_mirror("m", push_to=["b"], **mirror)
-    b.add_mirror("m", accept_from=["a"])
-    return a, b
 
 
 @pytest.fixture

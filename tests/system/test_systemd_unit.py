@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from replicator import __version__, config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "replicatord.service"
 DROPINS = sorted((SYSTEMD / "dropins").glob("*.conf"))

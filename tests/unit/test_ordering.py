@@ -1,5 +1,5 @@
 """The per-role rules of an established connection (ordering.py), driven
-directly: no handshake, no bytes. tests/test_protocol.py checks the same
+directly: no handshake, no bytes. tests/unit/test_protocol.py checks the same
 rules through ``Connection``; these pin the pieces it is made of."""
 
 from __future__ import annotations

@@ -11,48 +11,11 @@ import pytest
 from replicator.localcluster import (
     LocalCluster,
     LocalNode,
-    diff_trees,
-    tree,
     wait_for,
     walk_files,
 )
 
-from .conftest import make_pair
-
-MiB = 1 << 20
-
-
-def fill(path: Path, size: int, seed: int = 0) -> None:
-    """``size`` pseudo-random bytes (fast: a repeated random block)."""
-    block = os.urandom(MiB) if size >= MiB else os.urandom(max(size, 1))
-    with path.open("wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n])
-            left -= n
-
-
-def converged(src: Path, dst: Path) -> bool:
-    return not diff_trees(tree(src), tree(dst)) and owners(src) == owners(dst)
-
-
-def owners(root: Path) -> dict[str, tuple[int, int]]:
-    """uid/gid of every entry (replicated when the receiver runs as root)."""
-    if os.geteuid() != 0:
-        return {}
-    return {
-        str(p.relative_to(root)): (p.lstat().st_uid, p.lstat().st_gid)
-        for p in root.rglob("*")
-        if ".replicator" not in p.parts
-    }
-
-
-def wait_same(src: Path, dst: Path, timeout: float = 60) -> None:
-    try:
-        wait_for(lambda: converged(src, dst), timeout, f"{dst} to equal {src}")
-    except TimeoutError:
-        raise AssertionError("\n".join(diff_trees(tree(src), tree(dst))[:20])) from None
+from ..helpers import MiB, fill, make_pair, wait_same
 
 
 def build_tree(root: Path, big: int) -> None:
@@ -90,7 +53,7 @@ def build_tree(root: Path, big: int) -> None:
 
 def exact_pair(cluster: LocalCluster, **mirror: object) -> tuple[LocalNode, LocalNode]:
     """Like make_pair, with a replica that takes owners and setuid/setgid/
-    sticky bits as sent (by default it keeps its own: tests/test_modes.py)."""
+    sticky bits as sent (by default it keeps its own: tests/e2e/test_modes.py)."""
     a, b = make_pair(cluster, **mirror)
     b.mirrors["m"]["preserve"] = ["owners", "special_bits"]
     return a, b

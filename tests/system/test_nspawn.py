@@ -1,5 +1,5 @@
 """The Debian package under a real systemd: boot a bookworm container
-(tests/nspawn.py), install the .deb built by packaging/build-deb.sh, run two
+(tests/system/nspawn.py), install the .deb built by packaging/build-deb.sh, run two
 nodes as two hardened services, and check what systemd sees of them.
 
 Node a is the shipped replicatord.service plus a drop-in (its mirror in
@@ -14,7 +14,7 @@ Type=notify unit to finish, WATCHDOG=1 for it to survive WatchdogSec=, and
 RELOADING=1/READY=1 around a reload.
 
 Environment: REPLICATOR_TEST_DEB=path uses that .deb instead of building;
-REPLICATOR_TEST_ROOTFS and REPLICATOR_TEST_DEBIAN_MIRROR: see tests/nspawn.py.
+REPLICATOR_TEST_ROOTFS and REPLICATOR_TEST_DEBIAN_MIRROR: see tests/system/nspawn.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from . import nspawn
 
 pytestmark = pytest.mark.nspawn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 A_TOML = """\
 [node]

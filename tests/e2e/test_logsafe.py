@@ -19,7 +19,7 @@ from replicator.inbox import BOOT_ID, Inbox
 from replicator.localcluster import LocalCluster, wait_for
 from replicator.outgoing import version_of
 
-from .test_replicate import wait_same
+from ..helpers import wait_same
 from .test_topologies import idle
 
 #: What an attacker wants to see at the start of a line of the log.

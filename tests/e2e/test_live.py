@@ -18,8 +18,7 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
-from .conftest import make_pair
-from .test_replicate import MiB, fill, wait_same
+from ..helpers import MiB, fill, make_pair, wait_same
 
 # A rescan would hide a watcher bug: make sure none runs during a test.
 NO_RESCAN = {"rescan_interval": 86400.0}

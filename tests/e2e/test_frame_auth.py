@@ -19,7 +19,7 @@ import pytest
 from replicator import frames as F
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
-from .test_replicate import wait_same
+from ..helpers import wait_same
 
 #: Frames a sends before its frames are tagged: Hello and Auth.
 HANDSHAKE_FRAMES = 2

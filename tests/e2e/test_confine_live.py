@@ -15,8 +15,8 @@ import pytest
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 from replicator.paths import Source
 
+from ..helpers import make_deep
 from .tcpproxy import Recorder
-from .test_confine import _make_deep
 
 SECRET = b"TOPSECRET-" + os.urandom(8).hex().encode()
 NO_RESCAN = {"rescan_interval": 86400.0}
@@ -125,7 +125,7 @@ def test_path_longer_than_path_max_breaks_nothing(cluster: LocalCluster) -> None
     rb = b.add_mirror("m", accept_from=["a"], push_to=["c"])
     rc = c.add_mirror("m", accept_from=["b"])
     cluster.start()
-    rel = _make_deep(ra, 20, 203)
+    rel = make_deep(ra, 20, 203)
     assert len(os.fsencode(rc)) + len(rel) > 4096
     # the watcher cannot watch that deep (inotify takes whole paths); a
     # rescan of the mirror finds it, walking by directory fds

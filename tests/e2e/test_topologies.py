@@ -7,7 +7,7 @@ from pathlib import Path
 
 from replicator.localcluster import LocalCluster, LocalNode, tree, wait_for, walk_files
 
-from .test_replicate import MiB, fill, wait_same
+from ..helpers import MiB, fill, wait_same
 
 
 def idle(n: LocalNode, peer: str) -> bool:

@@ -18,6 +18,8 @@ from replicator.manifest import Excludes, lstat_entry, scan
 from replicator.marker import Marker
 from replicator.paths import Source, walk
 
+from ..helpers import make_deep
+
 NOTHING = Excludes(())
 
 
@@ -135,31 +137,9 @@ def test_walk_closes_its_fds_when_abandoned(trees: tuple[Path, Path]) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def _make_deep(root: Path, depth: int, width: int) -> bytes:
-    """Directories ``depth`` levels deep with names ``width`` bytes long,
-    made fd by fd (the whole path is longer than PATH_MAX); returns the
-    relative path of a file at the bottom."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    parts = []
-    try:
-        for i in range(depth):
-            name = (b"%03d" % i) + b"d" * (width - 3)
-            os.mkdir(name, dir_fd=fd)
-            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-            parts.append(name)
-        wfd = os.open(b"bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(wfd, b"deep")
-        os.close(wfd)
-    finally:
-        os.close(fd)
-    return b"/".join([*parts, b"bottom.txt"])
-
-
 def test_paths_longer_than_path_max(trees: tuple[Path, Path]) -> None:
     root, _ = trees
-    rel = _make_deep(root, 24, 200)
+    rel = make_deep(root, 24, 200)
     assert len(os.fsencode(root)) + len(rel) > 4096
     (root / "plain.txt").write_bytes(b"plain")
     src = Source(os.fsencode(root))

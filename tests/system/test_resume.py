@@ -17,8 +17,8 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
+from ..helpers import MiB, fill, wait_same
 from .netns import Netns
-from .test_replicate import MiB, fill, wait_same
 
 pytestmark = pytest.mark.netns
 

@@ -17,8 +17,8 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, free_port, wait_for
 
+from ..helpers import MiB, fill, wait_same
 from .test_ctl import ctl
-from .test_replicate import MiB, fill, wait_same
 
 HOUR = 3600.0
 

@@ -28,11 +28,10 @@ from replicator.listener import Listener
 from replicator.localcluster import LocalCluster, LocalNode, free_port, wait_for, write_key
 from replicator.protocol import Established
 
-from .conftest import make_pair
+from ..helpers import make_pair, wait_same
 from .test_ctl import ctl
 from .test_daemon_notify import Listener as NotifyListener
 from .test_hostile import Client, read_until_eof
-from .test_replicate import wait_same
 
 
 def fd_count(node: LocalNode) -> int:

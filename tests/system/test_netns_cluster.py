@@ -11,8 +11,8 @@ import pytest
 
 from replicator.localcluster import LocalCluster, wait_for
 
+from ..helpers import MiB, fill, wait_same
 from . import netns as _netns
-from .test_replicate import MiB, fill, wait_same
 
 pytestmark = pytest.mark.netns
 

@@ -16,8 +16,8 @@ from typing import Any
 from replicator.control import request
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
+from ..helpers import wait_same
 from .test_ctl import ctl
-from .test_replicate import wait_same
 
 RECEIVERS = ("b", "c", "d")
 #: SIGHUPs sent, each with a new config (the other clients reload meanwhile)...

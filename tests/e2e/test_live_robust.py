@@ -13,8 +13,7 @@ import pytest
 
 from replicator.localcluster import LocalCluster, wait_for, walk_files
 
-from .conftest import make_pair
-from .test_replicate import wait_same
+from ..helpers import make_pair, wait_same
 
 QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 

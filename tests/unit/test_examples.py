@@ -8,7 +8,7 @@ import pytest
 
 from replicator import config
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").rglob("*.toml"))
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").rglob("*.toml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(p.parents[1])) for p in EXAMPLES])

@@ -17,7 +17,7 @@ from replicator.errors import RemoteProtocolError
 from replicator.localcluster import LocalCluster, LocalNode, wait_for, write_key
 from replicator.protocol import NEED_DATA, Connection, Established, Role
 
-from .test_replicate import wait_same
+from ..helpers import wait_same
 
 
 class Client:

@@ -13,7 +13,7 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
-from .test_replicate import MiB, fill, wait_same
+from ..helpers import MiB, fill, wait_same
 
 
 @pytest.fixture

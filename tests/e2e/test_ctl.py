@@ -16,8 +16,7 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, free_port, wait_for
 
-from .conftest import make_pair
-from .test_replicate import wait_same
+from ..helpers import make_pair, wait_same
 
 
 def ctl(node: LocalNode, *args: str) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from replicator.paths import Root
 from replicator.protocol import Established
 from replicator.publisher import Publisher
 
-from .conftest import make_pair
+from ..helpers import make_pair
 from .test_hostile import Client
 
 K = F.EntryKind

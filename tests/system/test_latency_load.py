@@ -14,8 +14,8 @@ import pytest
 
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
+from ..helpers import MiB, fill, wait_same
 from .netns import Netns
-from .test_replicate import MiB, fill, wait_same
 from .test_resume import partial_size, throttled_pair
 
 pytestmark = pytest.mark.netns

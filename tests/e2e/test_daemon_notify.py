@@ -13,7 +13,7 @@ import pytest
 from replicator import sdnotify
 from replicator.localcluster import LocalCluster, wait_for
 
-from .conftest import make_pair
+from ..helpers import make_pair
 
 
 class Listener:

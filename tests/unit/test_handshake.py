@@ -1,5 +1,5 @@
 """The handshake (handshake.py) and the frame tags (frametag.py) on their
-own: two ``Handshake`` objects talk frames directly. tests/test_protocol.py
+own: two ``Handshake`` objects talk frames directly. tests/unit/test_protocol.py
 checks the handshake through ``Connection``, byte by byte."""
 
 from __future__ import annotations
