@@ -59,7 +59,7 @@ class Moved:
 
 
 @dataclass(frozen=True, slots=True)
-class Rescan:
+class Reconcile:
     """Reconcile with the peer now (``mirror`` None: every mirror of the link)."""
 
     mirror: str | None = None

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from . import __version__
-from .changes import Rescan
+from .changes import Reconcile
 from .config import Config
 from .errors import ControlError
 from .janitor import Janitor
@@ -67,7 +67,7 @@ class Commands:
             mirror = req.get("mirror")
             if mirror is not None and mirror not in self.node.cfg.mirrors:
                 raise ControlError(f"no mirror {mirror!r} on this node")
-            self.node.router.route(Rescan(mirror))
+            self.node.router.route(Reconcile(mirror))
             return {"ok": True}
         if cmd in ("pause", "resume"):
             return self._pause(req, cmd == "pause")

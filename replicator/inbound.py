@@ -27,10 +27,10 @@ from collections.abc import Callable
 from . import frames as F
 from . import transfer
 from .config import Config
-from .errors import RemoteProtocolError
+from .errors import Refused, RemoteProtocolError, SinkError
 from .inbox import PartialFile
 from .manifest import EntryState
-from .receiving import OP_FDS, Answer, ReceivingMirror, Refused, admit
+from .receiving import OP_FDS, Answer, ReceivingMirror, admit
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class Inbound:
         m, p = target
         try:
             splicer.to_file(p.fd, p.written, n)
-        except transfer.SinkError as e:
+        except SinkError as e:
             return self._fail(m, p, e)
         return self._wrote(m, p, n)
 

@@ -203,5 +203,8 @@ class InFlight:
     def oldest(self) -> float | None:
         """When the oldest change in flight or waiting was first seen."""
         times = [rec.since for rec in self._ops.values()][:1]
-        times += [w[0][1][0] for w in self._waiting.values() if w]
+        for waiting in self._waiting.values():
+            if waiting:
+                _, info = waiting[0]
+                times.append(info[0])  # when it was first seen
         return min(times, default=None)

@@ -4,7 +4,7 @@ A Link is a thread that owns everything about its peer: the connection, the
 backlog of dirty paths, what the peer is known to hold (``RemoteMirror``),
 the operations in flight. Other threads talk to it only through ``post()``
 (one queue, one direction): its reader thread posts the bytes it read, the
-watcher and scanner post ``changes.Dirty``/``Moved``/``Rescan``, the control
+watcher and scanner post ``changes.Dirty``/``Moved``/``Reconcile``, the control
 socket posts commands. No locks.
 
 The pipeline: a path is *dirty* → when it reaches the front of the backlog it
@@ -41,9 +41,9 @@ from typing import Any
 from . import frames as F
 from .answers import DIR_SETTLE, RETRY_MAX, RETRY_MIN, Answer, Answers
 from .backlog import Backlog, Store
-from .changes import Dirty, Moved, PeerHas, Rescan
+from .changes import Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
-from .errors import LinkError, ProtocolError
+from .errors import AuthFailed, LinkError, ProtocolError
 from .inflight import InFlight
 from .linkstatus import LinkStatus
 from .logs import Fields
@@ -53,8 +53,7 @@ from .pump import MAX_ACTIVE, RESEND_DELAY, SETTLE_RETRY, STARTS_PER_ROUND, WIND
 from .reconciler import Reconciler
 from .remote import RemoteMirror
 from .stats import LinkStats
-from .transfer import PeerClosed
-from .wire import AuthFailed, Backoff, Down, Received, Wire
+from .wire import Backoff, Down, Received, Wire
 
 __all__ = [
     "DIR_SETTLE",
@@ -113,7 +112,7 @@ class Link(threading.Thread):
         self.by_name = {m.name: m for m in mirrors}
         self.stats = stats
         self._log = Fields(log, PEER=peer)
-        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._posted: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stopping = False
         self._paused = False
         self._remote = {m.id: RemoteMirror() for m in mirrors}
@@ -160,15 +159,15 @@ class Link(threading.Thread):
     # -- interface for other threads -------------------------------------------------
 
     def post(self, msg: object) -> None:
-        self._q.put(msg)
+        self._posted.put(msg)
 
     def stop(self, drain: float = 0.0) -> None:
         """Ask the link to stop (from another thread); ``drain`` as in Stop."""
         if drain > 0 and self._wire.conn is not None and not self._stopping:
-            self._q.put(Stop(drain))
+            self._posted.put(Stop(drain))
             return
         self._stopping = True
-        self._q.put(Stop())
+        self._posted.put(Stop())
         self._wire.shutdown()
 
     def status(self) -> dict[str, Any]:
@@ -192,7 +191,7 @@ class Link(threading.Thread):
                     self._serve(backoff)
                 except AuthFailed as e:
                     self._fail("auth_failed", str(e), logging.ERROR)
-                except (LinkError, ProtocolError, PeerClosed, OSError) as e:
+                except (LinkError, ProtocolError, OSError) as e:
                     if not self._stopping:
                         self._fail("backoff", str(e) or type(e).__name__, logging.WARNING)
                 except Exception as e:
@@ -221,7 +220,7 @@ class Link(threading.Thread):
             if left <= 0:
                 return
             try:
-                msg = self._q.get(timeout=min(left, 0.2))
+                msg = self._posted.get(timeout=min(left, 0.2))
             except queue.Empty:
                 self._backlog.flush()
                 self._status.update(force=True)
@@ -264,7 +263,7 @@ class Link(threading.Thread):
         while not self._stopping:
             while True:  # everything posted, without blocking
                 try:
-                    msg = self._q.get_nowait()
+                    msg = self._posted.get_nowait()
                 except queue.Empty:
                     break
                 self._handle(msg)
@@ -299,7 +298,7 @@ class Link(threading.Thread):
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
             try:
-                msg = self._q.get(timeout=timeout)
+                msg = self._posted.get(timeout=timeout)
             except queue.Empty:
                 continue
             self._handle(msg)
@@ -396,7 +395,7 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     Moved: Link._on_moved,
     Received: Link._on_received,
     Down: Link._on_down,
-    Rescan: lambda link, msg: link._reconciler.rescan(msg.mirror),
+    Reconcile: lambda link, msg: link._reconciler.rescan(msg.mirror),
     Pause: Link._on_pause,
     PeerHas: Link._on_peer_has,
     Stop: Link._on_stop,

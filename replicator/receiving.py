@@ -27,7 +27,7 @@ from . import paths
 from .changes import Dirty, Flag, PeerHas
 from .config import Config
 from .conflicts import Verdict, decide, keep_local_on_delete
-from .errors import ApplyError, BadPath, RemoteProtocolError
+from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .inbox import Inbox, PartialFile, apply_error
 from .manifest import EntryState, Excludes, Preserve, scan
 from .publisher import Publisher
@@ -321,20 +321,6 @@ class ReceivingMirror:
         except (OSError, BadPath):
             return None
         return None if st is None else EntryState.from_stat(st)
-
-
-class Refused(Exception):
-    """A mirror was not opened: ``message`` goes to the peer, ``logged`` to
-    the log at ``level``."""
-
-    def __init__(
-        self, code: F.ErrorCode, message: str, logged: str = "", level: int = logging.WARNING
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.logged = logged or message
-        self.level = level
 
 
 def admit(

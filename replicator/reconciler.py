@@ -6,7 +6,7 @@ The link routes the peer's Opened / Entry / Partial / ListEnd here. The
 comparison itself is ``plan.reconcile`` (pure); this module gathers its
 facts (a scan of the source, the peer's manifest) and marks the difference
 in the backlog. A mirror is listed on every connection and again every
-``rescan_interval`` (or on a ``Rescan``). Nothing is sent before a mirror's
+``rescan_interval`` (or on a ``Reconcile``). Nothing is sent before a mirror's
 first listing on a connection is complete (``RemoteMirror.listed``).
 """
 

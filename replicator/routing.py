@@ -2,7 +2,7 @@
 SessionHost of every inbound session.
 
 Changes flow through ``route``: the watcher and the scanner produce
-Dirty/Moved/Rescan messages for the links pushing that mirror; sessions
+Dirty/Moved/Reconcile messages for the links pushing that mirror; sessions
 produce PeerHas messages for the link to the peer that sent the change (echo
 suppression), and ask what that link knows the peer holds (``peer_state``,
 two-way mirrors). A session's admission and its end before authentication
@@ -37,7 +37,7 @@ class Router:
 
     def route(self, msg: object) -> None:
         """Hand a change to the links it concerns: PeerHas to the link to that
-        peer; Dirty/Moved/Rescan to every link pushing its mirror."""
+        peer; Dirty/Moved/Reconcile to every link pushing its mirror."""
         links = self.links.snapshot()
         if isinstance(msg, PeerHas):
             link = links.get(msg.peer)

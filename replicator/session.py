@@ -35,6 +35,7 @@ from . import net, transfer
 from .config import Config
 from .errors import LinkError, RemoteProtocolError
 from .inbound import GroupCommit, Inbound
+from .logs import Fields
 from .manifest import EntryState
 from .paths import show
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
@@ -95,10 +96,13 @@ class Session:
         self.addr = addr
         self.cfg = config
         self.keys = keys
-        self.stop = stop
+        #: Set when the daemon stops: the loop leaves (shutdown() wakes it).
+        self.stopping = stop
         self.stats = stats
         self.host = host
         self.peer = ""
+        #: Every line names the peer once it is known (the handshake).
+        self._log = Fields(log)
         #: Lowered by the listener before run() when the process's limit is small.
         self.fd_budget = SESSION_FDS
         self.conn = Connection(Role.ACCEPTOR, config.node.name, os.urandom(F.NONCE_SIZE), keys.get)
@@ -143,7 +147,7 @@ class Session:
         if not self.peer:
             self.host.preauth_ended(self, reason, level, message)
             return
-        log.log(level, "%s", message, extra={"PEER": self.peer, "CODE": code})
+        self._log.log(level, "%s", message, extra={"CODE": code})
 
     def run(self) -> None:
         who = self.addr
@@ -151,7 +155,7 @@ class Session:
             net.tune(self.sock, self.cfg.node.dead_after)
             self._handshake()
             who = f"peer {self.peer!r} ({self.addr})"
-            log.info("%s connected", who, extra={"PEER": self.peer})
+            self._log.info("%s connected", who)
             self.stats.state = "connected"
             self._loop()
         except RemoteProtocolError as e:
@@ -159,7 +163,7 @@ class Session:
             self._ended(e.code.name.lower(), logging.WARNING, msg, e.code.name)
             self.stats.last_error = msg
             self._send_fatal(e.code, str(e))
-        except (LinkError, transfer.PeerClosed, transfer.PeerTimeout, ConnectionError) as e:
+        except (LinkError, ConnectionError) as e:
             reason = "timed out" if "timed out" in str(e) else "closed"
             self._ended(reason, logging.INFO, f"{who}: connection ended: {e}")
         except OSError as e:
@@ -200,6 +204,7 @@ class Session:
             if isinstance(ev, Established):
                 self.peer = ev.peer
                 self.stats.peer = ev.peer
+                self._log = Fields(log, PEER=ev.peer)
                 self.host.established(self)  # may refuse: LinkError/RemoteProtocolError
                 self._splicer = transfer.Splicer(self.sock, self.cfg.node.dead_after)
                 self._in = Inbound(
@@ -228,7 +233,7 @@ class Session:
         node = self.cfg.node
         last_rx = time.monotonic()
         sock, conn = self.sock, self.conn
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             if not net.wait_readable(sock, node.heartbeat_interval):
                 self._commit()
                 self._flush()
@@ -303,12 +308,8 @@ class Session:
         code = a.code
         urgent = code not in F.RETRYABLE or code in (F.ErrorCode.NO_SPACE, F.ErrorCode.IO_ERROR)
         level = logging.WARNING if urgent else logging.INFO
-        log.log(
-            level,
-            "refused operation from %s: %s",
-            self.peer,
-            a.message,
-            extra={"PEER": self.peer, "PATH": show(a.path or b""), "CODE": code.name},
+        self._log.at(PATH=show(a.path or b""), CODE=code.name).log(
+            level, "refused operation from %s: %s", self.peer, a.message
         )
         self.stats.errors_sent += 1
         self.stats.last_error = a.message
@@ -356,12 +357,7 @@ class Session:
                 self._answer(freed)
                 self._queue(opened)
                 if refused is not None:
-                    log.log(
-                        refused.level,
-                        "%s",
-                        refused.logged,
-                        extra={"PEER": self.peer, "MIRROR": ev.name},
-                    )
+                    self._log.at(MIRROR=ev.name).log(refused.level, "%s", refused.logged)
             case F.List():
                 m = inbound.mirror(ev.mirror)
                 self._answer(m.commit())
@@ -374,13 +370,7 @@ class Session:
                     if ev.code in F.ErrorCode._value2member_map_
                     else ev.code
                 )
-                log.warning(
-                    "peer %s reports: %s (%s)",
-                    self.peer,
-                    ev.message,
-                    code,
-                    extra={"PEER": self.peer},
-                )
+                self._log.warning("peer %s reports: %s (%s)", self.peer, ev.message, code)
                 if ev.fatal:
                     raise LinkError(f"peer closed the connection: {ev.message}")
             case _:

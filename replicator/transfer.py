@@ -21,6 +21,7 @@ import fcntl
 import os
 import socket
 
+from .errors import PeerClosed, PeerTimeout, SinkError
 from .fd import OwnedFd
 from .net import wait_readable
 
@@ -28,21 +29,6 @@ from .net import wait_readable
 #: /proc/sys/fs/pipe-max-size (1 MiB here) with EPERM for unprivileged users.
 PIPE_SIZE = 1 << 20
 _FILLER = bytes(64 * 1024)
-
-
-class PeerClosed(ConnectionError):
-    """The socket reached EOF while payload bytes were still due."""
-
-
-class PeerTimeout(TimeoutError):
-    """No payload byte arrived within the timeout."""
-
-
-class SinkError(OSError):
-    """Writing the payload to its file failed (ENOSPC, EIO, ...).
-
-    The stream is still in sync: the rest of the payload was drained.
-    """
 
 
 def _pipe_max() -> int:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .changes import Rescan
+from .changes import Reconcile
 from .config import Config
 from .manifest import Excludes
 from .scanner import Scanner
@@ -33,7 +33,7 @@ log = logging.getLogger("replicator")
 
 #: How often every mirror root's inotify watch is verified.
 ROOT_CHECK_INTERVAL = 2.0
-#: Rescan once inotify has not overflowed for this long.
+#: Reconcile once inotify has not overflowed for this long.
 OVERFLOW_QUIET = 0.5
 
 #: Pushed mirror -> (path, exclude patterns), as configured.
@@ -127,7 +127,7 @@ class WatchSupervisor:
             "mirror. Consider raising fs.inotify.max_queued_events",
             self.overflows,
         )
-        self.route(Rescan(None))
+        self.route(Reconcile(None))
         if self.scanner is not None:
             self.scanner.check_watches()
 
@@ -179,7 +179,7 @@ class WatchSupervisor:
             self.watcher.start()
         except OSError as e:
             log.error("cannot restart the file watcher: %s", e)
-        self.route(Rescan(None))
+        self.route(Reconcile(None))
         scanner.check_watches()
 
     def dead(self) -> list[str]:

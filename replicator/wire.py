@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from . import frames as F
 from . import net
 from .config import NodeConfig
-from .errors import LinkError, RemoteProtocolError
+from .errors import AuthFailed, LinkError, RemoteProtocolError
 from .protocol import NEED_DATA, Connection, Established, Role
 from .stats import LinkStats
 
@@ -57,10 +57,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = self.initial
-
-
-class AuthFailed(LinkError):
-    pass
 
 
 class Wire:

@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 
 from replicator import config
-from replicator.changes import Rescan
+from replicator.changes import Reconcile
 from replicator.commands import Commands, Node
 from replicator.errors import ControlError
 from replicator.link import Pause
@@ -55,7 +55,7 @@ def test_sync_rescans_one_mirror_or_all() -> None:
     c, _, routed, _ = _commands()
     assert c.handle({"cmd": "sync", "mirror": "m1"}) == {"ok": True}
     assert c.handle({"cmd": "sync"}) == {"ok": True}
-    assert routed == [Rescan("m1"), Rescan(None)]
+    assert routed == [Reconcile("m1"), Reconcile(None)]
 
 
 def test_pause_and_resume_reach_the_links() -> None:

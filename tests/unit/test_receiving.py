@@ -13,8 +13,9 @@ from replicator import config
 from replicator import frames as F
 from replicator.changes import Dirty, PeerHas
 from replicator.config import Config
+from replicator.errors import Refused
 from replicator.manifest import EntryState
-from replicator.receiving import Ack, ReceivingMirror, Refuse, Refused, Tell, admit
+from replicator.receiving import Ack, ReceivingMirror, Refuse, Tell, admit
 from replicator.stats import SessionStats
 
 PEER = "a"

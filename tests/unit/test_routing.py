@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import cast
 
-from replicator.changes import Dirty, Flag, PeerHas, Rescan
+from replicator.changes import Dirty, Flag, PeerHas, Reconcile
 from replicator.linkset import LinkSet
 from replicator.listener import Listener
 from replicator.manifest import EntryState
@@ -37,8 +37,8 @@ def test_changes_go_to_the_links_pushing_their_mirror() -> None:
     d2 = Dirty("m2", b"g", Flag.DATA)
     r.route(d1)
     r.route(d2)
-    r.route(Rescan(None))
-    assert b.got == [d1, d2, Rescan(None)] and c.got == [d2, Rescan(None)]
+    r.route(Reconcile(None))
+    assert b.got == [d1, d2, Reconcile(None)] and c.got == [d2, Reconcile(None)]
 
 
 def test_peer_has_goes_to_that_peer_only() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from replicator import config
-from replicator.changes import Rescan
+from replicator.changes import Reconcile
 from replicator.config import Config
 from replicator.watcher import OVERFLOW_LOGGER
 from replicator.watching import OVERFLOW_QUIET, WatchSupervisor
@@ -93,7 +93,7 @@ def test_healthy_then_a_dead_watcher_is_restarted(
     old.stop()  # the observer is gone: the watcher is dead
     assert sup.check() == ["the file watcher died"]
     assert sup.watcher is not old and sup.watcher is not None and sup.watcher.alive()
-    assert routed == [Rescan(None)]
+    assert routed == [Reconcile(None)]
     assert sup.status()["restarts"] == 1
     assert sup.check() == []
 
@@ -147,10 +147,10 @@ def test_overflows_rescan_once_they_stop(
     assert routed == []  # still overflowing: wait for quiet
     clock.now += OVERFLOW_QUIET
     sup.check()
-    assert routed == [Rescan(None)]
+    assert routed == [Reconcile(None)]
     clock.now += 10
     sup.check()
-    assert routed == [Rescan(None)]  # once per burst
+    assert routed == [Reconcile(None)]  # once per burst
 
 
 def test_while_stopping_nothing_is_restarted(
