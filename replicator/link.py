@@ -34,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from typing import Any
 from . import frames as F
 from .answers import DIR_SETTLE, RETRY_MAX, RETRY_MIN, Answer, Answers
 from .backlog import Backlog, Store
-from .changes import Dirty, Moved, PeerHas, Reconcile
+from .changes import Dirty, Flag, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
 from .errors import AuthFailed, LinkError, ProtocolError
 from .inflight import InFlight
@@ -113,6 +114,8 @@ class Link(threading.Thread):
         self.stats = stats
         self._log = Fields(log, PEER=peer)
         self._posted: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: Bulk Dirty messages (see post); deque appends and pops are atomic.
+        self._bulk_posted: deque[Dirty] = deque()
         self._stopping = False
         self._paused = False
         self._remote = {m.id: RemoteMirror() for m in mirrors}
@@ -159,6 +162,17 @@ class Link(threading.Thread):
     # -- interface for other threads -------------------------------------------------
 
     def post(self, msg: object) -> None:
+        """Hand the link a message. A bulk Dirty (a scan's: no Flag.LIVE)
+        waits in its own queue, which the link reads in slices between
+        pump rounds: the 68k Dirty of a scanned tree must not hold back a
+        live change posted after them."""
+        if type(msg) is Dirty and not msg.flags & Flag.LIVE:
+            bulk = self._bulk_posted
+            wake = not bulk
+            bulk.append(msg)
+            if wake:
+                self._posted.put(_WAKE)
+            return
         self._posted.put(msg)
 
     def stop(self, drain: float = 0.0) -> None:
@@ -267,6 +281,7 @@ class Link(threading.Thread):
                 except queue.Empty:
                     break
                 self._handle(msg)
+            more_bulk = self._take_bulk()
             self._backlog.promote()
             self._backlog.refill(self._inflight.busy)
             self._reconciler.schedule()
@@ -291,7 +306,7 @@ class Link(threading.Thread):
             # (a full bulk window, say) refresh at most every PERIOD s: lanes()
             # reads the delayed and parked entries.
             stale = self._status.update(force=not worked and not self._inflight)
-            if worked:
+            if worked or more_bulk:
                 continue
             timeout = hb if stale is None else min(hb, stale)
             due = self._backlog.next_due()
@@ -304,6 +319,18 @@ class Link(threading.Thread):
             self._handle(msg)
 
     # -- messages ----------------------------------------------------------------------
+
+    def _take_bulk(self) -> bool:
+        """Mark what scans posted, for at most BULK_SLICE_S; True if some is left."""
+        bulk = self._bulk_posted
+        deadline = time.monotonic() + BULK_SLICE_S
+        n = 0
+        while bulk:
+            self._on_dirty(bulk.popleft())
+            n += 1
+            if n % 256 == 0 and time.monotonic() >= deadline:
+                break
+        return bool(bulk)
 
     def _handle(self, msg: object) -> None:
         """A message posted to the link (``post``): see ``_MESSAGES``."""
@@ -388,6 +415,11 @@ class Link(threading.Thread):
     def _on_pong(self, ev: F.Pong) -> None:
         self.stats.rtt_ms = (time.monotonic_ns() - ev.nonce) / 1e6
 
+
+#: Posted only to wake the link thread (bulk Dirty messages are waiting).
+_WAKE = object()
+#: Bulk Dirty messages are marked for at most this long between pump rounds.
+BULK_SLICE_S = 0.005
 
 #: What the link thread does with each message posted to it.
 _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
