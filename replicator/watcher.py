@@ -24,6 +24,13 @@ Facts this module is built on (watchdog 7.1, measured):
   rescan. Failures to watch a subdirectory (watch limit) are swallowed by
   watchdog; ``watched_inodes`` reads the real watch list from
   /proc/self/fdinfo so the daemon can compare it with the directories.
+- When a directory is moved in or renamed, watchdog walks the whole subtree
+  on its only inotify-reading thread to invent a created (or moved) event
+  for every entry below it. The handler ignores those (the scan of the
+  directory finds the entries, as bulk work), and the walk held every live
+  event behind it: a 68k-entry tree moved in delayed a 4 KiB file written
+  next to it by 3.6 s. So the two generators are replaced by empty ones
+  (``_skip_sub_events``); watchdog still adds the watches for the subtree.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import watchdog.observers.inotify as _wd_inotify
 from watchdog.events import (
     DirAttribEvent,
     DirCreatedEvent,
@@ -68,6 +76,20 @@ EVENT_FILTER = [
     DirMovedEvent,
     DirAttribEvent,
 ]
+
+
+def _no_sub_events(*paths: object) -> Iterator[FileSystemEvent]:
+    return iter(())
+
+
+def _skip_sub_events() -> None:
+    """See the module docstring (watchdog 7.1 looks these names up in its
+    inotify module at each event)."""
+    setattr(_wd_inotify, "generate_sub_created_events", _no_sub_events)  # noqa: B010
+    setattr(_wd_inotify, "generate_sub_moved_events", _no_sub_events)  # noqa: B010
+
+
+_skip_sub_events()
 
 #: The logger and message watchdog uses for inotify queue overflow.
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
