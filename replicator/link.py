@@ -34,7 +34,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +41,13 @@ from typing import Any
 from . import frames as F
 from .answers import DIR_SETTLE, RETRY_MAX, RETRY_MIN, Answer, Answers
 from .backlog import Backlog, Store
-from .changes import Dirty, Flag, Moved, PeerHas, Reconcile
+from .changes import Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
 from .errors import AuthFailed, LinkError, ProtocolError
 from .inflight import InFlight
 from .linkstatus import LinkStatus
 from .logs import Fields
+from .mailbox import Mailbox
 from .manifest import EntryState
 from .mirror import SourceMirror
 from .pump import MAX_ACTIVE, RESEND_DELAY, SETTLE_RETRY, STARTS_PER_ROUND, WINDOW, Pump
@@ -113,9 +113,7 @@ class Link(threading.Thread):
         self.by_name = {m.name: m for m in mirrors}
         self.stats = stats
         self._log = Fields(log, PEER=peer)
-        self._posted: queue.SimpleQueue[object] = queue.SimpleQueue()
-        #: Bulk Dirty messages (see post); deque appends and pops are atomic.
-        self._bulk_posted: deque[Dirty] = deque()
+        self._mail = Mailbox()
         self._stopping = False
         self._paused = False
         self._remote = {m.id: RemoteMirror() for m in mirrors}
@@ -162,26 +160,15 @@ class Link(threading.Thread):
     # -- interface for other threads -------------------------------------------------
 
     def post(self, msg: object) -> None:
-        """Hand the link a message. A bulk Dirty (a scan's: no Flag.LIVE)
-        waits in its own queue, which the link reads in slices between
-        pump rounds: the 68k Dirty of a scanned tree must not hold back a
-        live change posted after them."""
-        if type(msg) is Dirty and not msg.flags & Flag.LIVE:
-            bulk = self._bulk_posted
-            wake = not bulk
-            bulk.append(msg)
-            if wake:
-                self._posted.put(_WAKE)
-            return
-        self._posted.put(msg)
+        self._mail.post(msg)
 
     def stop(self, drain: float = 0.0) -> None:
         """Ask the link to stop (from another thread); ``drain`` as in Stop."""
         if drain > 0 and self._wire.conn is not None and not self._stopping:
-            self._posted.put(Stop(drain))
+            self._mail.post(Stop(drain))
             return
         self._stopping = True
-        self._posted.put(Stop())
+        self._mail.post(Stop())
         self._wire.shutdown()
 
     def status(self) -> dict[str, Any]:
@@ -234,7 +221,7 @@ class Link(threading.Thread):
             if left <= 0:
                 return
             try:
-                msg = self._posted.get(timeout=min(left, 0.2))
+                msg = self._mail.get(timeout=min(left, 0.2))
             except queue.Empty:
                 self._backlog.flush()
                 self._status.update(force=True)
@@ -277,11 +264,11 @@ class Link(threading.Thread):
         while not self._stopping:
             while True:  # everything posted, without blocking
                 try:
-                    msg = self._posted.get_nowait()
+                    msg = self._mail.get_nowait()
                 except queue.Empty:
                     break
                 self._handle(msg)
-            more_bulk = self._take_bulk()
+            more_bulk = self._mail.take_bulk(self._on_dirty, BULK_SLICE_S)
             self._backlog.promote()
             self._backlog.refill(self._inflight.busy)
             self._reconciler.schedule()
@@ -313,24 +300,12 @@ class Link(threading.Thread):
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
             try:
-                msg = self._posted.get(timeout=timeout)
+                msg = self._mail.get(timeout=timeout)
             except queue.Empty:
                 continue
             self._handle(msg)
 
     # -- messages ----------------------------------------------------------------------
-
-    def _take_bulk(self) -> bool:
-        """Mark what scans posted, for at most BULK_SLICE_S; True if some is left."""
-        bulk = self._bulk_posted
-        deadline = time.monotonic() + BULK_SLICE_S
-        n = 0
-        while bulk:
-            self._on_dirty(bulk.popleft())
-            n += 1
-            if n % 256 == 0 and time.monotonic() >= deadline:
-                break
-        return bool(bulk)
 
     def _handle(self, msg: object) -> None:
         """A message posted to the link (``post``): see ``_MESSAGES``."""
@@ -416,8 +391,6 @@ class Link(threading.Thread):
         self.stats.rtt_ms = (time.monotonic_ns() - ev.nonce) / 1e6
 
 
-#: Posted only to wake the link thread (bulk Dirty messages are waiting).
-_WAKE = object()
 #: Bulk Dirty messages are marked for at most this long between pump rounds.
 BULK_SLICE_S = 0.005
 

@@ -78,6 +78,13 @@ EVENT_FILTER = [
 ]
 
 
+#: The flags of each kind of event, computed once (enum operators are slow).
+_NEW = Flag.DATA | Flag.CLOSED | Flag.LIVE
+_CHANGED = Flag.DATA | Flag.LIVE
+_CLOSED = Flag.CLOSED | Flag.LIVE
+_ATTRIB = Flag.ATTRIB | Flag.LIVE
+
+
 def _no_sub_events(*paths: object) -> Iterator[FileSystemEvent]:
     return iter(())
 
@@ -146,11 +153,11 @@ class _Handler(FileSystemEventHandler):
             elif dst is not None:
                 # From the daemon's own partial folder (a file just received)
                 # or from an excluded name (an editor's temp file): new here.
-                self.sink(Dirty(m, dst, Flag.DATA | Flag.CLOSED | Flag.LIVE))
+                self.sink(Dirty(m, dst, _NEW))
                 if ev.is_directory:
                     self.scan(m, dst)
             elif src is not None and not self.excludes(src):
-                self.sink(Dirty(m, src, Flag.DATA | Flag.LIVE))  # moved out: gone
+                self.sink(Dirty(m, src, _CHANGED))  # moved out: gone
             return
         if ev.is_synthetic and isinstance(ev, (FileCreatedEvent, DirCreatedEvent)):
             # What watchdog found under a directory moved in from outside: the
@@ -166,14 +173,14 @@ class _Handler(FileSystemEventHandler):
             # IN_ATTRIB + IN_CLOSE_WRITE; a write() also brings IN_MODIFY. An
             # mmap write brings only IN_CLOSE_WRITE (no ATTRIB): the link
             # then sends data, since nothing says it was a touch.
-            self.sink(Dirty(m, rel, Flag.CLOSED | Flag.LIVE))
+            self.sink(Dirty(m, rel, _CLOSED))
         elif isinstance(ev, (FileAttribEvent, DirAttribEvent)):
-            self.sink(Dirty(m, rel, Flag.ATTRIB | Flag.LIVE))
+            self.sink(Dirty(m, rel, _ATTRIB))
         elif isinstance(ev, DirCreatedEvent):
-            self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
+            self.sink(Dirty(m, rel, _CHANGED))
             self.scan(m, rel)
         else:  # created, deleted
-            self.sink(Dirty(m, rel, Flag.DATA | Flag.LIVE))
+            self.sink(Dirty(m, rel, _CHANGED))
 
 
 class Watcher:
