@@ -68,6 +68,31 @@ def test_status_json_field_by_field(cluster: LocalCluster) -> None:
     # the human view says the same
     text = ctl(a, "status").stdout
     assert "→ b (" in text and "connected" in text and "4 files" in text
+    assert ln["lanes"]["live"]["files"] == ln["lanes"]["bulk"]["files"] == 0
+    assert ln["in_flight_bulk"] == 0
+    assert "lanes: live 0 files" in text and "bulk 0 files" in text
+
+
+def test_status_shows_what_waits_in_each_lane(cluster: LocalCluster) -> None:
+    a, b = make_pair(cluster)
+    cluster.start()
+    src = a.mirror_path("m")
+    assert ctl(a, "pause").returncode == 0
+    for i in range(3):
+        (src / f"live{i}").write_bytes(b"x" * 1000)
+
+    def live() -> dict[str, object]:
+        lane: dict[str, object] = status_json(a)[1]["links"]["b"]["lanes"]["live"]
+        return lane
+
+    wait_for(lambda: live()["files"] == 3, 10, "three live changes queued")
+    lane = live()
+    assert lane["bytes"] == 0  # the watcher gives no size hints (scans do)
+    assert isinstance(lane["oldest_age_seconds"], float) and lane["oldest_age_seconds"] >= 0
+    text = ctl(a, "status").stdout
+    assert "lanes: live 3 files" in text
+    assert ctl(a, "resume").returncode == 0
+    wait_same(src, b.mirror_path("m"))
 
 
 def test_exit_codes_for_monitoring(cluster: LocalCluster) -> None:
@@ -317,6 +342,8 @@ def test_metrics_endpoint(cluster: LocalCluster) -> None:
     assert 'replicator_link_up{node="a",peer="b"} 1.0' in text
     assert 'replicator_link_files_sent_total{node="a",peer="b"} 1.0' in text
     assert 'replicator_mirror_marker_ok{mirror="m",node="a"} 1.0' in text
+    assert 'replicator_link_lane_files{lane="live",node="a",peer="b"} 0.0' in text
+    assert 'replicator_link_lane_files{lane="bulk",node="a",peer="b"} 0.0' in text
 
 
 def test_wrong_key_shows_auth_failed(cluster: LocalCluster, tmp_path: Path) -> None:
