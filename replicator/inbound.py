@@ -9,9 +9,8 @@ budget. It never touches the socket: like the mirrors, it returns
 ``GroupCommit`` decides when the files and directories waiting in the
 mirrors are published and acknowledged (one sync round for many of them):
 
-- at once when nothing more is coming right now — the socket has no input,
-  or the next payload is not all there yet (the session would wait for the
-  network; idle latency stays at one round trip plus one sync);
+- at once when nothing more is coming right now — the socket has no input
+  (idle latency stays at one round trip plus one sync);
 - when a group is large (``GROUP_OPS`` operations, ``GROUP_BYTES`` bytes);
 - and at the latest ``COMMIT_DELAY`` after the first of them completed,
   whatever the socket is doing: a small file that arrived between the

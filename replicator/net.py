@@ -3,12 +3,9 @@ reads with deadlines. No protocol knowledge lives here."""
 
 from __future__ import annotations
 
-import array
-import fcntl
 import select
 import socket
 import struct
-import termios
 import time
 
 from .errors import LinkError
@@ -61,13 +58,6 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     p = select.poll()
     p.register(sock, select.POLLIN)
     return bool(p.poll(max(0, int(timeout * 1000))))
-
-
-def input_queued(sock: socket.socket) -> int:
-    """Bytes received and not yet read on ``sock`` (FIONREAD, i.e. SIOCINQ)."""
-    buf = array.array("i", [0])
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
-    return buf[0]
 
 
 def recv_some(sock: socket.socket, deadline: float, size: int = 65536) -> bytes:

@@ -260,10 +260,9 @@ class Session:
                     net.consume(sock, consume, scratch)
                     self.stats.bytes_received += consume
                     consume = 0
-                    if net.input_queued(sock) < due:
-                        # The splice will wait for the network: publish and
-                        # acknowledge what is complete first.
-                        self._commit(more_at_hand=False)
+                    # A chunk may take long to arrive: what is complete
+                    # and past its commit deadline is not held behind it.
+                    if self._commit(more_at_hand=True):
                         self._flush()
                     self._payload_splice(due)
                     conn.payload_consumed(due)
@@ -325,14 +324,17 @@ class Session:
             self.sock.sendall(self._wbuf)
             self._wbuf.clear()
 
-    def _commit(self, more_at_hand: bool = False) -> None:
-        """Publish and acknowledge what is complete, if it is time (GroupCommit)."""
+    def _commit(self, more_at_hand: bool = False) -> bool:
+        """Publish and acknowledge what is complete, if it is time
+        (GroupCommit); True if it was."""
         inbound = self._in
         assert inbound is not None
         ops, nbytes = inbound.pending()
-        if self._commits.due(ops, nbytes, time.monotonic(), more_at_hand):
-            self._answer(inbound.commit())
-            self._commits.committed()
+        if not self._commits.due(ops, nbytes, time.monotonic(), more_at_hand):
+            return False
+        self._answer(inbound.commit())
+        self._commits.committed()
+        return True
 
     def _dispatch(self, ev: object) -> None:
         inbound = self._in
