@@ -66,9 +66,9 @@ def merge(old: InfoLike, new: InfoLike) -> Info:
 
 LIVE = int(Flag.LIVE)
 MEMORY_MAX = 200_000
-#: Live entries are kept in memory up to this many in all (they are not
-#: persisted with their lane); beyond, they spill like bulk ones.
-LIVE_MEMORY_MAX = 2 * MEMORY_MAX
+#: Live entries are kept in memory up to this many times memory_max in all
+#: (they are not persisted with their lane); beyond, they spill like bulk ones.
+LIVE_MEMORY_RATIO = 2
 #: Live starts in a row, while bulk work waits, before one bulk start.
 LIVE_RUN = 8
 FLUSH_SECONDS = 0.05
@@ -303,8 +303,8 @@ class Backlog:
         self._lane(info).put(key, info)
 
     def _full(self, info: Info) -> bool:
-        limit = LIVE_MEMORY_MAX if info.flags & LIVE else self.memory_max
-        return self._in_memory() >= max(limit, self.memory_max)
+        limit = LIVE_MEMORY_RATIO * self.memory_max if info.flags & LIVE else self.memory_max
+        return self._in_memory() >= limit
 
     def promote(self) -> None:
         """Move delayed entries whose time has come to their lane."""

@@ -159,12 +159,6 @@ class _Handler(FileSystemEventHandler):
             elif src is not None and not self.excludes(src):
                 self.sink(Dirty(m, src, _CHANGED))  # moved out: gone
             return
-        if ev.is_synthetic and isinstance(ev, (FileCreatedEvent, DirCreatedEvent)):
-            # What watchdog found under a directory moved in from outside: the
-            # scan of that directory (bulk) finds it too. Marked here it would
-            # all be live: a tree of 68k entries moved in held every live
-            # change behind it for half a minute.
-            return
         rel = self._rel(ev.src_path)
         if rel is None or self.excludes(rel):
             return
