@@ -24,8 +24,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -e '.[test,systemd,metrics]' >.venv/pip.log 2>&1 \
+.venv/bin/python -m pip install -e '.[test,systemd,metrics,blake3]' >.venv/pip.log 2>&1 \
     || { cat .venv/pip.log >&2; echo "dev-setup: pip install failed" >&2; exit 1; }
-.venv/bin/python -c "import replicator, watchdog, pydantic, systemd.daemon" \
+.venv/bin/python -c "import replicator, watchdog, pydantic, systemd.daemon, xxhash, blake3" \
     || { echo "dev-setup: the virtualenv is incomplete" >&2; exit 1; }
 echo "dev-setup: ready (.venv)"

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from . import frames as F
 from .backlog import InfoLike as Info
 from .backlog import Key
+from .blockmap import BlockMap
 from .changes import Flag
 from .errors import LinkError
 from .inflight import InFlight, Record, parent
+from .manifest import EntryState
+from .maps import DELTA_MIN
 from .paths import show
 from .remote import RemoteMirror
 
@@ -71,7 +74,24 @@ class Unpark:
     key: Key
 
 
-Effect = Mark | MarkTree | Done | Unpark
+@dataclass(frozen=True)
+class Remember:
+    """The peer acknowledged ``key`` as ``state`` with block map ``bmap``:
+    remember it for deltas (maps.SentMaps)."""
+
+    key: Key
+    state: EntryState
+    bmap: BlockMap
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The peer no longer holds the version whose map we remember."""
+
+    key: Key
+
+
+Effect = Mark | MarkTree | Done | Unpark | Remember | Forget
 
 
 @dataclass(frozen=True)
@@ -151,6 +171,8 @@ class Answers:
                 a.effects.append(MarkTree(mid, rec.dst, rec.since, only_changed=True))
         elif rec.state is not None:
             r.acked(rel, rec.state)
+            if rec.bmap is not None and rec.size >= DELTA_MIN:
+                a.effects.append(Remember(rec.key, rec.state, rec.bmap))
         if rec.kind is not F.Meta:
             # The entry's folder on the peer got a new mtime: put ours back.
             for p in {parent(rel), parent(rec.dst) if rec.dst else b""}:
@@ -160,6 +182,22 @@ class Answers:
                     a.effects.append(Mark((mid, p), info, DIR_SETTLE, persist=False))
         a.effects.append(Done(rec.key))
         return a
+
+    def _retry(
+        self,
+        a: Answer,
+        key: Key,
+        info: Info,
+        message: str,
+        where: Mapping[str, str],
+        level: int,
+        what: str,
+    ) -> None:
+        """Look at ``key`` again after a delay that grows with each refusal."""
+        n = self._retries[key] = self._retries[key] + 1
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (n - 1))
+        a.log = Line(level, f"peer %s: %s; {what} in %.0f s", (self._peer, message, delay), where)
+        a.effects.append(Mark(key, info, delay))
 
     def error(self, ev: F.Error) -> Answer:
         """The peer refused ``ev.op``; a fatal Error raises LinkError (the
@@ -194,16 +232,21 @@ class Answers:
         elif code is F.ErrorCode.RESUME_MISMATCH:
             self._remote[mid].partials.pop(rel, None)
             a.effects.append(Mark(rec.key, info))
+        elif code in (F.ErrorCode.VERIFY_FAILED, F.ErrorCode.BASE_CHANGED):
+            # The peer's copy is not the version we made a delta against (or
+            # the file kept arriving damaged): forget what we thought it held,
+            # so the next try sends the whole file.
+            a.effects.append(Forget(rec.key))
+            self._remote[mid].forget(rel)
+            if code is F.ErrorCode.BASE_CHANGED:  # at once: nothing went wrong
+                a.log = Line(
+                    logging.INFO, "peer %s: %s; sending it whole", (self._peer, ev.message), where
+                )
+                a.effects.append(Mark(rec.key, info))
+            else:
+                self._retry(a, rec.key, info, ev.message, where, logging.ERROR, "sending it whole")
         elif code in F.RETRYABLE:
-            n = self._retries[rec.key] = self._retries[rec.key] + 1
-            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (n - 1))
-            a.log = Line(
-                logging.WARNING,
-                "peer %s: %s; retrying in %.0f s",
-                (self._peer, ev.message, delay),
-                where,
-            )
-            a.effects.append(Mark(rec.key, info, delay))
+            self._retry(a, rec.key, info, ev.message, where, logging.WARNING, "retrying")
         else:
             a.log = Line(
                 logging.ERROR,

@@ -29,6 +29,7 @@ from .listener import Listener
 from .marker import Marker
 from .reloading import Reloads
 from .routing import Router
+from .scrub import Verify
 from .watching import WatchSupervisor
 
 
@@ -73,6 +74,8 @@ class Commands:
             return self._pause(req, cmd == "pause")
         if cmd == "reload":
             return self.node.reload_requests.request()
+        if cmd == "verify":
+            return self._verify(req)
         raise ControlError(f"unknown command {cmd!r}")
 
     def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
@@ -86,6 +89,28 @@ class Commands:
             if peer is None or name == peer:
                 link.post(Pause(on, mirror))
         return {"ok": True}
+
+    def _verify(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start a scrub of each (peer, mirror) asked for (scrub.py); the
+        pairs started are returned, their progress shows in status."""
+        peer, mirror = req.get("peer"), req.get("mirror")
+        cfg = self.node.cfg
+        links = self.node.links.snapshot()
+        if peer is not None and peer not in links:
+            raise ControlError(f"this node does not push to a peer {peer!r}")
+        if mirror is not None and mirror not in cfg.mirrors:
+            raise ControlError(f"no mirror {mirror!r} on this node")
+        started = []
+        for name, m in sorted(cfg.mirrors.items()):
+            if mirror is not None and name != mirror:
+                continue
+            for p in m.push_to:
+                if (peer is None or p == peer) and p in links:
+                    links[p].post(Verify(name, bool(req.get("repair"))))
+                    started.append([p, name])
+        if not started:
+            raise ControlError("nothing to verify: no mirror of this node pushes to that peer")
+        return {"ok": True, "started": started}
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log."""

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .blockmap import NAMES, available
 from .errors import ConfigError, KeyFileError
 from .net import parse_address
 
@@ -59,6 +60,8 @@ class NodeConfig(_Strict):
     #: Payloads up to this many bytes are received with the frame that
     #: announces them (one recv) instead of two splices; 0 splices everything.
     inline_max: int = Field(16384, ge=0, le=1 << 20)
+    #: MiB per second a scrub (``replicatorctl verify``) reads on each side.
+    verify_rate: float = Field(64.0, gt=0)
     #: Optional Prometheus endpoint, HOST:PORT.
     metrics_listen: str | None = None
     #: Partial files (of interrupted transfers) untouched for this many
@@ -95,6 +98,20 @@ class MirrorConfig(_Strict):
     #: keeps its own (docs/security.md): "owners" (uid/gid, when running as
     #: root), "special_bits" (setuid, setgid, sticky). Default: neither.
     preserve: list[Literal["owners", "special_bits"]] = []
+    #: The digest of block maps this node sends for this mirror (every file
+    #: is verified against its map before it is published; blockmap.py):
+    #: "xxh3-128" (fast), or "blake3" (cryptographic; needs the blake3 package).
+    digest: Literal["xxh3-128", "blake3"] = "xxh3-128"
+    #: Seconds between scrubs of this mirror against each target
+    #: (``replicatorctl verify`` without --repair); 0: only when asked.
+    verify_interval: float = Field(0.0, ge=0)
+
+    @field_validator("digest")
+    @classmethod
+    def _digest_available(cls, v: str) -> str:
+        if not available(NAMES[v]):
+            raise ValueError(f"digest {v!r} needs the {v} package (pip install {v})")
+        return v
 
     @field_validator("path")
     @classmethod

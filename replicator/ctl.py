@@ -134,6 +134,13 @@ def render(st: dict[str, Any]) -> str:
             f"{ln['ops_sent']} operations, {ln['renames']} renames, "
             f"{ln['resumed_files']} resumed); rate {fmt_bytes(ln['rate_bps'])}/s"
         )
+        if ln.get("delta_files") or ln.get("mend_requests"):
+            lines.append(
+                f"        deltas: {ln.get('delta_files', 0)} files, "
+                f"{fmt_bytes(ln.get('delta_bytes_copied', 0))} not sent (the peer had them); "
+                f"damaged on arrival: {ln.get('mend_requests', 0)} files, "
+                f"{fmt_bytes(ln.get('mend_bytes', 0))} sent again"
+            )
         lines.append(
             f"        queue {ln['queue_files']} files / {fmt_bytes(ln['queue_bytes'])}, "
             f"in flight {ln['in_flight']}, lag {fmt_age(ln['lag_seconds'])}"
@@ -158,6 +165,15 @@ def render(st: dict[str, Any]) -> str:
                 f"{fmt_bytes(cur['offset'])} / {fmt_bytes(cur['size'])}"
             )
         for name, m in sorted((ln.get("mirrors") or {}).items()):
+            v = m.get("verify")
+            if v:
+                when = _when(v["finished"]) if v.get("finished") else "now"
+                lines.append(
+                    f"        mirror {name}: verify {v['state']} ({when}): "
+                    f"{v['files_checked']} files, {fmt_bytes(v['bytes_checked'])} checked, "
+                    f"{v['differing']} differ, {v['repaired']} repaired"
+                    + (f"; {v['error']}" if v.get("error") else "")
+                )
             if m.get("refused"):
                 lines.append(f"        mirror {name}: REFUSED by the peer: {m['refused']}")
             elif m.get("paused"):
@@ -174,6 +190,14 @@ def render(st: dict[str, Any]) -> str:
             f"received {fmt_bytes(s['payload_bytes_received'])} in {s['files_received']} files "
             f"and {s['ops_applied']} operations, {s['conflicts']} conflicts, mode {s['mode']}"
         )
+        if s.get("delta_files") or s.get("verify_mismatches") or s.get("base_changed"):
+            lines.append(
+                f"        deltas: {s.get('delta_files', 0)} files, "
+                f"{fmt_bytes(s.get('delta_bytes_copied', 0))} copied here, "
+                f"{s.get('base_changed', 0)} refused (our copy had changed); "
+                f"block map mismatches: {s.get('verify_mismatches', 0)} "
+                f"({s.get('verify_failed', 0)} given up)"
+            )
         if s.get("last_error"):
             lines.append(f"        last error: {s['last_error']}")
     lines.append("  Mirrors:")
@@ -328,6 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--peer")
         p.add_argument("--mirror")
     sub.add_parser("reload", help="re-read the config (like SIGHUP); errors are shown")
+    p = sub.add_parser(
+        "verify",
+        help="scrub: compare every file with each target's copy, read from disk on both sides",
+    )
+    p.add_argument("mirror", nargs="?")
+    p.add_argument("--peer")
+    p.add_argument("--repair", action="store_true", help="send again what differs")
+    p.add_argument(
+        "--no-wait", action="store_true", help="start it and return (progress is in status)"
+    )
     p = sub.add_parser("check-config", help="validate a config file offline")
     p.add_argument(
         "--user",
@@ -358,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "status":
             return _status(sock, args)
+        if args.cmd == "verify":
+            return _verify(sock, args)
         if args.cmd in ("peers", "mirrors"):
             st = _call(sock, {"cmd": "status"})["status"]
             print(_peers(st) if args.cmd == "peers" else _mirrors(st))
@@ -375,6 +411,60 @@ def main(argv: list[str] | None = None) -> int:
         return UNREACHABLE
     except KeyboardInterrupt:
         return 130
+
+
+def _verify(sock: str, args: argparse.Namespace) -> int:
+    """Start scrubs, show their progress, list what differs. Exit 0 if every
+    file checked matches (or was repaired), 5 (attention) if some differ, 3
+    if a scrub could not finish (the link went down)."""
+    req: dict[str, Any] = {"cmd": "verify", "repair": args.repair}
+    if args.mirror is not None:
+        req["mirror"] = args.mirror
+    if args.peer is not None:
+        req["peer"] = args.peer
+    pairs = [tuple(p) for p in _call(sock, req)["started"]]
+    print("verifying " + ", ".join(f"{m} on {p}" for p, m in pairs), flush=True)
+    if args.no_wait:
+        return OK
+    last = ""
+    while True:
+        time.sleep(0.5)
+        st = _call(sock, {"cmd": "status"})["status"]
+        reports = {
+            (p, m): st["links"].get(p, {}).get("mirrors", {}).get(m, {}).get("verify") or {}
+            for p, m in pairs
+        }
+        line = "; ".join(
+            f"{m} on {p}: {r.get('files_checked', 0)} files, "
+            f"{fmt_bytes(r.get('bytes_checked', 0))} checked, {r.get('differing', 0)} differ"
+            for (p, m), r in reports.items()
+        )
+        if line != last and sys.stderr.isatty():
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            last = line
+        if all(r.get("state") not in (None, "running") for r in reports.values()):
+            break
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    code = OK
+    for (p, m), r in reports.items():
+        print(
+            f"{m} on {p}: {r['state']}: {r['files_checked']} files "
+            f"({fmt_bytes(r['bytes_checked'])}) checked, {r['differing']} differ, "
+            f"{r['repaired']} repaired, {r['skipped']} skipped (changes pending)"
+        )
+        for d in r["differences"]:
+            there = "missing" if d["size_there"] is None else f"{d['size_there']} bytes"
+            print(
+                f"  {d['path']}: differs from offset {d['offset']} "
+                f"({d['size_here']} bytes here, {there} there) [{d['state']}]"
+            )
+        if r["state"] != "done":
+            print(f"  not finished: {r.get('error')}", file=sys.stderr)
+            code = max(code, LINK_DOWN)
+        elif r["differing"] > r["repaired"]:
+            code = max(code, ATTENTION)
+    return code
 
 
 def _status(sock: str, args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@
     │                            why (NO_SPACE, IO_ERROR, CONFLICT...) and whether the
     │                            sender should retry
     ├── Refused                  a peer may not open a mirror here (code, message, log line)
+    ├── SourceShrank             a file ended (or hashing was cancelled) before the
+    │                            bytes its block map needed were read
     └── ControlError             the control socket refused or broke a request
 
     SinkError (an OSError)       writing a payload to its file failed; the stream
@@ -97,6 +99,11 @@ class SinkError(OSError):
 
     The stream is still in sync: the rest of the payload was drained.
     """
+
+
+class SourceShrank(ReplicatorError):
+    """A file ended before the bytes being hashed (blockmap.py), or the
+    hashing was cancelled."""
 
 
 class Refused(ReplicatorError):

@@ -23,9 +23,10 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 #: Protocol versions this implementation speaks. Version 1 did not
-#: authenticate frames after the handshake and is refused.
-VERSION_MIN = 2
-VERSION_MAX = 2
+#: authenticate frames after the handshake; version 2 had no block maps
+#: (nothing verified a replica, no deltas). Both are refused.
+VERSION_MIN = 3
+VERSION_MAX = 3
 MAGIC = b"RPLC"
 
 HEADER = struct.Struct("!BBHI")
@@ -47,6 +48,10 @@ NONCE_SIZE = 32
 TAG_SIZE = 16
 #: Longest human-readable message (Error, Opened), in UTF-8 bytes.
 MAX_TEXT = 4096
+#: Longest packed array in one frame (Blocks digests, Want ranges).
+MAX_DATA = 8192
+#: A Want frame's byte ranges: offset, length.
+RANGE = struct.Struct("!QQ")
 
 
 def clip_text(text: str, limit: int = MAX_TEXT) -> str:
@@ -97,6 +102,12 @@ class ErrorCode(enum.IntEnum):
     #: A frame failed its integrity check: it was altered, replayed, reordered,
     #: dropped or injected on the way (or the peer has a bug).
     INTEGRITY = 17
+    #: A delta's base is not what the receiver holds (its copy changed since
+    #: it was published, or it has no record of it): send the whole file.
+    BASE_CHANGED = 18
+    #: The received file did not match the sender's block map, even after its
+    #: bad blocks were sent again; the partial was discarded.
+    VERIFY_FAILED = 19
 
 
 #: Codes that describe a transient condition on the receiver: the sender keeps
@@ -109,6 +120,8 @@ RETRYABLE = frozenset(
         ErrorCode.INTERNAL,
         ErrorCode.CONFLICT,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.BASE_CHANGED,
+        ErrorCode.VERIFY_FAILED,
     }
 )
 
@@ -145,6 +158,7 @@ _VAR: dict[str, tuple[str, int, str]] = {
     "blob": ("B", 255, "bytes"),  # nonces, proofs, version tokens
     "path": ("H", MAX_PATH, "bytes"),  # file system paths: bytes, as Linux has them
     "text": ("H", MAX_TEXT, "str"),  # human-readable messages, UTF-8
+    "data": ("H", MAX_DATA, "bytes"),  # packed arrays: block digests, byte ranges
 }
 
 
@@ -286,11 +300,13 @@ class ListEnd(Event):
 @_frame(
     9,
     "op:u32 mirror:u16 offset:u64 size:u64 mode:u32 mtime_ns:i64 uid:u32 gid:u32 "
-    "version:blob path:path",
+    "algo:u8 block_size:u32 version:blob base:blob path:path",
 )
 @dataclass(frozen=True)
 class File(Event):
-    """Begin (offset 0) or resume (offset > 0) sending a regular file of ``size`` bytes."""
+    """Begin (offset 0) or resume sending a ``size``-byte file; its block map
+    (``algo``, ``block_size``; blockmap.py) comes before End. ``base``: the
+    file digest of the version published at ``path`` this is a delta of."""
 
     op: int
     mirror: int
@@ -300,7 +316,10 @@ class File(Event):
     mtime_ns: int
     uid: int
     gid: int
+    algo: int
+    block_size: int
     version: bytes
+    base: bytes
     path: bytes
 
 
@@ -314,12 +333,14 @@ class Chunk(Event):
     length: int
 
 
-@_frame(11, "op:u32")
+@_frame(11, "op:u32 digest:blob")
 @dataclass(frozen=True)
 class End(Event):
-    """All bytes of file ``op`` were sent and the source did not change: publish it."""
+    """All bytes of file ``op`` were sent and the source did not change:
+    publish it once it matches ``digest`` (the file digest of its block map)."""
 
     op: int
+    digest: bytes
 
 
 @_frame(12, "op:u32 reason:u16")
@@ -418,8 +439,7 @@ class Pong(Event):
 @dataclass(frozen=True)
 class Error(Event):
     """``fatal``: the connection closes after this frame. Otherwise it refuses
-    operation ``op`` (never 0) and the connection goes on; the sender keeps the
-    change and retries it if the code is in RETRYABLE."""
+    operation ``op`` (never 0); the sender retries if the code is RETRYABLE."""
 
     code: int
     op: int
@@ -428,6 +448,77 @@ class Error(Event):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "message", clip_text(self.message))
+
+
+# Block maps
+
+
+@_frame(22, "op:u32 offset:u64 length:u64")
+@dataclass(frozen=True)
+class Copy(Event):
+    """Delta: take ``length`` bytes at ``offset`` of file ``op`` from its base."""
+
+    op: int
+    offset: int
+    length: int
+
+
+@_frame(23, "op:u32 first:u32 digests:data")
+@dataclass(frozen=True)
+class Blocks(Event):
+    """Block digests ``first``… of file ``op``'s map (after its data, before End)."""
+
+    op: int
+    first: int
+    digests: bytes
+
+
+@_frame(24, "op:u32 ranges:data")
+@dataclass(frozen=True)
+class Want(Event):
+    """Receiver → sender: file ``op`` is bad in these byte ranges (packed
+    ``RANGE``s, ascending): send them again, then End."""
+
+    op: int
+    ranges: bytes
+
+
+# Scrub (replicatorctl verify)
+
+
+@_frame(25, "op:u32 mirror:u16 algo:u8 block_size:u32 path:path")
+@dataclass(frozen=True)
+class Check(Event):
+    """Sender → receiver: send the block map of your file at ``path``, read
+    from disk, in this geometry (Checked frames); or refuse ``op``."""
+
+    op: int
+    mirror: int
+    algo: int
+    block_size: int
+    path: bytes
+
+
+@_frame(26, "op:u32 size:u64 first:u32 digests:data")
+@dataclass(frozen=True)
+class Checked(Event):
+    """Receiver → sender: block digests ``first``… of the ``size``-byte file
+    a Check asked for (it is answered when all came; 0 bytes: none)."""
+
+    op: int
+    size: int
+    first: int
+    digests: bytes
+
+
+def pack_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    return b"".join(RANGE.pack(o, n) for o, n in ranges)
+
+
+def unpack_ranges(raw: bytes) -> list[tuple[int, int]]:
+    if not raw or len(raw) % RANGE.size:
+        raise FrameError(ErrorCode.MALFORMED, f"Want: {len(raw)} bytes of ranges")
+    return [RANGE.unpack_from(raw, i) for i in range(0, len(raw), RANGE.size)]
 
 
 #: Frames that carry an operation id acknowledged by Ack / refused by Error.

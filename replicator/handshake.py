@@ -110,7 +110,8 @@ class Handshake:
                 why = (
                     f"peer {ev.name!r} speaks protocol {theirs}, we need {ours}: upgrade "
                     "replicator on the peer (protocol 1 does not authenticate frames "
-                    "after the handshake)"
+                    "after the handshake; protocol 2 does not verify files against "
+                    "block maps)"
                 )
             else:
                 why = f"peer {ev.name!r} speaks protocol {theirs}, we speak {ours}: upgrade us"

@@ -20,16 +20,19 @@ mirrors are published and acknowledged (one sync round for many of them):
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from . import frames as F
 from . import transfer
+from .checking import CheckJob
 from .config import Config
-from .errors import Refused, RemoteProtocolError, SinkError
+from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
 from .inbox import PartialFile
 from .manifest import EntryState
-from .receiving import OP_FDS, Answer, ReceivingMirror, admit
+from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,8 @@ class Inbound:
         self._target: tuple[ReceivingMirror, PartialFile] | None = None
         #: Answers of a commit made while opening a mirror (make_room).
         self._freed: list[Answer] = []
+        #: Scrub checks being answered, a slice at a time (checking.py).
+        self.checks: deque[CheckJob] = deque()
 
     # -- mirrors -------------------------------------------------------------
 
@@ -156,14 +161,79 @@ class Inbound:
         self.ops[ev.op] = m
         return out + m.begin(ev)
 
-    def end(self, op: int) -> list[Answer]:
-        m = self.ops.pop(op, None)
-        return [] if m is None else m.end(op)
+    def end(self, op: int, digest: bytes) -> list[Answer]:
+        m = self.ops.get(op)
+        if m is None:
+            return []
+        out = m.end(op, digest)
+        if op not in m.files:  # published (or refused); a Want keeps it open
+            del self.ops[op]
+        return out
+
+    def verifying(self) -> bool:
+        """Files wait to be judged against their block maps (verifying.py)."""
+        return any(m.verifier.waiting for m in self.mirrors.values())
+
+    def verify_step(self) -> list[Answer]:
+        """Hash a slice of a file waiting to be judged; the answers of those judged."""
+        out: list[Answer] = []
+        for m in self.mirrors.values():
+            if m.verifier.waiting:
+                out += m.verify_step()
+        for op in [op for op, m in self.ops.items() if op not in m.files]:
+            del self.ops[op]
+        return out
+
+    def copy(self, ev: F.Copy) -> list[Answer]:
+        """A delta's range that is unchanged: copy it from the published file."""
+        m = self.ops.get(ev.op)
+        p = None if m is None else m.files.get(ev.op)
+        if m is None or p is None:
+            return []  # refused or failed: nothing to copy into
+        assert p.delta_base is not None  # the protocol allows Copy only in deltas
+        try:
+            transfer.copy_range(p.delta_base.fd, p.fd, ev.offset, ev.length)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return m.fail(p, e)
+            return m.base_failed(p, e)
+        m.copied(p, ev.length)
+        return m.wrote(p, ev.length)
+
+    def blocks(self, ev: F.Blocks) -> None:
+        """Block digests of the sender's map (the protocol checked their order)."""
+        m = self.ops.get(ev.op)
+        p = None if m is None else m.files.get(ev.op)
+        if p is not None and p.theirs is not None:
+            p.theirs += ev.digests
 
     def abort(self, op: int) -> None:
         m = self.ops.pop(op, None)
         if m is not None:
             m.abort(op)
+
+    def check(self, ev: F.Check) -> Refuse | None:
+        """A scrub's Check: answered a slice at a time (``check_step``), or
+        refused at once."""
+        job = self.mirror(ev.mirror).check(ev)
+        if isinstance(job, Refuse):
+            return job
+        self.checks.append(job)
+        return None
+
+    def check_step(self) -> tuple[list[F.Checked], Refuse | None]:
+        """Read the next slice of the file the first Check asks about
+        (checking.py): its Checked frames, or why it cannot go on."""
+        job = self.checks[0]
+        try:
+            frames = job.step()
+        except (OSError, SourceShrank) as e:
+            job.close()
+            self.checks.popleft()
+            return [], Refuse(job.op, F.ErrorCode.IO_ERROR, f"cannot check it: {e}")
+        if job.done:
+            self.checks.popleft()
+        return frames, None
 
     def namespace(self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename) -> list[Answer]:
         m = self.mirror(ev.mirror)
@@ -171,12 +241,14 @@ class Inbound:
 
     # -- payload -------------------------------------------------------------
 
-    def chunk(self, op: int) -> None:
-        """A Chunk of ``op`` starts: its payload goes to that file (or is
+    def chunk(self, ev: F.Chunk) -> None:
+        """A Chunk starts: its payload goes to its file at its offset (or is
         drained, if the file failed or was refused)."""
-        m = self.ops.get(op)
-        p = None if m is None else m.files.get(op)
+        m = self.ops.get(ev.op)
+        p = None if m is None else m.files.get(ev.op)
         self._target = None if m is None or p is None else (m, p)
+        if p is not None and p.mend_at is not None:
+            p.mend_at = ev.offset  # a range asked for again (Want)
 
     def write_inline(self, data: bytes) -> list[Answer]:
         """Payload that arrived with its header, already in Python."""
@@ -184,8 +256,10 @@ class Inbound:
         if target is None:
             return []
         m, p = target
+        at = p.written if p.mend_at is None else p.mend_at
         try:
-            transfer.write_inline(p.fd, data, p.written)
+            p.hash_inline(at, data)
+            transfer.write_inline(p.fd, data, at)
         except OSError as e:
             return self._fail(m, p, e)
         return self._wrote(m, p, len(data))
@@ -198,7 +272,7 @@ class Inbound:
             return []
         m, p = target
         try:
-            splicer.to_file(p.fd, p.written, n)
+            splicer.to_file(p.fd, p.written if p.mend_at is None else p.mend_at, n)
         except SinkError as e:
             return self._fail(m, p, e)
         return self._wrote(m, p, n)
@@ -228,6 +302,9 @@ class Inbound:
         return out
 
     def close(self) -> None:
+        for job in self.checks:
+            job.close()
+        self.checks.clear()
         # Complete files are still worth publishing: the sender will see them
         # in the next manifest and not send them again.
         for m in self.mirrors.values():

@@ -6,6 +6,14 @@ atomic rename). Large partials get a sidecar naming the source version, so a
 transfer cut by a crash or a broken link resumes where it stopped, across
 restarts. ``PartialFile.wrote`` owns the writeback and checkpoint policy.
 Publishing is publisher.py's.
+
+Every partial is hashed as it grows (``blockmap.Progress``: bytes that came
+inline are hashed from memory, spliced and copied ones read back from the
+page cache a few MiB behind the writes) and checked against the sender's
+block map when it is complete (``PartialFile.verify``): a file is published
+only if it matches; otherwise the ranges that differ are asked for again.
+A delta's unchanged ranges are copied from ``base``, the published file it
+was made against.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import frames as F
+from .blockmap import BlockMap, Progress, thread_buffer
 from .conflicts import Decision
 from .errors import ApplyError
 from .fd import OwnedFd
@@ -40,6 +49,9 @@ CHECKPOINT_BYTES = 64 * 1024 * 1024
 WRITEBACK_BYTES = 8 * 1024 * 1024
 #: From this many files in a group, one syncfs() replaces per-file fsync().
 SYNCFS_MIN = 8
+#: Spliced or copied bytes are hashed (read back from the page cache) once
+#: this many have been written since the last time.
+HASH_BEHIND = 8 * 1024 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 IS_ROOT = os.geteuid() == 0
@@ -130,6 +142,19 @@ class PartialFile:
     #: Two-way mirrors: what the sending peer last had here (conflicts.py).
     base: EntryState | None = None
     decision: Decision | None = None
+    #: The block map being computed from what was written, and the
+    #: sender's block digests (Blocks frames).
+    progress: Progress | None = None
+    theirs: bytearray | None = None
+    #: The verified map, once the file matched it.
+    bmap: BlockMap | None = None
+    #: A delta: the published file its Copy ranges come from, and its digest.
+    delta_base: OwnedFd | None = None
+    base_digest: bytes = b""
+    #: Times the sender was asked for bad ranges again (Want).
+    mends: int = 0
+    #: Where the current chunk's bytes go, when a Want asked for ranges.
+    mend_at: int | None = None
 
     @property
     def fd(self) -> int:
@@ -148,12 +173,55 @@ class PartialFile:
         goes: the protocol checked the sender's offsets). Starts writeback
         every WRITEBACK_BYTES and checkpoints a resumable file every
         CHECKPOINT_BYTES. OSError: the file cannot go on (discard it)."""
+        if self.mend_at is not None:
+            self.mend_at += n
+            return
         self.written += n
         if self.written - self.flushed >= WRITEBACK_BYTES:
             start_writeback(self.fd, self.flushed, self.written - self.flushed)
             self.flushed = self.written
+        p = self.progress
+        if p is not None and self.written - p.done >= HASH_BEHIND:
+            # At most a few times what came: a resumed file catches up on
+            # its held bytes gradually, never in one long stall.
+            upto = min(self.written, p.done + 4 * HASH_BEHIND)
+            p.feed_fd(self.fd, upto, thread_buffer(), whole_blocks=True)
         if self.resumable and self.written - self.checkpointed >= CHECKPOINT_BYTES:
             self.checkpoint()
+
+    def hash_inline(self, offset: int, data: bytes) -> None:
+        """Bytes about to be written at ``offset`` that are in memory already."""
+        if self.progress is not None and self.mend_at is None:
+            self.progress.feed_bytes(offset, data)
+
+    def verify(self, digest: bytes) -> list[tuple[int, int]] | None:
+        """The file is complete: None if it matches the sender's map (whose
+        file digest is ``digest``), else the byte ranges that do not (the
+        whole file if the sender's block digests do not tell which)."""
+        p = self.progress
+        assert p is not None
+        if p.done < p.size:
+            p.feed_fd(self.fd, p.size, thread_buffer())
+        ours = p.result()
+        if ours.file_digest == digest:
+            self.bmap = ours
+            return None
+        theirs = self.theirs
+        if ours.count > 1 and theirs is not None and len(theirs) == len(ours.digests):
+            d = ours.dsize
+            bad = [i for i in range(ours.count) if ours.digest(i) != theirs[i * d : (i + 1) * d]]
+            if bad:
+                return ours.ranges(bad)
+        return [(0, self.size)] if self.size else []
+
+    def mending(self) -> None:
+        """The bad ranges were asked for: hash everything again once they
+        came (they are few, and rare)."""
+        self.mends += 1
+        self.mend_at = 0  # each Chunk says where its bytes go from now on
+        assert self.progress is not None
+        p = self.progress
+        self.progress = Progress(p.algo, p.size, p.block_size)
 
     def checkpoint(self) -> None:
         """Make what was written durable and record it in the sidecar."""
@@ -183,6 +251,8 @@ class PartialFile:
 
     def close(self) -> None:
         self.file.close()
+        if self.delta_base is not None:
+            self.delta_base.close()
 
     def discard(self) -> None:
         self.close()
@@ -237,6 +307,7 @@ class Inbox:
             "size": p.size,
             "boot_id": BOOT_ID,
             "durable": p.checkpointed,
+            "base": p.base_digest.hex(),
         }
         tmp = p.name + b".side.tmp"
         fd = os.open(
@@ -308,14 +379,20 @@ class Inbox:
         resumable = ev.size >= RESUME_MIN
         if ev.offset:
             held = self._held(name)
-            if held is None or held[0].get("version") != ev.version.hex() or held[1] < ev.offset:
+            if (
+                held is None
+                or held[0].get("version") != ev.version.hex()
+                or held[0].get("base", "") != ev.base.hex()
+                or held[1] < ev.offset
+            ):
                 raise ApplyError(
                     F.ErrorCode.RESUME_MISMATCH,
                     f"{show(ev.path)}: no partial of this version with {ev.offset} bytes to resume",
                 )
-            flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
         else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            # Read as well: the partial is hashed from the page cache.
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             # Created with its final mode (the partial folder is 0700, so
             # nobody else can open it meanwhile): usually no chmod is needed.
@@ -339,6 +416,9 @@ class Inbox:
             ev.offset,
             resumable,
             ev.offset,
+            progress=Progress(ev.algo, ev.size, ev.block_size),
+            theirs=bytearray(),
+            base_digest=ev.base,
         )
         try:
             if ev.offset:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from . import frames as F
 from .backlog import InfoLike as Info
 from .backlog import Key
+from .blockmap import BlockMap
 from .manifest import EntryState
 
 
@@ -43,6 +44,10 @@ class Record:
     #: When it was sent (monotonic): its send-to-ack latency sizes the
     #: bulk window.
     sent: float = 0.0
+    #: Files, once their End went out: the source version sent and its
+    #: block map (remembered when acknowledged; a Want sends ranges again).
+    version: bytes = b""
+    bmap: BlockMap | None = None
 
     def paths(self) -> list[Key]:
         """The paths this operation holds: its own, and a rename's destination."""

@@ -44,15 +44,18 @@ from .backlog import Backlog, Store
 from .changes import Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
 from .errors import AuthFailed, LinkError, ProtocolError
+from .hashing import Hasher
 from .inflight import InFlight
 from .linkstatus import LinkStatus
 from .logs import Fields
 from .mailbox import Mailbox
 from .manifest import EntryState
+from .maps import SentMaps
 from .mirror import SourceMirror
 from .pump import MAX_ACTIVE, RESEND_DELAY, SETTLE_RETRY, STARTS_PER_ROUND, WINDOW, Pump
 from .reconciler import Reconciler
 from .remote import RemoteMirror
+from .scrub import Scrubs, Verify
 from .stats import LinkStats
 from .wire import Backoff, Down, Received, Wire
 
@@ -85,6 +88,11 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Hashed:
+    """The hasher finished a block map: a file may go on."""
+
+
+@dataclass(frozen=True)
 class Pause:
     """Stop sending (``on``) or resume, for one mirror or (None) all of them;
     changes keep accumulating meanwhile."""
@@ -103,6 +111,7 @@ class Link(threading.Thread):
         mirrors: list[SourceMirror],
         stats: LinkStats,
         store: Store | None = None,
+        maps: SentMaps | None = None,
     ) -> None:
         super().__init__(name=f"link-{peer}", daemon=True)
         self.node = node
@@ -129,6 +138,8 @@ class Link(threading.Thread):
             lambda: self._pump.sending(),
             self._log,
         )
+        #: Block maps of large files, hashed while they are sent.
+        self._hasher = Hasher(f"hash-{peer}", lambda: self.post(Hashed()))
         self._pump = Pump(
             self.mirrors,
             self._remote,
@@ -138,6 +149,8 @@ class Link(threading.Thread):
             stats,
             self._status,
             self._log,
+            self._hasher,
+            maps,
         )
         self._reconciler = Reconciler(
             self.mirrors,
@@ -153,6 +166,19 @@ class Link(threading.Thread):
         self._backoff: Backoff | None = None
         #: Draining before a stop: nothing new is sent until this time.
         self._drain_until: float | None = None
+        #: Scrubs (``replicatorctl verify``), on request and periodic.
+        self._scrubs = Scrubs(
+            self.mirrors,
+            self._remote,
+            self._backlog,
+            self._inflight,
+            self._hasher,
+            self._wire,
+            self._pump,
+            stats,
+            node.verify_rate * 1024 * 1024,
+            self._log,
+        )
         loaded = self._backlog.load()
         if loaded:
             self._log.info("link to %s: %d pending changes loaded from the backlog", peer, loaded)
@@ -207,6 +233,7 @@ class Link(threading.Thread):
                 self._idle_until(time.monotonic() + delay)
         finally:
             self.stats.set_state("stopped")
+            self._hasher.stop()
             self._backlog.close()
 
     def _fail(self, state: str, msg: str, level: int) -> None:
@@ -251,6 +278,7 @@ class Link(threading.Thread):
             self._backoff.reset()
 
     def _teardown(self) -> None:
+        self._scrubs.stop_all("the connection to the peer was lost; run it again")
         self._wire.close()
         self._pump.reset()
         for r in self._remote.values():
@@ -284,6 +312,8 @@ class Link(threading.Thread):
                 break
             idle = self._paused or self._drain_until is not None
             worked = False if idle else self._pump.pump()
+            if not idle:
+                worked = self._scrubs.step() or worked
             now = time.monotonic()
             if now - wire.last_tx >= hb:
                 wire.queue(F.Ping(time.monotonic_ns()))
@@ -299,6 +329,9 @@ class Link(threading.Thread):
             due = self._backlog.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
+            sdue = self._scrubs.due()
+            if sdue is not None:
+                timeout = min(timeout, max(0.0, sdue - now))
             try:
                 msg = self._mail.get(timeout=timeout)
             except queue.Empty:
@@ -365,12 +398,21 @@ class Link(threading.Thread):
             handler(self, ev)
 
     def _on_ack(self, ev: F.Ack) -> None:
-        self._answer(self._answers.ack(ev.op))
+        a = self._answers.ack(ev.op)
+        self._answer(a)
+        self._scrubs.answered(a.record, True)
+
+    def _on_want(self, ev: F.Want) -> None:
+        self._pump.want(ev.op, F.unpack_ranges(ev.ranges))
 
     def _on_error(self, ev: F.Error) -> None:
+        if not ev.fatal and self._scrubs.refused(ev.op, ev.message):
+            return  # the peer could not check a file
         answer = self._answers.error(ev)  # a fatal Error raises: the peer closes the link
         self._pump.cancel(ev.op)
         self._answer(answer)
+        if ev.code != F.ErrorCode.BASE_CHANGED:  # else it goes again, whole
+            self._scrubs.answered(answer.record, False)
 
     def _answer(self, a: Answer) -> None:
         """Apply what an answer means (answers.py)."""
@@ -404,12 +446,16 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     Pause: Link._on_pause,
     PeerHas: Link._on_peer_has,
     Stop: Link._on_stop,
+    Hashed: lambda link, msg: None,  # the main loop pumps again
+    Verify: lambda link, msg: link._scrubs.start(msg),
 }
 
 #: What the link does with each frame the peer sends (protocol.py checked
 #: that the peer may send it now).
 _FRAMES: dict[type, Callable[[Link, Any], None]] = {
     F.Ack: Link._on_ack,
+    F.Want: Link._on_want,
+    F.Checked: lambda link, ev: link._scrubs.checked(ev),
     F.Entry: lambda link, ev: link._reconciler.entry(ev),
     F.Partial: lambda link, ev: link._reconciler.partial(ev),
     F.ListEnd: lambda link, ev: link._reconciler.list_end(ev),

@@ -22,6 +22,7 @@ from typing import Any
 from .backlog import Store
 from .config import Config
 from .link import Link, SourceMirror
+from .maps import SentMaps, database
 from .marker import Marker
 from .stats import LinkStats
 
@@ -84,7 +85,9 @@ def build_link(
     ]
     pcfg = cfg.peers[peer]
     store = Store(os.path.join(cfg.node.state_dir, "backlog.sqlite3"), peer)
-    return Link(cfg.node, peer, pcfg, keys[peer], mirrors, LinkStats(peer, pcfg.address), store)
+    maps = SentMaps(database(cfg.node.state_dir), peer)
+    stats = LinkStats(peer, pcfg.address)
+    return Link(cfg.node, peer, pcfg, keys[peer], mirrors, stats, store, maps)
 
 
 class LinkSet:

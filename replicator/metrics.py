@@ -27,6 +27,20 @@ _LINK = [
     ("files_aborted_total", "files_aborted", "Files aborted because the source changed", "counter"),
     ("renames_total", "renames", "Renames sent as renames", "counter"),
     ("resumed_files_total", "resumed_files", "Transfers resumed at an offset", "counter"),
+    ("delta_files_total", "delta_files", "Files sent as deltas of the peer's version", "counter"),
+    (
+        "delta_bytes_copied_total",
+        "delta_bytes_copied",
+        "Bytes the peer copied from its own version instead of receiving them",
+        "counter",
+    ),
+    ("mend_requests_total", "mend_requests", "Files the peer found damaged", "counter"),
+    (
+        "mend_bytes_total",
+        "mend_bytes",
+        "Bytes sent again because the peer found them bad",
+        "counter",
+    ),
     ("connects_total", "connects", "Successful connections", "counter"),
     ("queue_files", "queue_files", "Paths waiting to be looked at", "gauge"),
     ("queue_bytes", "queue_bytes", "Bytes waiting (known sizes)", "gauge"),
@@ -47,6 +61,25 @@ _SESSION = [
     ("operations_applied_total", "ops_applied", "Namespace operations applied", "counter"),
     ("commits_total", "commits", "Group commits (sync rounds)", "counter"),
     ("conflicts_total", "conflicts", "Two-way conflicts resolved", "counter"),
+    ("delta_files_total", "delta_files", "Files received as deltas", "counter"),
+    (
+        "verify_mismatches_total",
+        "verify_mismatches",
+        "Received files that did not match their block map (bad ranges asked for again)",
+        "counter",
+    ),
+    (
+        "verify_failed_total",
+        "verify_failed",
+        "Received files discarded after repeated block map mismatches",
+        "counter",
+    ),
+    (
+        "base_changed_total",
+        "base_changed",
+        "Deltas refused because the replica changed since it was published",
+        "counter",
+    ),
 ]
 
 

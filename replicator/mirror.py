@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .blockmap import NAMES, XXH3_128
 from .config import MirrorConfig
 from .inbox import IS_ROOT
 from .manifest import Change, EntryState, Excludes, Preserve, compare
@@ -34,6 +35,10 @@ class SourceMirror:
     paused: bool = False
     #: What this node applies from peers that push this mirror here.
     preserve: Preserve = Preserve.NONE
+    #: Digest algorithm of the block maps sent (blockmap.NAMES).
+    algo: int = XXH3_128
+    #: Seconds between periodic scrubs (0: only when asked).
+    verify_interval: float = 0.0
 
     @classmethod
     def from_config(
@@ -49,6 +54,8 @@ class SourceMirror:
             marker,
             two_way=peer in cfg.accept_from,
             preserve=Preserve.from_names(cfg.preserve),
+            algo=NAMES[cfg.digest],
+            verify_interval=cfg.verify_interval,
         )
 
     def deletes_allowed(self) -> bool:

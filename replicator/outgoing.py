@@ -1,4 +1,4 @@
-"""A file being sent: its whole exchange, File → Chunk… → End or Abort.
+"""A file being sent: its whole exchange, File → Chunk/Copy… → Blocks… → End or Abort.
 
 The link decides *what* to send; ``FileSend`` owns *how* one file goes out:
 it opens the source through the directory its confined lookup found, picks
@@ -9,6 +9,14 @@ Chunk headers framed by the protocol and payload by ``transfer.send_range``
 that lands after sendfile returned may still have reached the wire — and
 says how it ended (``End``, or ``Abort`` with its reason). It counts its own
 bytes; the link keeps the totals.
+
+Every file goes with its block map (blockmap.py): the receiver publishes it
+only if what it holds matches. A small file is hashed at once; a large one
+on the link's hasher thread (hashing.py) while its chunks go out. A
+*delta* — the peer holds an earlier version whose map we remember — waits
+for the new map, then sends only the blocks that differ and ``Copy`` frames
+for the rest. A *mend* sends again the ranges the receiver found bad
+(``Want``).
 """
 
 from __future__ import annotations
@@ -18,12 +26,16 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from . import frames as F
 from . import transfer
 from .backlog import Key
+from .blockmap import BlockMap, block_size_for, map_fd
+from .errors import SourceShrank
 from .fd import OwnedFd
+from .hashing import Hasher, Job
 from .paths import Located
 from .protocol import Connection
 
@@ -31,6 +43,11 @@ from .protocol import Connection
 #: (measured: 0.95 vs 1.03 CPU-s/GiB for 8 vs 1 MiB); smaller ones let small
 #: files through sooner (4 MiB ≈ 4 ms on the wire at 1 GB/s).
 CHUNK = 4 << 20
+#: Files up to this size are hashed at once, on the link's thread (under a
+#: millisecond for 1 MiB); larger ones on the hasher thread.
+HASH_INLINE_MAX = 1 << 20
+#: Block digests per Blocks frame.
+DIGESTS_PER_FRAME = F.MAX_DATA // 32
 
 
 def version_of(st: os.stat_result) -> bytes:
@@ -56,6 +73,12 @@ class Step(enum.Enum):
     CHANGED = "changed"
     #: The source vanished or became unreadable: send Abort.
     GONE = "gone"
+    #: Nothing to do until the hasher finishes the block map.
+    WAIT = "wait"
+
+
+#: A run of the file to produce on the peer: (copy from its base?, offset, length).
+Run = tuple[bool, int, int]
 
 
 @dataclass
@@ -76,6 +99,20 @@ class FileSend:
     payload_sent: int = 0
     #: Frame bytes (headers of this file's frames) queued so far.
     frame_bytes: int = 0
+    #: The block map, once computed (``job`` computes it for large files).
+    map: BlockMap | None = None
+    job: Job | None = None
+    #: A delta's base: the map of the version the peer holds.
+    base: BlockMap | None = None
+    #: What is still to produce on the peer, in order (None: a delta
+    #: waiting for its map to know).
+    todo: deque[Run] | None = field(default_factory=deque)
+    #: Bytes the peer took from its base instead of the wire (deltas).
+    copied: int = 0
+    #: A mend (Want): the file digest End repeats; no Blocks are sent.
+    mend_digest: bytes | None = None
+    #: A repair (scrub): blocks sent even where the base matches.
+    force: frozenset[int] = frozenset()
 
     @classmethod
     def begin(
@@ -87,35 +124,91 @@ class FileSend:
         found: Located,
         since: float,
         held: F.Partial | None = None,
+        algo: int = 1,
+        base: BlockMap | None = None,
+        hasher: Hasher | None = None,
+        force: frozenset[int] = frozenset(),
     ) -> tuple[FileSend, F.File] | None:
         """Open the source ``found`` (confined: ``paths.Source.locate`` found
         it without following symlinks) and make the ``File`` frame that
         starts the exchange, at the peer's partial ``held`` when it is of
-        this very version. None if the file is gone or not a regular file
-        any more (look at it again); OSError if it cannot be read. Takes
-        ``found``'s directory fd on success."""
+        this very version; a delta of ``base`` when given (the peer holds
+        that version). None if the file is gone or not a regular file
+        any more, or shrank while hashed (look at it again); OSError if it
+        cannot be read. Takes ``found``'s directory fd on success."""
         opened = found.open_file()
         if opened is None:
             return None
         file, st = opened
+        size = st.st_size
+        if base is not None and base.algo != algo:
+            base = None
+        bs = block_size_for(size, None if base is None else base.block_size)
+        if base is not None and base.block_size != bs:
+            base = None  # too far grown for its base's blocks: nothing could be copied
+        bmap = job = None
+        try:
+            if size <= HASH_INLINE_MAX or hasher is None:
+                bmap = map_fd(file.fd, size, algo, bs)
+            else:
+                job = hasher.submit(file.fd, size, algo, bs)
+        except SourceShrank:
+            file.close()
+            return None
+        except OSError:
+            file.close()
+            raise
         version = version_of(st)
         offset = 0
-        if held is not None and held.version == version and 0 < held.held <= st.st_size:
+        if held is not None and held.version == version and 0 < held.held <= size:
             offset = held.held
         s = cls(op, key, mirror, found.take(), file, st, offset, since, start=offset)
+        s.map, s.job, s.base, s.force = bmap, job, base, force
+        s.todo = None if base is not None else deque([(False, offset, size - offset)])
+        if s.todo is not None and size == offset:
+            s.todo.clear()
         frame = F.File(
             op,
             mirror_id,
             offset,
-            st.st_size,
+            size,
             stat.S_IMODE(st.st_mode),
             st.st_mtime_ns,
             st.st_uid,
             st.st_gid,
+            algo,
+            bs,
             version,
+            b"" if base is None else base.file_digest,
             key[1],
         )
         return s, frame
+
+    @classmethod
+    def mend(
+        cls,
+        op: int,
+        key: Key,
+        mirror: str,
+        found: Located,
+        since: float,
+        version: bytes,
+        digest: bytes,
+        ranges: list[tuple[int, int]],
+    ) -> FileSend | None:
+        """Send ``ranges`` of the file again (the peer's Want), if the source
+        is still the very version sent; None if it is not (Abort it)."""
+        opened = found.open_file()
+        if opened is None:
+            return None
+        file, st = opened
+        if version_of(st) != version:
+            file.close()
+            return None
+        s = cls(op, key, mirror, found.take(), file, st, 0, since)
+        s.todo = deque((False, o, n) for o, n in ranges)
+        s.mend_digest = digest
+        return s
 
     @property
     def fd(self) -> int:
@@ -133,26 +226,64 @@ class FileSend:
 
     @property
     def left(self) -> int:
-        return self.size - self.offset
+        """Payload bytes still to send (a delta waiting for its map: all)."""
+        if self.todo is None:
+            return self.size - self.offset
+        return sum(n for copy, _, n in self.todo if not copy)
+
+    @property
+    def version(self) -> bytes:
+        return version_of(self.st)
 
     def close(self) -> None:
+        if self.job is not None and self.map is None:
+            self.job.cancel()
         self.file.close()
         self.found.close()
+
+    def _hashed(self) -> Step | None:
+        """None once the map is here; WAIT while the hasher works on it;
+        CHANGED if the source shrank (or could not be read) meanwhile."""
+        if self.map is not None or self.mend_digest is not None:
+            return None
+        job = self.job
+        assert job is not None
+        if not job.done.is_set():
+            return Step.WAIT
+        if job.map is None:
+            return Step.CHANGED
+        self.map = job.map
+        return None
 
     def step(self, sock: socket.socket, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:
         """Send the next chunk (``wbuf`` holds frames queued before it and is
         flushed first). Returns what happened and the payload bytes sent."""
-        n = min(CHUNK, self.left)
-        if n == 0:
+        if self.todo is None:  # a delta: what to send follows from the map
+            waiting = self._hashed()
+            if waiting is not None:
+                return waiting, 0
+            assert self.map is not None and self.base is not None
+            self.todo = deque(self.map.plan(self.base, self.offset, self.force))
+        todo = self.todo
+        while todo and todo[0][0]:
+            _, off, n = todo.popleft()
+            header = conn.send(F.Copy(self.op, off, n))
+            self.frame_bytes += len(header)
+            wbuf += header
+            self.copied += n
+            self.offset = off + n
+        if not todo:
             return self._verdict(), 0
-        if self.offset and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
+        _, off, run = todo[0]
+        n = min(CHUNK, run)
+        if off and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
             return Step.CHANGED, 0  # a big file: notice a change early, not at the end
-        header = conn.send(F.Chunk(self.op, self.offset, n))
+        header = conn.send(F.Chunk(self.op, off, n))
         self.frame_bytes += len(header)
         wbuf += header
         sock.sendall(wbuf, socket.MSG_MORE)  # the header joins the payload's first segment
         wbuf.clear()
-        sent = transfer.send_range(sock.fileno(), self.fd, self.offset, n)
+        sent = transfer.send_range(sock.fileno(), self.fd, off, n)
         conn.payload_sent(sent)
         self.payload_sent += sent
         if sent < n:
@@ -160,17 +291,35 @@ class FileSend:
             transfer.send_filler(sock, n - sent)
             conn.payload_sent(n - sent)
             return Step.CHANGED, sent
-        self.offset += n
-        return (self._verdict() if self.left == 0 else Step.MORE), n
+        if n == run:
+            todo.popleft()
+        else:
+            todo[0] = (False, off + n, run - n)
+        self.offset = off + n
+        if todo:
+            return Step.MORE, n
+        return self._verdict(), n
 
-    def finish(self, step: Step) -> F.Event:
-        """The frame that ends the exchange after ``step`` (not MORE)."""
+    def finish(self, step: Step) -> list[F.Event]:
+        """The frames that end the exchange after ``step`` (not MORE/WAIT)."""
         if step is Step.DONE:
-            return F.End(self.op)
+            if self.mend_digest is not None:
+                return [F.End(self.op, self.mend_digest)]
+            bmap = self.map
+            assert bmap is not None
+            out: list[F.Event] = []
+            if bmap.count > 1:
+                d = bmap.dsize
+                per = DIGESTS_PER_FRAME
+                for first in range(0, bmap.count, per):
+                    raw = bmap.digests[first * d : (first + per) * d]
+                    out.append(F.Blocks(self.op, first, raw))
+            out.append(F.End(self.op, bmap.file_digest))
+            return out
         if step is Step.CHANGED:
-            return F.Abort(self.op, F.AbortReason.SOURCE_CHANGED)
+            return [F.Abort(self.op, F.AbortReason.SOURCE_CHANGED)]
         if step is Step.GONE:
-            return F.Abort(self.op, F.AbortReason.SOURCE_GONE)
+            return [F.Abort(self.op, F.AbortReason.SOURCE_GONE)]
         raise ValueError(f"{step} does not end the exchange")
 
     def cancel(self) -> F.Abort:
@@ -178,6 +327,9 @@ class FileSend:
         return F.Abort(self.op, F.AbortReason.CANCELLED)
 
     def _verdict(self) -> Step:
+        waiting = self._hashed()
+        if waiting is not None:
+            return waiting
         try:
             now = os.fstat(self.fd)
             at_path = self.found.inode()

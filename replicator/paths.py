@@ -71,6 +71,25 @@ def show(path: bytes) -> str:
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
 
+def open_regular(dir_fd: int, name: bytes) -> tuple[OwnedFd, os.stat_result] | None:
+    """``name`` in ``dir_fd`` open for reading if it is a regular file (never
+    through a symlink), and its fstat; None if it is gone or something else."""
+    try:
+        # O_NONBLOCK: a fifo swapped in must not block us in open().
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
+        )
+    except OSError as e:
+        if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
+            return None
+        raise
+    with OwnedFd(fd) as f:  # closed unless handed out below
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return OwnedFd(f.detach()), st
+
+
 def open_root(root: bytes | str) -> int:
     """A directory fd for a configured mirror root. The operator's path is
     trusted and resolved as usual; nothing below it ever is."""
@@ -128,22 +147,7 @@ class Located:
     def open_file(self) -> tuple[OwnedFd, os.stat_result] | None:
         """A read-only fd and fstat of the entry if it is a regular file now;
         None if it is gone or something else (look at it again)."""
-        try:
-            # O_NONBLOCK: a fifo swapped in must not block us in open().
-            fd = os.open(
-                self.name,
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                dir_fd=self._dir.fd,
-            )
-        except OSError as e:
-            if e.errno in _ABSENT or e.errno == errno.ENXIO:  # ENXIO: a socket or fifo
-                return None
-            raise
-        with OwnedFd(fd) as f:  # closed unless handed out below
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            return OwnedFd(f.detach()), st
+        return open_regular(self._dir.fd, self.name)
 
     def inode(self) -> int | None:
         """The inode number under this name in its directory now, or None."""
@@ -425,6 +429,17 @@ class Root:
             return os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def open_file(self, parts: tuple[bytes, ...]) -> tuple[OwnedFd, os.stat_result] | None:
+        """The regular file at ``parts``, open for reading (never through a
+        symlink), and its fstat; None if there is none."""
+        try:
+            pfd = self.parent(parts, create=False)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        return open_regular(pfd, parts[-1])
 
 
 def remove_at(

@@ -16,15 +16,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import frames as F
+from .blockmap import BlockMap
 from .conflicts import Decision, Verdict
 from .errors import ApplyError, BadPath
 from .inbox import IS_ROOT, SYNCFS_MIN, Inbox, PartialFile, apply_error, syncfs
 from .manifest import TEMP_PREFIX, Preserve
+from .maps import DELTA_MIN, Identity, PublishedMaps
 from .paths import Root, remove_at, show
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,11 @@ class Outcome:
 class Publisher:
     """Applies one peer's operations to one mirror, durably, in groups."""
 
-    def __init__(self, root: Root, inbox: Inbox) -> None:
+    def __init__(self, root: Root, inbox: Inbox, maps: PublishedMaps | None = None) -> None:
         self.root = root
         self.inbox = inbox
+        #: Where the block maps of published files are remembered (deltas).
+        self.maps = maps
         self._round = _Round()
 
     @property
@@ -98,6 +103,7 @@ class Publisher:
         failed: list[tuple[int, ApplyError]] = []
         files = self._sync_files(r.files, failed)
         acked: list[int] = []
+        remember: list[tuple[bytes, Identity, BlockMap]] = []
         for p in files:
             try:
                 self._place(p, r)
@@ -114,10 +120,23 @@ class Publisher:
                 failed.append((p.op, err))
                 p.discard()
                 continue
+            applied = p.decision is None or p.decision.verdict is not Verdict.INCOMING_AS_COPY
+            if p.bmap is not None and p.size >= DELTA_MIN and applied:
+                with contextlib.suppress(OSError):
+                    # After the rename, which changed its ctime.
+                    remember.append((p.path, Identity.of(os.fstat(p.fd)), p.bmap))
             p.close()
             if p.resumable:
                 self.inbox.remove(p.name)
             acked.append(p.op)
+        if remember and self.maps is not None:
+            try:
+                self.maps.put_many(remember)
+            except sqlite3.Error as e:
+                # Only deltas are lost: the next change is sent whole.
+                log.warning(
+                    "cannot remember block maps of %d published files: %s", len(remember), e
+                )
         try:
             self._sync_dirs(r)
         except OSError as e:

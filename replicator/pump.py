@@ -19,23 +19,35 @@ import time
 from collections.abc import Mapping
 
 from . import frames as F
-from . import net, paths
-from .answers import DIR_SETTLE, Done, Effect, Mark, MarkTree, Unpark, release
+from . import net
+from .answers import (
+    DIR_SETTLE,
+    Done,
+    Effect,
+    Forget,
+    Mark,
+    MarkTree,
+    Remember,
+    Unpark,
+)
 from .backlog import LIVE, LIVE_RUN, Backlog, Info, Key
 from .changes import Flag, Moved
+from .filesends import RESEND_DELAY, FileSends
+from .hashing import Hasher
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
 from .logs import Fields
 from .manifest import Change, EntryState, scan
+from .maps import SentMaps
 from .mirror import SourceMirror
-from .outgoing import FileSend
 from .paths import Located, Source
 from .plan import Action, plan_path
 from .remote import RemoteMirror
 from .stats import LinkStats
-from .streams import Streams
 from .window import BulkWindow
 from .wire import Wire
+
+__all__ = ["RESEND_DELAY", "Pump"]
 
 #: Large files sent interleaved, one chunk each per round.
 MAX_ACTIVE = 4
@@ -50,8 +62,6 @@ ROUND_S = 0.005
 LIVE_STARTS = STARTS_PER_ROUND - STARTS_PER_ROUND // (LIVE_RUN + 1)
 #: A file still being written (plan.SETTLE_NS) is looked at again after this long.
 SETTLE_RETRY = 0.1
-#: Wait before re-sending a file that changed while it was sent.
-RESEND_DELAY = 0.1
 
 
 class Pump:
@@ -65,6 +75,8 @@ class Pump:
         stats: LinkStats,
         status: LinkStatus,
         log: Fields,
+        hasher: Hasher | None = None,
+        maps: SentMaps | None = None,
     ) -> None:
         self._mirrors = mirrors
         self._remote = remote
@@ -74,9 +86,12 @@ class Pump:
         self._stats = stats
         self._status = status
         self._log = log
-        #: Files being sent a chunk per round.
-        self.streams = Streams(wire, stats, self._changed)
         self._next_op = 0
+        #: Files being sent: started, sent again in part, repaired.
+        self.files = FileSends(
+            mirrors, remote, backlog, inflight, wire, stats, log, hasher, maps, self._op, self.apply
+        )
+        self.streams = self.files.streams
         #: How many bulk operations may be in flight (window.py).
         self.bulk_window = BulkWindow(ceiling=WINDOW)
 
@@ -197,8 +212,28 @@ class Pump:
             ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
         else:
             assert found is not None
-            return self._start_file(m, key, since, found, live)
+            return self.files.start(m, key, since, found, live)
         return self._send_op(ev, key, since, src, live=live)
+
+    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool:
+        """A scrub found the peer's copy of ``rel`` damaged (filesends.py)."""
+        return self.files.repair(mid, rel, bad)
+
+    def want(self, op: int, ranges: list[tuple[int, int]]) -> None:
+        """The peer found ranges of file ``op`` bad (filesends.py)."""
+        self.files.want(op, ranges)
+
+    def cancel(self, op: int) -> None:
+        """The peer refused ``op``: stop sending its file if it still is."""
+        self.files.streams.cancel(op)
+
+    def sending(self) -> int:
+        """Bytes still to send of the large files in progress."""
+        return self.files.streams.sending()
+
+    def next_op(self) -> int:
+        """A fresh operation id (also for a scrub's Checks)."""
+        return self._op()
 
     def _op(self) -> int:
         self._next_op = self._next_op % 0xFFFFFFFF + 1
@@ -267,66 +302,6 @@ class Pump:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _start_file(
-        self, m: SourceMirror, key: Key, since: float, found: Located, live: bool
-    ) -> bool:
-        rel = key[1]
-        r = self._remote[m.id]
-        op = self._op()
-        try:
-            begun = FileSend.begin(op, m.id, m.name, key, found, since, r.partials.pop(rel, None))
-        except OSError as e:
-            msg = f"mirror {m.name}: cannot read {paths.show(rel)}: {e.strerror}"
-            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).error(
-                "%s (will retry at the next scan)", msg
-            )
-            self._stats.error(msg)
-            return False
-        if begun is None:  # gone or changed type since lstat: look again
-            again = Flag.DATA | (Flag.LIVE if live else 0)
-            self._backlog.mark(key, (since, 0, again), RESEND_DELAY, persist=False)
-            return False
-        s, frame = begun
-        if s.resumed:
-            self._stats.resumed_files += 1
-            self._stats.resumed_bytes_skipped += s.resumed
-            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).info(
-                "link to %s: resuming %s at offset %d of %d",
-                self._stats.peer,
-                paths.show(rel),
-                s.resumed,
-                s.size,
-            )
-        self._wire.queue(frame)
-        self._inflight.track(
-            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size, live=live)
-        )
-        self._stats.ops_sent += 1
-        self.streams.add(s)
-        return True
-
-    def _changed(self, s: FileSend) -> None:
-        """``s`` changed while it was sent (Streams aborted it): send it again."""
-        released = release(self._inflight, s.op)
-        self.apply(released.effects)
-        rec = released.record
-        self._log.at(MIRROR=s.mirror, PATH=paths.show(s.key[1])).info(
-            "link to %s: %s changed while being sent; sending it again",
-            self._stats.peer,
-            paths.show(s.key[1]),
-        )
-        since = rec.since if rec else s.since
-        again = Flag.DATA | (Flag.LIVE if rec is not None and rec.live else 0)
-        self._backlog.mark(s.key, (since, s.size, again), RESEND_DELAY, persist=False)
-
-    def cancel(self, op: int) -> None:
-        """The peer refused ``op``: stop sending its file if it still is."""
-        self.streams.cancel(op)
-
-    def sending(self) -> int:
-        """Bytes still to send of the large files in progress."""
-        return self.streams.sending()
-
     # -- the backlog ----------------------------------------------------------------------
 
     def apply(self, effects: list[Effect]) -> None:
@@ -341,6 +316,8 @@ class Pump:
                 bl.done(e.key)
             elif isinstance(e, Unpark):
                 bl.unpark(e.key)
+            elif isinstance(e, Remember | Forget):
+                self.files.remember(e)
 
     def reset(self) -> None:
         """The connection is gone: stop sending files, and what was in flight

@@ -24,14 +24,18 @@ from dataclasses import dataclass, field
 
 from . import frames as F
 from . import paths
+from .blockmap import available
 from .changes import Dirty, Flag, PeerHas
+from .checking import CheckJob, start_check
 from .config import Config
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .inbox import Inbox, PartialFile, apply_error
 from .manifest import EntryState, Excludes, Preserve, scan
+from .maps import PublishedMaps, database
 from .publisher import Publisher
 from .stats import SessionStats
+from .verifying import Bad, Failed, Outcome, Verifier, delta_base
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +63,22 @@ class Refuse:
 
 
 @dataclass(frozen=True)
+class Mend:
+    """File ``op`` did not match its block map in ``ranges``: ask for them
+    again (a Want frame)."""
+
+    op: int
+    ranges: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class Tell:
     """A message for the daemon's links (``PeerHas`` or ``Dirty``)."""
 
     message: PeerHas | Dirty
 
 
-Answer = Ack | Refuse | Tell
+Answer = Ack | Refuse | Mend | Tell
 
 
 @dataclass
@@ -88,6 +101,13 @@ class ReceivingMirror:
     files: dict[int, PartialFile] = field(default_factory=dict)
     #: Operations refused mid-flight: their chunks are drained, End ignored.
     refused: set[int] = field(default_factory=set)
+    #: The block maps of the files published here (deltas are made against them).
+    maps: PublishedMaps | None = None
+    #: Files whose End came, judged against their block maps.
+    verifier: Verifier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.verifier = Verifier(self.name, self.peer, self.stats)
 
     # -- resources -------------------------------------------------------------
 
@@ -124,16 +144,38 @@ class ReceivingMirror:
     # -- files -----------------------------------------------------------------
 
     def begin(self, ev: F.File) -> list[Answer]:
-        """A file starts (fresh, or resumed at ``ev.offset``)."""
+        """A file starts (fresh, or resumed at ``ev.offset``; a delta of the
+        version published here if ``ev.base``)."""
+        base = None
+        if not available(ev.algo):
+            self.refused.add(ev.op)
+            msg = (
+                f"mirror {self.name!r} on {self.me!r}: cannot check {paths.show(ev.path)}: "
+                "its block map uses BLAKE3 and the blake3 package is not installed here "
+                '(install it, or set digest = "xxh3-128" for the mirror on the sender)'
+            )
+            log.error("%s", msg, extra={"PEER": self.peer, "MIRROR": self.name})
+            return [Refuse(ev.op, F.ErrorCode.FORBIDDEN, msg, ev.path)]
         try:
             parts = paths.check(ev.path)
+            if ev.base:
+                base = delta_base(self.maps, self.root, ev, parts)
             p = self.inbox.begin(ev, parts)
         except BadPath as e:
+            if base is not None:
+                base.close()
             self.refused.add(ev.op)
             return [Refuse(ev.op, F.ErrorCode.BAD_PATH, f"mirror {self.name!r}: {e}", ev.path)]
         except ApplyError as e:
+            if base is not None:
+                base.close()
             self.refused.add(ev.op)
+            if e.code is F.ErrorCode.BASE_CHANGED:
+                self.stats.base_changed += 1
             return [Refuse(ev.op, e.code, f"mirror {self.name!r}: {e}", ev.path)]
+        p.delta_base = base
+        if base is not None:
+            self.stats.delta_files += 1
         if self.two_way:
             p.base = self.base(ev.path)
         self.files[ev.op] = p
@@ -152,8 +194,22 @@ class ReceivingMirror:
         err = apply_error(e, paths.show(p.path))
         if self.files.pop(p.op, None) is not None:
             self.refused.add(p.op)  # still open: its remaining chunks are drained
+        self.verifier.forget(p)
         p.discard()
         return [Refuse(p.op, err.code, f"{err}; the partial file was discarded", p.path)]
+
+    def base_failed(self, p: PartialFile, e: OSError) -> list[Answer]:
+        """Copying from the published version failed (it shrank, or the
+        filesystem cannot copy_file_range): the sender sends it whole."""
+        if self.files.pop(p.op, None) is not None:
+            self.refused.add(p.op)
+        p.discard()
+        self.stats.base_changed += 1
+        msg = (
+            f"mirror {self.name!r}: {paths.show(p.path)}: cannot copy from the version published "
+            f"here ({e.strerror or e}); send it whole"
+        )
+        return [Refuse(p.op, F.ErrorCode.BASE_CHANGED, msg, p.path)]
 
     def abort(self, op: int) -> None:
         """The sender gave up on ``op``."""
@@ -162,13 +218,41 @@ class ReceivingMirror:
             p.discard()
         self.refused.discard(op)
 
-    def end(self, op: int) -> list[Answer]:
-        """All of ``op``'s data is here: publish it with the next commit (in
-        a two-way mirror, after deciding a conflict)."""
-        p = self.files.pop(op, None)
+    def copied(self, p: PartialFile, n: int) -> None:
+        self.stats.delta_bytes_copied += n
+
+    def end(self, op: int, digest: bytes) -> list[Answer]:
+        """All of ``op``'s data is here: publish it with the next commit if
+        it matches its block map (verifying.py; in a two-way mirror, after
+        deciding a conflict); else ask for the ranges that do not. A file
+        with much left to hash is judged later (``verify_step``)."""
+        p = self.files.get(op)
         if p is None:
             self.refused.discard(op)
             return []
+        try:
+            outcome = self.verifier.end(p, digest)
+        except OSError as e:
+            return self.fail(p, e)
+        return [] if outcome is None else self._judged(p, outcome)
+
+    def verify_step(self) -> list[Answer]:
+        """Hash a slice of a file waiting to be judged (see ``end``)."""
+        out: list[Answer] = []
+        for p, outcome in self.verifier.step():
+            if isinstance(outcome, OSError):
+                out += self.fail(p, outcome)
+            else:
+                out += self._judged(p, outcome)
+        return out
+
+    def _judged(self, p: PartialFile, outcome: Outcome) -> list[Answer]:
+        if isinstance(outcome, Bad):
+            return [Mend(p.op, outcome.ranges)]
+        del self.files[p.op]
+        if isinstance(outcome, Failed):
+            p.discard()
+            return [Refuse(p.op, F.ErrorCode.VERIFY_FAILED, outcome.message, p.path)]
         out: list[Answer] = []
         decision = None
         if self.two_way:
@@ -197,6 +281,15 @@ class ReceivingMirror:
             return out + self.fail(p, e)
         self.stats.files_received += 1
         return out
+
+    def check(self, ev: F.Check) -> CheckJob | Refuse:
+        """A scrub asks for the block map of our file at ``ev.path``."""
+        try:
+            return start_check(self.root, ev)
+        except BadPath as e:
+            return Refuse(ev.op, F.ErrorCode.BAD_PATH, f"mirror {self.name!r}: {e}", ev.path)
+        except ApplyError as e:
+            return Refuse(ev.op, e.code, f"mirror {self.name!r}: {e}", ev.path)
 
     # -- namespace operations --------------------------------------------------
 
@@ -245,6 +338,9 @@ class ReceivingMirror:
             src, dst = paths.check(ev.src), paths.check(ev.dst)
             out += self.commit()
             pub.rename(ev, src, dst)
+            if self.maps is not None:  # the rows would only be refused later
+                self.maps.forget(ev.src)
+                self.maps.forget(ev.dst)
             return True
         parts = paths.check(ev.path)  # type: ignore[attr-defined]
         if not isinstance(ev, (F.Mkdir, F.Symlink, F.Meta, F.Delete)):
@@ -277,6 +373,8 @@ class ReceivingMirror:
                 out.append(Tell(Dirty(self.name, ev.path, Flag.DATA | Flag.CLOSED)))
                 return False
             pub.delete(ev, parts)
+            if self.maps is not None:
+                self.maps.forget(ev.path)
         return True
 
     # -- listing and publishing ------------------------------------------------
@@ -373,14 +471,16 @@ def admit(
         root.close()
         msg = f"mirror {name!r} on {me!r}: cannot create partial folder: {e.strerror}"
         raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR) from e
+    maps = PublishedMaps(database(cfg.node.state_dir), name)
     return ReceivingMirror(
         name,
         peer,
         me,
         root,
         inbox,
-        Publisher(root, inbox),
+        Publisher(root, inbox, maps),
         stats,
         two_way=peer in mcfg.push_to,
         base=lambda path: base(name, path),
+        maps=maps,
     )

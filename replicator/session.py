@@ -39,7 +39,7 @@ from .logs import Fields
 from .manifest import EntryState
 from .paths import show
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
-from .receiving import Ack, Answer, Refuse
+from .receiving import Ack, Answer, Mend, Refuse
 from .stats import SessionStats
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class Session:
         #: Made once the peer authenticated.
         self._in: Inbound | None = None
         self._commits = GroupCommit()
+
         #: Made once the peer authenticated: an unauthenticated connection
         #: costs one descriptor, its socket.
         self._splicer: transfer.Splicer | None = None
@@ -234,7 +235,9 @@ class Session:
         last_rx = time.monotonic()
         sock, conn = self.sock, self.conn
         while not self.stopping.is_set():
-            if not net.wait_readable(sock, node.heartbeat_interval):
+            busy = self._side_work()
+            wait = 0.0 if busy else node.heartbeat_interval
+            if not net.wait_readable(sock, wait):
                 self._commit()
                 self._flush()
                 if time.monotonic() - last_rx > node.dead_after:
@@ -297,6 +300,9 @@ class Session:
         for a in answers:
             if isinstance(a, Ack):
                 self._queue(F.Ack(a.op))
+            elif isinstance(a, Mend):
+                self._queue(F.Want(a.op, F.pack_ranges(a.ranges)))
+                self._flush()
             elif isinstance(a, Refuse):
                 self._refuse(a)
             else:
@@ -324,6 +330,22 @@ class Session:
             self.sock.sendall(self._wbuf)
             self._wbuf.clear()
 
+    def _side_work(self) -> bool:
+        """Hash a slice for a file waiting to be verified, and one for a
+        scrub's Check, between frames; True if more is waiting."""
+        inbound = self._in
+        assert inbound is not None
+        if inbound.verifying():
+            self._answer(inbound.verify_step())
+        if inbound.checks:
+            frames, refused = inbound.check_step()
+            for frame in frames:
+                self._queue(frame)
+            if refused is not None:
+                self._refuse(refused)
+        self._flush()
+        return bool(inbound.checks) or inbound.verifying()
+
     def _commit(self, more_at_hand: bool = False) -> bool:
         """Publish and acknowledge what is complete, if it is time
         (GroupCommit); True if it was."""
@@ -341,15 +363,23 @@ class Session:
         assert inbound is not None  # made by the handshake
         match ev:
             case F.Chunk():
-                inbound.chunk(ev.op)
+                inbound.chunk(ev)
             case F.File():
                 self._answer(inbound.begin(ev))
+            case F.Copy():
+                self._answer(inbound.copy(ev))
+            case F.Blocks():
+                inbound.blocks(ev)
             case F.End():
-                self._answer(inbound.end(ev.op))
+                self._answer(inbound.end(ev.op, ev.digest))
             case F.Abort():
                 inbound.abort(ev.op)
             case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename():
                 self._answer(inbound.namespace(ev))
+            case F.Check():
+                cannot = inbound.check(ev)
+                if cannot is not None:
+                    self._refuse(cannot)
             case F.Ping():
                 self._queue(F.Pong(ev.nonce))
             case F.Pong():

@@ -41,6 +41,14 @@ class LinkStats:
     renames: int = 0
     resumed_files: int = 0
     resumed_bytes_skipped: int = 0
+    #: Files sent as deltas, and the bytes the peer copied from its own
+    #: earlier version instead of receiving them.
+    delta_files: int = 0
+    delta_bytes_copied: int = 0
+    #: Byte ranges the peer found bad (did not match the block map) and
+    #: asked for again; files whose ranges were sent again.
+    mend_requests: int = 0
+    mend_bytes: int = 0
     queue_files: int = 0
     queue_bytes: int = 0
     #: Per lane ("live": the watcher saw it; "bulk": cold sync, reconcile,
@@ -112,6 +120,17 @@ class SessionStats:
     commits: int = 0
     conflicts: int = 0
     errors_sent: int = 0
+    #: Files received as deltas; bytes copied from our published version.
+    delta_files: int = 0
+    delta_bytes_copied: int = 0
+    #: Files that did not match the sender's block map when complete (each
+    #: is logged with its first bad offset), bytes asked for again, and
+    #: files given up after MAX_MENDS attempts.
+    verify_mismatches: int = 0
+    verify_bytes_requested: int = 0
+    verify_failed: int = 0
+    #: Deltas refused because our copy changed since we published it.
+    base_changed: int = 0
     #: "splice" or "copy" (the fallback, for filesystems without splice).
     mode: str = "splice"
     mirrors: list[str] = field(default_factory=list)

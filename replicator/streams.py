@@ -3,9 +3,11 @@
 The pump starts a file (``FileSend.begin``, its File frame, in flight) and
 hands it here: a file of at most one chunk goes out at once; a larger one
 sends one chunk per pump round, so a 100 GiB file never holds a 4 KiB one
-back by more than one chunk. When a file ends, ``Streams`` queues its End
-or Abort; a file that changed while it was sent goes back to the pump
-(``changed``) to be sent again.
+back by more than one chunk. A file whose block map is still being hashed
+waits here without holding anything up (the hasher wakes the link). When a
+file ends, ``Streams`` queues its Blocks and End, or Abort, and tells the
+pump (``ended``); a file that changed while it was sent goes back to the
+pump (``changed``) to be sent again.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from .wire import Wire
 
 
 class Streams:
-    def __init__(self, wire: Wire, stats: LinkStats, changed: Callable[[FileSend], None]) -> None:
+    def __init__(
+        self,
+        wire: Wire,
+        stats: LinkStats,
+        changed: Callable[[FileSend], None],
+        ended: Callable[[FileSend], None] = lambda s: None,
+    ) -> None:
         self._wire = wire
         self._stats = stats
         self._changed = changed
+        self._ended = ended
         #: Files being sent a chunk per round.
         self._active: list[FileSend] = []
 
@@ -31,19 +40,21 @@ class Streams:
         """A file just started (its File frame is queued)."""
         if s.left <= CHUNK:
             while s.fd >= 0:
-                self.step(s)
+                if not self.step(s):  # waits for its block map (now in _active)
+                    return
         else:
             self._active.append(s)
 
     def step_all(self) -> bool:
-        """One chunk of every large file in progress; True if there were any."""
-        active = list(self._active)
-        for s in active:
-            self.step(s)
-        return bool(active)
+        """One chunk of every large file in progress; True if any moved."""
+        moved = False
+        for s in list(self._active):
+            moved = self.step(s) or moved
+        return moved
 
-    def step(self, s: FileSend) -> None:
-        """Send the next chunk of ``s``; End or Abort it when it is done."""
+    def step(self, s: FileSend) -> bool:
+        """Send the next chunk of ``s``; End or Abort it when it is done.
+        False if it waits for its block map."""
         wire = self._wire
         conn, sock = wire.conn, wire.sock
         assert conn is not None and sock is not None
@@ -51,20 +62,29 @@ class Streams:
             self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
             self._stats.bytes_sent += len(wire.buf)
         headers = s.frame_bytes
+        copied = s.copied
         step, n = s.step(sock, conn, wire.buf)
         self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self._stats.payload_bytes_sent += n
+        self._stats.delta_bytes_copied += s.copied - copied
         if n:
             wire.last_tx = time.monotonic()
+        if step is Step.WAIT:
+            if s not in self._active:
+                self._active.append(s)
+            return s.frame_bytes != headers
         if step is Step.MORE:
-            return
-        wire.queue(s.finish(step))
+            return True
+        for frame in s.finish(step):
+            wire.queue(frame)
         self._drop(s)
         if step is Step.DONE:
             self._stats.files_sent += 1
-            return
+            self._ended(s)
+            return True
         self._stats.files_aborted += 1
         self._changed(s)
+        return True
 
     def _drop(self, s: FileSend) -> None:
         s.close()

@@ -1,10 +1,15 @@
-"""The zero-copy data path: the only module that calls sendfile, splice and pipe.
+"""The zero-copy data path: the only module that calls sendfile, splice,
+pipe and copy_file_range.
 
 Sender: ``send_range`` loops ``os.sendfile`` from any offset; payload bytes go
 from the page cache to the socket without entering Python. Receiver:
 ``Splicer.to_file`` moves bytes socket → pipe → file with two ``os.splice``
 calls per round, again without entering Python. ``Splicer.discard`` drains a
 payload nobody wants (an aborted or refused file) into /dev/null the same way.
+
+A delta's unchanged ranges come from the replica's published file with
+``copy_range`` (copy_file_range: a reflink on XFS/btrfs, an in-kernel copy
+elsewhere; no bytes through Python).
 
 A copy path (``recv_into`` + ``pwrite``) exists for filesystems that do not
 support splice; it is chosen per Splicer, never silently: ``mode`` says which
@@ -62,6 +67,21 @@ def send_filler(sock: socket.socket, count: int) -> None:
         n = min(count, len(_FILLER))
         sock.sendall(memoryview(_FILLER)[:n])
         count -= n
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src_fd`` to the same offset of
+    ``dst_fd`` in the kernel. SinkError if the source ends early (it changed)
+    or the destination cannot be written."""
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count - done, offset + done, offset + done)
+        except OSError as e:
+            raise SinkError(e.errno, e.strerror) from e
+        if n == 0:
+            raise SinkError(errno.EIO, f"the base file ended at {offset + done} bytes")
+        done += n
 
 
 def write_inline(file_fd: int, data: bytes, offset: int) -> None:

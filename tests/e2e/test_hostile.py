@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from replicator import frames as F
+from replicator.blockmap import MIN_BLOCK, XXH3_128, map_bytes
 from replicator.errors import RemoteProtocolError
 from replicator.localcluster import LocalCluster, LocalNode, wait_for, write_key
 from replicator.protocol import NEED_DATA, Connection, Established, Role
+from replicator.verifying import MAX_MENDS
 
 from ..helpers import wait_same
 
@@ -70,10 +72,13 @@ class Client:
     def push_file(self, path: bytes, data: bytes) -> int:
         self.op += 1
         op = self.op
-        self.send(F.File(op, 1, 0, len(data), 0o644, time.time_ns(), 0, 0, b"v", path))
+        bmap = map_bytes(data, XXH3_128, MIN_BLOCK)
+        self.send(
+            F.File(op, 1, 0, len(data), 0o644, time.time_ns(), 0, 0, 1, MIN_BLOCK, b"v", b"", path)
+        )
         if data:
             self.send(F.Chunk(op, 0, len(data)), payload=data)
-        self.send(F.End(op))
+        self.send(F.End(op, bmap.file_digest))
         return op
 
 
@@ -238,7 +243,9 @@ def test_garbage_and_oversize_close_the_connection(
     assert isinstance(c.handshake(), Established)
     c.send(F.Open(1, "m"))
     c.expect(F.Opened)
-    c.sock.sendall(c.conn.send(F.File(1, 1, 0, 1 << 40, 0o644, 0, 0, 0, b"", b"huge")))
+    c.sock.sendall(
+        c.conn.send(F.File(1, 1, 0, 1 << 40, 0o644, 0, 0, 0, 1, MIN_BLOCK, b"", b"", b"huge"))
+    )
     body = struct.pack("!IQI", 1, 0, F.MAX_CHUNK + 1)
     # tagged as our Connection would (its own checks refuse such a Chunk)
     c.sock.sendall(c.conn._seal(struct.pack("!BBHI", F.Chunk.KIND, 0, 0, len(body)) + body))
@@ -253,3 +260,60 @@ def test_silent_client_is_dropped(setup: tuple[LocalNode, LocalNode, bytes]) -> 
     # says nothing: the handshake times out and the daemon closes the socket
     wait_for(lambda: read_until_eof(s) is not None, 30, "the daemon to drop a silent client")
     s.close()
+
+
+def test_data_that_does_not_match_its_map_is_never_published(
+    setup: tuple[LocalNode, LocalNode, bytes],
+) -> None:
+    """A peer (or the network under a broken NIC) delivers bytes that differ
+    from the block map: the receiver asks for the bad block again (Want),
+    publishes once it matches, and refuses the file after MAX_MENDS rounds
+    of bad data; no wrong byte is ever published."""
+    _, b, key = setup
+    root = b.mirror_path("m")
+    c = Client(b, "mallory", key)
+    assert isinstance(c.handshake(), Established)
+    c.send(F.Open(1, "m"))
+    assert c.expect(F.Opened).code == 0  # type: ignore[attr-defined]
+    good = os.urandom(3 * MIN_BLOCK + 100)
+    bmap = map_bytes(good, XXH3_128, MIN_BLOCK)
+    bad = bytearray(good)
+    bad[MIN_BLOCK + 5] ^= 0xFF  # block 1
+
+    def push(op: int, path: bytes, data: bytes) -> None:
+        c.send(
+            F.File(op, 1, 0, len(data), 0o644, time.time_ns(), 0, 0, 1, MIN_BLOCK, b"v", b"", path)
+        )
+        c.send(F.Chunk(op, 0, len(data)), payload=data)
+        c.send(F.Blocks(op, 0, bmap.digests), F.End(op, bmap.file_digest))
+
+    # 1. repaired: the bad block is asked for, sent right, published
+    push(1, b"repaired", bytes(bad))
+    want = c.expect(F.Want)
+    assert isinstance(want, F.Want)
+    assert F.unpack_ranges(want.ranges) == [(MIN_BLOCK, MIN_BLOCK)]
+    assert not (root / "repaired").exists()
+    block = good[MIN_BLOCK : 2 * MIN_BLOCK]
+    c.send(F.Chunk(1, MIN_BLOCK, len(block)), payload=block)
+    c.send(F.End(1, bmap.file_digest))
+    ack = c.expect(F.Ack)
+    assert isinstance(ack, F.Ack) and ack.op == 1
+    assert (root / "repaired").read_bytes() == good
+
+    # 2. bad every time: refused after the last repair, never published
+    push(2, b"never", bytes(bad))
+    for _ in range(MAX_MENDS):
+        want = c.expect(F.Want)
+        assert isinstance(want, F.Want)
+        (off, n), *_ = F.unpack_ranges(want.ranges)
+        c.send(F.Chunk(2, off, n), payload=bytes(bad[off : off + n]))
+        c.send(F.End(2, bmap.file_digest))
+    err = c.expect(F.Error)
+    assert isinstance(err, F.Error) and err.code == F.ErrorCode.VERIFY_FAILED and not err.fatal
+    assert "did not match its block map" in err.message
+    assert not (root / "never").exists()
+    assert not list((root / ".replicator" / "partial" / "mallory").glob("*.part"))
+    log_text = b.log_path.read_text()
+    assert "did not match its block map at offset 131077" not in log_text  # offsets are blocks
+    assert f"did not match its block map at offset {MIN_BLOCK}" in log_text
+    c.close()

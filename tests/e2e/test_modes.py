@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from replicator import frames as F
+from replicator.blockmap import MIN_BLOCK, XXH3_128, map_bytes
 from replicator.daemon import unsafe_sysctls
 from replicator.inbox import Inbox
 from replicator.localcluster import LocalCluster, LocalNode, wait_for, write_key
@@ -84,7 +85,7 @@ def publish_all(tmp_path: Path, preserve: Preserve) -> Path:
     inbox = Inbox(root, "peer", preserve)
     pub = Publisher(root, inbox)
     try:
-        ev = F.File(1, 1, 0, 1, 0o6755, 10**18, UID, GID, b"v", b"suid")
+        ev = F.File(1, 1, 0, 1, 0o6755, 10**18, UID, GID, 1, MIN_BLOCK, b"v", b"", b"suid")
         p = inbox.begin(ev, (b"suid",))
         os.write(p.fd, b"x")
         pub.add_file(p)
@@ -246,9 +247,9 @@ def test_hostile_peer_cannot_plant_a_setuid_root_file(
     assert isinstance(opened, F.Opened) and opened.code == 0 and opened.preserve == 0
     c.op = 1
     data = b"\x7fELF pretend"
-    c.send(F.File(2, 1, 0, len(data), 0o4755, time.time_ns(), 0, 0, b"v", b"su"))
+    c.send(F.File(2, 1, 0, len(data), 0o4755, time.time_ns(), 0, 0, 1, MIN_BLOCK, b"v", b"", b"su"))
     c.send(F.Chunk(2, 0, len(data)), payload=data)
-    c.send(F.End(2))
+    c.send(F.End(2, map_bytes(data, XXH3_128, MIN_BLOCK).file_digest))
     c.send(F.Mkdir(3, 1, 0o6777, time.time_ns(), 0, 0, b"sg"))
     c.send(F.Meta(4, 1, 0o6755, time.time_ns(), UID, GID, b"su"))
     acked = set()

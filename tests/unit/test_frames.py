@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator import frames as F
+from replicator.blockmap import MIN_BLOCK
 from replicator.errors import RemoteProtocolError
 from replicator.protocol import (
     NEED_DATA,
@@ -52,10 +53,10 @@ WIRE = {
     9: (
         "File",
         "op:u32 mirror:u16 offset:u64 size:u64 mode:u32 mtime_ns:i64 uid:u32 gid:u32 "
-        "version:blob path:path",
+        "algo:u8 block_size:u32 version:blob base:blob path:path",
     ),
     10: ("Chunk", "op:u32 offset:u64 length:u32"),
-    11: ("End", "op:u32"),
+    11: ("End", "op:u32 digest:blob"),
     12: ("Abort", "op:u32 reason:u16"),
     13: ("Mkdir", "op:u32 mirror:u16 mode:u32 mtime_ns:i64 uid:u32 gid:u32 path:path"),
     14: ("Symlink", "op:u32 mirror:u16 mtime_ns:i64 uid:u32 gid:u32 path:path target:path"),
@@ -66,6 +67,11 @@ WIRE = {
     19: ("Ping", "nonce:u64"),
     20: ("Pong", "nonce:u64"),
     21: ("Error", "code:u16 op:u32 fatal:u8 message:text"),
+    22: ("Copy", "op:u32 offset:u64 length:u64"),
+    23: ("Blocks", "op:u32 first:u32 digests:data"),
+    24: ("Want", "op:u32 ranges:data"),
+    25: ("Check", "op:u32 mirror:u16 algo:u8 block_size:u32 path:path"),
+    26: ("Checked", "op:u32 size:u64 first:u32 digests:data"),
 }
 
 ALL_FRAMES = [F.EVENTS[k] for k in sorted(F.EVENTS)]
@@ -81,8 +87,10 @@ def test_wire_layouts_are_pinned() -> None:
 def test_constants() -> None:
     assert (F.HEADER_SIZE, F.MAX_BODY, F.MAX_PATH, F.MAX_NAME) == (8, 16384, 4096, 255)
     assert (F.MAX_CHUNK, F.MAX_OPEN_FILES, F.MAX_UNACKED) == (16 << 20, 64, 8192)
-    assert (F.MAGIC, F.NONCE_SIZE, F.VERSION_MIN, F.VERSION_MAX) == (b"RPLC", 32, 2, 2)
+    assert (F.MAGIC, F.NONCE_SIZE, F.VERSION_MIN, F.VERSION_MAX) == (b"RPLC", 32, 3, 3)
     assert (F.TAG_SIZE, F.ErrorCode.INTEGRITY) == (16, 17)
+    assert (F.ErrorCode.BASE_CHANGED, F.ErrorCode.VERIFY_FAILED) == (18, 19)
+    assert (F.MAX_DATA, F.RANGE.format, F.RANGE.size) == (8192, "!QQ", 16)
     assert {
         F.ErrorCode.NO_SPACE,
         F.ErrorCode.IO_ERROR,
@@ -90,6 +98,8 @@ def test_constants() -> None:
         F.ErrorCode.INTERNAL,
         F.ErrorCode.CONFLICT,
         F.ErrorCode.SHUTTING_DOWN,
+        F.ErrorCode.BASE_CHANGED,
+        F.ErrorCode.VERIFY_FAILED,
     } == F.RETRYABLE
     assert (F.File, F.Mkdir, F.Symlink, F.Delete, F.Rename, F.Meta) == F.OPERATIONS
 
@@ -111,6 +121,35 @@ def test_constants() -> None:
             F.Mkdir(1, 1, 0o755, -1, 0, 0, b""),
             "0d 00 0000 0000001c 00000001 0001 000001ed ffffffffffffffff 00000000 00000000 0000",
         ),
+        # protocol version 3: block maps
+        (
+            F.File(1, 2, 0, 300_000, 0o644, 1, 1000, 1000, 1, 128 << 10, b"v", b"\xab" * 16, b"f"),
+            "09 00 0000 00000045 00000001 0002 0000000000000000 00000000000493e0 000001a4"
+            " 0000000000000001 000003e8 000003e8 01 00020000 01 76 10" + " ab" * 16 + " 0001 66",
+        ),
+        (  # a whole file: no base
+            F.File(9, 1, 5, 5, 0o600, 0, 0, 0, 2, 16 << 20, b"", b"", b""),
+            "09 00 0000 00000033 00000009 0001 0000000000000005 0000000000000005 00000180"
+            " 0000000000000000 00000000 00000000 02 01000000 00 00 0000",
+        ),
+        (
+            F.End(1, bytes(range(16))),
+            "0b 00 0000 00000015 00000001 10 000102030405060708090a0b0c0d0e0f",
+        ),
+        (F.End(2, b"\xee" * 32), "0b 00 0000 00000025 00000002 20" + " ee" * 32),
+        (
+            F.Copy(7, 4096, 1 << 33),
+            "16 00 0000 00000014 00000007 0000000000001000 0000000200000000",
+        ),
+        (
+            F.Blocks(7, 2, b"\x11" * 16 + b"\x22" * 16),
+            "17 00 0000 0000002a 00000007 00000002 0020" + " 11" * 16 + " 22" * 16,
+        ),
+        (
+            F.Want(7, F.pack_ranges([(0, 128 << 10), (1 << 40, 5)])),
+            "18 00 0000 00000026 00000007 0020 0000000000000000 0000000000020000"
+            " 0000010000000000 0000000000000005",
+        ),
     ],
 )
 def test_golden_bytes(event: F.Event, hexbytes: str) -> None:
@@ -118,6 +157,28 @@ def test_golden_bytes(event: F.Event, hexbytes: str) -> None:
     assert F.encode(event) == raw
     kind, length = F.decode_header(raw[:8])
     assert F.decode_body(kind, raw[8 : 8 + length]) == event
+
+
+def test_ranges_pack_and_unpack() -> None:
+    ranges = [(0, 1), (128 << 10, 3 << 20), (2**64 - 2, 1)]
+    raw = F.pack_ranges(ranges)
+    assert raw == b"".join(struct.pack("!QQ", o, n) for o, n in ranges) and len(raw) == 48
+    assert F.unpack_ranges(raw) == ranges
+    assert F.unpack_ranges(F.pack_ranges([(5, 0)])) == [(5, 0)]  # the rules refuse it, not this
+    # 512 ranges fill one Want exactly
+    most = [(i * 10, 1) for i in range(F.MAX_DATA // F.RANGE.size)]
+    want = F.Want(1, F.pack_ranges(most))
+    assert (
+        len(want.ranges) == F.MAX_DATA
+        and F.unpack_ranges(roundtrip(want)[F.HEADER_SIZE + 6 :]) == most
+    )
+
+
+@pytest.mark.parametrize("raw", [b"", b"\0" * 15, b"\0" * 17, b"\0" * 40])
+def test_ranges_that_are_not_whole_are_malformed(raw: bytes) -> None:
+    with pytest.raises(F.FrameError) as exc:
+        F.unpack_ranges(raw)
+    assert exc.value.code is F.ErrorCode.MALFORMED
 
 
 # --- strategies ----------------------------------------------------------------
@@ -138,6 +199,7 @@ FIELD: dict[str, st.SearchStrategy[object]] = {
     "blob": st.binary(max_size=255),
     "path": st.binary(max_size=4096),
     "text": utf8(4096),
+    "data": st.binary(max_size=8192),
 }
 #: Largest and smallest value of each field type.
 MAXIMUM = {
@@ -150,12 +212,14 @@ MAXIMUM = {
     "blob": b"\xff" * 255,
     "path": b"/" * 4096,
     "text": "€" * 1365 + "x",  # 4096 bytes
+    "data": b"\xff" * 8192,
 }
 MINIMUM = {"u8": 0, "u16": 0, "u32": 0, "u64": 0, "i64": -(2**63)} | {
     "name": "",
     "blob": b"",
     "path": b"",
     "text": "",
+    "data": b"",
 }
 
 
@@ -234,9 +298,9 @@ def handshaken() -> tuple[Connection, Connection]:
     ini.receive_data(acc.data_to_send())
     assert ini.next_event() is NEED_DATA
     acc.receive_data(ini.data_to_send())
-    assert acc.next_event() == Established("a", 2)
+    assert acc.next_event() == Established("a", 3)
     ini.receive_data(acc.data_to_send())
-    assert ini.next_event() == Established("b", 2)
+    assert ini.next_event() == Established("b", 3)
     return ini, acc
 
 
@@ -257,16 +321,50 @@ def open_mirror(ini: Connection, acc: Connection, mirror: int = 1) -> None:
     deliver(acc, ini, F.Opened(mirror, 0, 0, ""))
 
 
-def file_frame(op: int, size: int, offset: int = 0) -> F.File:
-    return F.File(op, 1, offset, size, 0o644, 1_700_000_000_123_456_789, 1000, 1000, b"v", b"f")
+#: One xxh3-128 digest (a file digest, a block digest).
+DIGEST = bytes(range(16))
+BLOCK = MIN_BLOCK
 
 
-def with_file(op: int, size: int) -> Callable[[Connection, Connection], None]:
+def file_frame(op: int, size: int, offset: int = 0, base: bytes = b"") -> F.File:
+    return F.File(
+        op,
+        1,
+        offset,
+        size,
+        0o644,
+        1_700_000_000_123_456_789,
+        1000,
+        1000,
+        1,
+        BLOCK,
+        b"v",
+        base,
+        b"f",
+    )
+
+
+def with_file(
+    op: int, size: int, offset: int = 0, base: bytes = b""
+) -> Callable[[Connection, Connection], None]:
     def setup(ini: Connection, acc: Connection) -> None:
         open_mirror(ini, acc)
-        deliver(ini, acc, file_frame(op, size))
+        deliver(ini, acc, file_frame(op, size, offset, base))
 
     return setup
+
+
+def with_ended_file(ini: Connection, acc: Connection) -> None:
+    """File 5, all of its 10 bytes held by the receiver (a resume at its end), ended."""
+    with_file(5, 10, offset=10)(ini, acc)
+    deliver(ini, acc, F.End(5, DIGEST))
+
+
+def with_check(ini: Connection, acc: Connection) -> None:
+    """Check 6, its first block digest answered already."""
+    open_mirror(ini, acc)
+    deliver(ini, acc, F.Check(6, 1, 1, BLOCK, b"f"))
+    deliver(acc, ini, F.Checked(6, 2 * BLOCK + 1, 0, DIGEST))
 
 
 def with_op(ini: Connection, acc: Connection) -> None:
@@ -298,9 +396,15 @@ SAMPLES: list[tuple[F.Event, Role, Callable[[Connection, Connection], None]]] = 
     (F.Partial(1, 4 << 20, b"\x00ver", b"big/file"), INI, with_open),
     (F.ListEnd(1, 77, 2), INI, with_open),
     (file_frame(5, 10), ACC, with_open),
-    (F.File(5, 1, 3, 10, 0o600, 0, 0, 0, b"v" * 40, b"resumed"), ACC, with_open),
+    (F.File(5, 1, 3, 10, 0o600, 0, 0, 0, 2, 1 << 20, b"v" * 40, b"", b"resumed"), ACC, with_open),
+    (file_frame(5, 3 * BLOCK, base=b"\xba" * 16), ACC, with_open),
     (F.Chunk(5, 0, 10), ACC, with_file(5, 10)),
-    (F.End(5), ACC, with_file(5, 0)),
+    (F.Copy(5, 0, 2 * BLOCK), ACC, with_file(5, 3 * BLOCK, base=DIGEST)),
+    (F.Blocks(5, 0, DIGEST * 3), ACC, with_file(5, 3 * BLOCK, offset=3 * BLOCK)),
+    (F.End(5, DIGEST), ACC, with_file(5, 0)),
+    (F.Want(5, F.pack_ranges([(0, 4), (6, 4)])), INI, with_ended_file),
+    (F.Check(6, 1, 2, 4 * BLOCK, b"a/\xffb"), ACC, with_open),
+    (F.Checked(6, 2 * BLOCK + 1, 1, DIGEST * 2), INI, with_check),
     (F.Abort(5, F.AbortReason.SOURCE_CHANGED), ACC, with_file(5, 10)),
     (F.Mkdir(6, 1, 0o2755, -(10**18), 1, 2, b"a/b"), ACC, with_open),
     (F.Symlink(6, 1, 0, 1, 2, b"a/l", b"/abs/\xff"), ACC, with_open),
@@ -412,7 +516,7 @@ def test_two_frames_in_one_read(
 
 
 def initiator_hello() -> bytes:
-    return F.encode(F.Hello(2, 2, F.MAGIC, "a", NONCE_I))
+    return F.encode(F.Hello(3, 3, F.MAGIC, "a", NONCE_I))
 
 
 def initiator_auth() -> bytes:
@@ -427,9 +531,9 @@ def test_hello_whole() -> None:
     acc = fresh_acceptor()
     acc.receive_data(initiator_hello())
     assert acc.next_event() is NEED_DATA
-    assert (acc.state, acc.peer, acc.version) == (State.AWAIT_AUTH, "a", 2)
+    assert (acc.state, acc.peer, acc.version) == (State.AWAIT_AUTH, "a", 3)
     assert F.decode_body(F.Hello.KIND, acc.data_to_send()[8:]) == F.Hello(
-        2, 2, F.MAGIC, "b", NONCE_A
+        3, 3, F.MAGIC, "b", NONCE_A
     )
 
 
@@ -452,10 +556,10 @@ def test_hello_with_trailing_auth() -> None:
     assert acc.next_event() is NEED_DATA
     assert acc.buffered() == 3
     acc.receive_data(initiator_auth()[3:])
-    assert acc.next_event() == Established("a", 2)
+    assert acc.next_event() == Established("a", 3)
     acc = fresh_acceptor()
     acc.receive_data(initiator_hello() + initiator_auth())
-    assert acc.next_event() == Established("a", 2)
+    assert acc.next_event() == Established("a", 3)
 
 
 def test_auth_whole_byte_by_byte_and_trailing() -> None:
@@ -471,10 +575,10 @@ def test_auth_whole_byte_by_byte_and_trailing() -> None:
             raw = raw[-1:]
         if pieces == "trailing":
             # the initiator's first tagged frame, computed from the spec
-            i2a, _ = frame_keys(KEY, 2, "a", "b", NONCE_I, NONCE_A)
+            i2a, _ = frame_keys(KEY, 3, "a", "b", NONCE_I, NONCE_A)
             raw += F.encode(TRAILER) + frame_tag(i2a, 0, F.encode(TRAILER))
         acc.receive_data(raw)
-        assert acc.next_event() == Established("a", 2)
+        assert acc.next_event() == Established("a", 3)
         assert acc.state is State.ESTABLISHED
         if pieces == "trailing":
             assert acc.next_event() == TRAILER
@@ -496,7 +600,7 @@ def test_any_split_of_a_stream_gives_the_same_events(cuts: list[int]) -> None:
         F.Chunk(5, 10, 2),
         b"ab",
         F.Symlink(7, 1, 0, 0, 0, b"l", b"t"),
-        F.End(5),
+        F.End(5, DIGEST),
         TRAILER,
     ]
     data = b"".join(x if isinstance(x, bytes) else sealed(ini, x) for x in frames)
@@ -536,7 +640,7 @@ M, TL = F.ErrorCode.MALFORMED, F.ErrorCode.TOO_LARGE
 #: no body follows.
 BAD: list[tuple[str, bytes, F.ErrorCode]] = [
     ("kind 0", header(0, 8), M),
-    ("kind 22", header(22, 8), M),
+    ("first unknown kind", header(max(F.EVENTS) + 1, 8), M),
     ("kind 255", header(255, 0), M),
     ("flags set", header(F.Ping.KIND, 8, flags=1), M),
     ("flags 0x80", header(F.Ping.KIND, 8, flags=0x80), M),
@@ -564,6 +668,18 @@ BAD: list[tuple[str, bytes, F.ErrorCode]] = [
     ("path 65535", frame(F.Delete.KIND, b"\0\0\0\1\0\1" + b"\xff\xff" + b"p" * 100), TL),
     ("text 4097", frame(F.Opened.KIND, b"\0\1\0\0\0" + b"\x10\x01" + b"t" * 4097), TL),
     ("target 4097", frame(F.Symlink.KIND, bytes(22) + b"\0\1p" + b"\x10\x01" + bytes(4097)), TL),
+    ("Copy short", frame(F.Copy.KIND, bytes(19)), M),
+    ("Copy stray byte", frame(F.Copy.KIND, bytes(21)), M),
+    ("Blocks no data prefix", frame(F.Blocks.KIND, bytes(8)), M),
+    ("Blocks half a prefix", frame(F.Blocks.KIND, bytes(9)), M),
+    ("Blocks truncated data", frame(F.Blocks.KIND, bytes(8) + b"\x00\x20" + bytes(31)), M),
+    ("Blocks data 8193", frame(F.Blocks.KIND, bytes(8) + b"\x20\x01" + bytes(8193)), TL),
+    ("Want truncated data", frame(F.Want.KIND, bytes(4) + b"\x00\x10" + bytes(15)), M),
+    ("Want data 65535", frame(F.Want.KIND, bytes(4) + b"\xff\xff" + bytes(16)), TL),
+    ("End truncated digest", frame(F.End.KIND, bytes(4) + b"\x10" + bytes(15)), M),
+    ("End stray byte", frame(F.End.KIND, bytes(4) + b"\x10" + bytes(17)), M),
+    ("File without base", frame(F.File.KIND, bytes(47) + b"\x00"), M),
+    ("File truncated base", frame(F.File.KIND, bytes(47) + b"\x00\x10" + bytes(15)), M),
 ]
 
 
@@ -622,9 +738,13 @@ def test_header_needs_all_eight_bytes() -> None:
 OVERSIZE: list[tuple[str, F.Event]] = [
     ("name 256 bytes", F.Open(1, "n" * 256)),
     ("name 128 chars, 256 bytes", F.Open(1, "é" * 128)),
-    ("Hello name", F.Hello(2, 2, F.MAGIC, "x" * 256, NONCE_I)),
+    ("Hello name", F.Hello(3, 3, F.MAGIC, "x" * 256, NONCE_I)),
     ("blob 256", F.Auth(b"p" * 256)),
-    ("version blob 256", F.File(1, 1, 0, 0, 0, 0, 0, 0, b"v" * 256, b"p")),
+    ("version blob 256", F.File(1, 1, 0, 0, 0, 0, 0, 0, 1, BLOCK, b"v" * 256, b"", b"p")),
+    ("base blob 256", F.File(1, 1, 0, 0, 0, 0, 0, 0, 1, BLOCK, b"v", b"b" * 256, b"p")),
+    ("digest blob 256", F.End(1, b"d" * 256)),
+    ("digests 8193", F.Blocks(1, 0, b"d" * (F.MAX_DATA + 1))),
+    ("ranges 8208", F.Want(1, F.pack_ranges([(0, 1)] * (F.MAX_DATA // 16 + 1)))),
     ("path 4097", F.Delete(1, 1, b"p" * 4097)),
     ("target 4097", F.Symlink(1, 1, 0, 0, 0, b"l", b"t" * 4097)),
     ("dst 4097", F.Rename(1, 1, b"a", b"d" * 4097)),

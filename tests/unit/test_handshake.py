@@ -74,11 +74,13 @@ def test_a_reflected_proof_fails() -> None:
 @pytest.mark.parametrize(
     ("hello", "code", "says"),
     [
-        (F.Hello(2, 2, b"XXXX", "a", NONCE_A), F.ErrorCode.MALFORMED, "bad magic"),
+        (F.Hello(3, 3, b"XXXX", "a", NONCE_A), F.ErrorCode.MALFORMED, "bad magic"),
         (F.Hello(1, 1, F.MAGIC, "a", NONCE_A), F.ErrorCode.VERSION, "upgrade replicator on"),
-        (F.Hello(3, 9, F.MAGIC, "a", NONCE_A), F.ErrorCode.VERSION, "upgrade us"),
-        (F.Hello(2, 2, F.MAGIC, "a", b"short"), F.ErrorCode.MALFORMED, "nonce"),
-        (F.Hello(2, 2, F.MAGIC, "c", NONCE_A), F.ErrorCode.AUTH, "unknown peer 'c'"),
+        # version 2 had no block maps
+        (F.Hello(2, 2, F.MAGIC, "a", NONCE_A), F.ErrorCode.VERSION, "upgrade replicator on"),
+        (F.Hello(4, 9, F.MAGIC, "a", NONCE_A), F.ErrorCode.VERSION, "upgrade us"),
+        (F.Hello(3, 3, F.MAGIC, "a", b"short"), F.ErrorCode.MALFORMED, "nonce"),
+        (F.Hello(3, 3, F.MAGIC, "c", NONCE_A), F.ErrorCode.AUTH, "unknown peer 'c'"),
     ],
 )
 def test_bad_hellos(hello: F.Hello, code: F.ErrorCode, says: str) -> None:
@@ -92,7 +94,7 @@ def test_bad_hellos(hello: F.Hello, code: F.ErrorCode, says: str) -> None:
 def test_the_initiator_expects_its_peer() -> None:
     ini, _ = pair()
     with pytest.raises(RemoteProtocolError) as e:
-        ini.on_hello(F.Hello(2, 2, F.MAGIC, "c", NONCE_B))
+        ini.on_hello(F.Hello(3, 3, F.MAGIC, "c", NONCE_B))
     assert e.value.code is F.ErrorCode.AUTH and "expected peer 'b'" in str(e.value)
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator import frames as F
+from replicator.blockmap import MIN_BLOCK
 from replicator.errors import LocalProtocolError, RemoteProtocolError
 from replicator.protocol import (
     NEED_DATA,
@@ -189,8 +190,40 @@ def pair() -> ConnectionPair:
     return p
 
 
-def file(op: int, size: int, offset: int = 0, mirror: int = 1, path: bytes = b"f") -> F.File:
-    return F.File(op, mirror, offset, size, 0o644, 1_000_000_000, 1000, 1000, b"ver", path)
+#: A file digest (End) or block digest (Blocks) of xxh3-128, the default algorithm.
+DIGEST = bytes(range(16))
+BLOCK = MIN_BLOCK
+
+
+def file(
+    op: int,
+    size: int,
+    offset: int = 0,
+    mirror: int = 1,
+    path: bytes = b"f",
+    base: bytes = b"",
+    algo: int = 1,
+    block_size: int = BLOCK,
+) -> F.File:
+    return F.File(
+        op,
+        mirror,
+        offset,
+        size,
+        0o644,
+        1_000_000_000,
+        1000,
+        1000,
+        algo,
+        block_size,
+        b"ver",
+        base,
+        path,
+    )
+
+
+def end(op: int, digest: bytes = DIGEST) -> F.End:
+    return F.End(op, digest)
 
 
 def mkdir(op: int, mirror: int = 1) -> F.Mkdir:
@@ -217,10 +250,10 @@ def test_handshake_succeeds(ini_name: str, acc_name: str, bytewise: bool) -> Non
     p = ConnectionPair(ini_name, acc_name)
     events = p.handshake(bytewise=bytewise)
     assert p.failure is None
-    assert events[INI] == [Established(acc_name, 2)]
-    assert events[ACC] == [Established(ini_name, 2)]
+    assert events[INI] == [Established(acc_name, 3)]
+    assert events[ACC] == [Established(ini_name, 3)]
     assert (p.initiator.peer, p.acceptor.peer) == (acc_name, ini_name)
-    assert p.established() and p.initiator.version == p.acceptor.version == 2
+    assert p.established() and p.initiator.version == p.acceptor.version == 3
     if not bytewise:  # Hello, Hello, Auth, Auth: alternating, initiator first
         assert [r for r, _ in p.wire] == [INI, ACC, INI, ACC]
         kinds = [F.decode_header(d[:8])[0] for _, d in p.wire]
@@ -276,7 +309,7 @@ def test_forged_acceptor_proof_is_caught_by_the_initiator() -> None:
     p.initiator.start()
     p.transmit(p.initiator, p.initiator.data_to_send())  # Hello →
     p.transmit(p.acceptor, p.acceptor.data_to_send())  # ← Hello
-    assert p.transmit(p.initiator, p.initiator.data_to_send()) == [Established("a", 2)]  # Auth →
+    assert p.transmit(p.initiator, p.initiator.data_to_send()) == [Established("a", 3)]  # Auth →
     auth = bytearray(p.acceptor.data_to_send())
     auth[-1] ^= 1
     with pytest.raises(RemoteProtocolError) as exc:
@@ -329,13 +362,15 @@ def test_expect_peer_none_accepts_any_known_name() -> None:
 @pytest.mark.parametrize(
     ("vmin", "vmax", "ok"),
     [
-        (2, 2, True),
-        (1, 2, True),
-        (2, 9, True),
+        (3, 3, True),
+        (1, 3, True),
+        (3, 9, True),
         (0, 65535, True),
         (1, 1, False),
         (0, 1, False),
-        (3, 4, False),
+        (2, 2, False),  # version 2: no block maps
+        (1, 2, False),
+        (4, 5, False),
         (0, 0, False),
     ],
 )
@@ -348,14 +383,14 @@ def test_version_negotiation(vmin: int, vmax: int, ok: bool) -> None:
         hello = F.Hello(vmin, vmax, F.MAGIC, "b" if receiver is INI else "a", nonce(9))
         if ok:
             assert p.inject(conn, hello) == []
-            assert conn.state is State.AWAIT_AUTH and conn.version == 2
+            assert conn.state is State.AWAIT_AUTH and conn.version == 3
         else:
             err = raises_remote(p, conn, E.VERSION, hello)
             assert f"{vmin}..{vmax}" in str(err)
             # who has to be upgraded: an old peer (version 1 had no frame
             # tags), or this node
-            assert ("upgrade replicator on the peer" in str(err)) is (vmax < 2)
-            assert ("upgrade us" in str(err)) is (vmin > 2)
+            assert ("upgrade replicator on the peer" in str(err)) is (vmax < 3)
+            assert ("upgrade us" in str(err)) is (vmin > 3)
 
 
 def speaking(version: int, monkeypatch: pytest.MonkeyPatch, conn: Connection) -> bytes:
@@ -370,34 +405,37 @@ def speaking(version: int, monkeypatch: pytest.MonkeyPatch, conn: Connection) ->
         return conn.data_to_send()
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("old", [INI, ACC])
-def test_version_1_peer_is_refused(monkeypatch: pytest.MonkeyPatch, old: Role) -> None:
-    """A node of version 1 (frames not authenticated) meets one of version 2,
-    either way round: refused in the handshake, before any frame of either
-    kind flows, with an Error that says which side to upgrade."""
+def test_old_peer_is_refused(monkeypatch: pytest.MonkeyPatch, old: Role, version: int) -> None:
+    """A node of version 1 (frames not authenticated) or 2 (no block maps)
+    meets one of version 3, either way round: refused in the handshake,
+    before any frame of either kind flows, with an Error that says which
+    side to upgrade."""
     p = ConnectionPair()
     if old is INI:
-        p._transmit_or_refuse(p.initiator, speaking(1, monkeypatch, p.initiator))
+        p._transmit_or_refuse(p.initiator, speaking(version, monkeypatch, p.initiator))
         refuser, refused = p.acceptor, p.initiator
     else:
         p.initiator.start()
         p.transmit(p.initiator, p.initiator.data_to_send())
-        p.acceptor.data_to_send()  # its version 2 Hello, replaced:
-        p._transmit_or_refuse(p.acceptor, speaking(1, monkeypatch, p.acceptor))
+        p.acceptor.data_to_send()  # its version 3 Hello, replaced:
+        p._transmit_or_refuse(p.acceptor, speaking(version, monkeypatch, p.acceptor))
         refuser, refused = p.initiator, p.acceptor
     assert p.failure is not None
     conn, err = p.failure
     assert conn is refuser and err.code is E.VERSION
-    assert "speaks protocol 1..1, we need 2..2: upgrade replicator on the peer" in str(err)
+    want = f"speaks protocol {version}..{version}, we need 3..3: upgrade replicator on the peer"
+    assert want in str(err)
     [error] = p.events[refused.role]
     assert isinstance(error, F.Error) and error.code == E.VERSION and error.fatal
     assert refuser.state is State.CLOSED
 
 
 def test_version_mismatch_through_the_pair(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An initiator that speaks only version 3 meets an acceptor of version 2."""
+    """An initiator that speaks only version 4 meets an acceptor of version 3."""
     p = ConnectionPair()
-    p._transmit_or_refuse(p.initiator, speaking(3, monkeypatch, p.initiator))
+    p._transmit_or_refuse(p.initiator, speaking(4, monkeypatch, p.initiator))
     assert p.failure is not None
     conn, err = p.failure
     assert conn is p.acceptor and err.code is E.VERSION
@@ -412,14 +450,14 @@ def test_bad_magic(magic: bytes) -> None:
         p = ConnectionPair()
         conn = p.acceptor if receiver is ACC else p.initiator
         name = "a" if receiver is ACC else "b"
-        raises_remote(p, conn, E.MALFORMED, F.Hello(2, 2, magic, name, nonce(9)))
+        raises_remote(p, conn, E.MALFORMED, F.Hello(3, 3, magic, name, nonce(9)))
         assert conn.state is State.AWAIT_HELLO
 
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 255])
 def test_bad_nonce_length(size: int) -> None:
     p = ConnectionPair()
-    raises_remote(p, p.acceptor, E.MALFORMED, F.Hello(2, 2, F.MAGIC, "a", b"n" * size))
+    raises_remote(p, p.acceptor, E.MALFORMED, F.Hello(3, 3, F.MAGIC, "a", b"n" * size))
 
 
 def test_own_nonce_must_be_32_bytes() -> None:
@@ -437,7 +475,7 @@ def test_bad_magic_from_a_non_replicator_peer() -> None:
 
 #: One sample of every frame.
 SAMPLE: dict[type[F.Event], F.Event] = {
-    F.Hello: F.Hello(2, 2, F.MAGIC, "a", nonce(9)),
+    F.Hello: F.Hello(3, 3, F.MAGIC, "a", nonce(9)),
     F.Auth: F.Auth(b"p" * 32),
     F.Open: F.Open(1, "m"),
     F.Opened: F.Opened(1, 0, 0, ""),
@@ -445,9 +483,11 @@ SAMPLE: dict[type[F.Event], F.Event] = {
     F.Entry: F.Entry(1, 1, 0o644, 0, 0, 0, 0, b"f", b""),
     F.Partial: F.Partial(1, 5, b"v", b"f"),
     F.ListEnd: F.ListEnd(1, 1, 0),
-    F.File: F.File(1, 1, 0, 0, 0, 0, 0, 0, b"", b"f"),
+    F.File: F.File(1, 1, 0, 0, 0, 0, 0, 0, 1, BLOCK, b"", b"", b"f"),
     F.Chunk: F.Chunk(1, 0, 1),
-    F.End: F.End(1),
+    F.Copy: F.Copy(1, 0, 1),
+    F.Blocks: F.Blocks(1, 0, DIGEST),
+    F.End: end(1),
     F.Abort: F.Abort(1, 1),
     F.Mkdir: mkdir(1),
     F.Symlink: F.Symlink(1, 1, 0, 0, 0, b"l", b"t"),
@@ -458,6 +498,9 @@ SAMPLE: dict[type[F.Event], F.Event] = {
     F.Ping: F.Ping(1),
     F.Pong: F.Pong(1),
     F.Error: F.Error(1, 0, 1, "x"),
+    F.Want: F.Want(1, F.pack_ranges([(0, 1)])),
+    F.Check: F.Check(1, 1, 1, BLOCK, b"f"),
+    F.Checked: F.Checked(1, 0, 0, b""),
 }
 NOT_HELLO = [SAMPLE[c] for c in SAMPLE if c not in (F.Hello, F.Error)]
 NOT_AUTH = [SAMPLE[c] for c in SAMPLE if c not in (F.Auth, F.Error)]
@@ -481,7 +524,7 @@ def test_anything_but_hello_first_is_unexpected(ev: F.Event, receiver: Role) -> 
 @pytest.mark.parametrize("ev", NOT_AUTH, ids=lambda e: type(e).__name__)
 def test_anything_but_auth_second_is_unexpected(ev: F.Event) -> None:
     p = ConnectionPair()
-    p.inject(p.acceptor, F.Hello(2, 2, F.MAGIC, "a", nonce(1)))
+    p.inject(p.acceptor, F.Hello(3, 3, F.MAGIC, "a", nonce(1)))
     assert p.acceptor.state is State.AWAIT_AUTH
     err = raises_remote(p, p.acceptor, E.UNEXPECTED, ev)
     assert "expected Auth" in str(err)
@@ -556,7 +599,7 @@ def test_acceptor_proof_is_not_accepted_by_an_acceptor() -> None:
     """An acceptor's proof (label "acceptor") is no initiator proof, even with
     the very same names and nonces."""
     acc = Connection(ACC, "b", nonce(2), {"a": KEY}.get)
-    acc.receive_data(F.encode(F.Hello(2, 2, F.MAGIC, "a", nonce(1))))
+    acc.receive_data(F.encode(F.Hello(3, 3, F.MAGIC, "a", nonce(1))))
     assert acc.next_event() is NEED_DATA
     acc.receive_data(F.encode(F.Auth(proof(KEY, b"acceptor", "a", "b", nonce(1), nonce(2)))))
     with pytest.raises(RemoteProtocolError) as exc:
@@ -566,7 +609,7 @@ def test_acceptor_proof_is_not_accepted_by_an_acceptor() -> None:
 
 def test_acceptor_reveals_no_proof_before_verifying() -> None:
     acc = Connection(ACC, "b", nonce(2), {"a": KEY}.get)
-    acc.receive_data(F.encode(F.Hello(2, 2, F.MAGIC, "a", nonce(1))))
+    acc.receive_data(F.encode(F.Hello(3, 3, F.MAGIC, "a", nonce(1))))
     assert acc.next_event() is NEED_DATA
     assert F.decode_header(acc.data_to_send()[:8])[0] == F.Hello.KIND
     acc.receive_data(F.encode(F.Auth(b"\0" * 32)))
@@ -607,6 +650,8 @@ INITIATOR_SENDS = {
     F.List,
     F.File,
     F.Chunk,
+    F.Copy,
+    F.Blocks,
     F.End,
     F.Abort,
     F.Mkdir,
@@ -614,11 +659,23 @@ INITIATOR_SENDS = {
     F.Delete,
     F.Rename,
     F.Meta,
+    F.Check,
     F.Ping,
     F.Pong,
     F.Error,
 }
-ACCEPTOR_SENDS = {F.Opened, F.Entry, F.Partial, F.ListEnd, F.Ack, F.Ping, F.Pong, F.Error}
+ACCEPTOR_SENDS = {
+    F.Opened,
+    F.Entry,
+    F.Partial,
+    F.ListEnd,
+    F.Ack,
+    F.Want,
+    F.Checked,
+    F.Ping,
+    F.Pong,
+    F.Error,
+}
 
 
 @pytest.mark.parametrize("cls", [F.EVENTS[k] for k in sorted(F.EVENTS)], ids=lambda c: c.__name__)
@@ -747,7 +804,7 @@ def test_operation_id_free_again_once_answered(pair: ConnectionPair, answer: F.E
 
 
 def test_file_id_in_use_until_acked(pair: ConnectionPair) -> None:
-    pair.send(pair.initiator, file(5, 0), F.End(5))
+    pair.send(pair.initiator, file(5, 0), end(5))
     raises_remote(pair, pair.acceptor, E.UNEXPECTED, mkdir(5))
     pair.send(pair.acceptor, F.Ack(5))
     assert pair.send(pair.initiator, mkdir(5)) == [mkdir(5)]
@@ -817,7 +874,7 @@ def test_fatal_error_closes_both_sides(pair: ConnectionPair, sender: Role) -> No
 
 
 def test_file_transfer(pair: ConnectionPair) -> None:
-    frames = [file(1, 10), F.Chunk(1, 0, 4), F.Chunk(1, 4, 6), F.End(1)]
+    frames = [file(1, 10), F.Chunk(1, 0, 4), F.Chunk(1, 4, 6), end(1)]
     assert pair.send(pair.initiator, *frames) == frames
     assert bytes(pair.payload[ACC]) == pattern(0, 10)
     assert pair.initiator.open_files() == 0
@@ -827,17 +884,17 @@ def test_file_transfer(pair: ConnectionPair) -> None:
 
 
 def test_empty_file_needs_no_chunk(pair: ConnectionPair) -> None:
-    assert pair.send(pair.initiator, file(1, 0), F.End(1)) == [file(1, 0), F.End(1)]
+    assert pair.send(pair.initiator, file(1, 0), end(1)) == [file(1, 0), end(1)]
 
 
 def test_resumed_file_starts_at_its_offset(pair: ConnectionPair) -> None:
-    frames = [file(1, 10, offset=6), F.Chunk(1, 6, 4), F.End(1)]
+    frames = [file(1, 10, offset=6), F.Chunk(1, 6, 4), end(1)]
     assert pair.send(pair.initiator, *frames) == frames
     raises_remote(pair, pair.acceptor, E.UNEXPECTED, file(2, 10, offset=6), F.Chunk(2, 0, 4))
 
 
 def test_resume_at_the_very_end(pair: ConnectionPair) -> None:
-    assert pair.send(pair.initiator, file(1, 10, offset=10), F.End(1))[-1] == F.End(1)
+    assert pair.send(pair.initiator, file(1, 10, offset=10), end(1))[-1] == end(1)
 
 
 def test_file_offset_beyond_size(pair: ConnectionPair) -> None:
@@ -852,11 +909,11 @@ def test_chunks_of_files_interleave(pair: ConnectionPair) -> None:
         F.Chunk(2, 0, 4),
         file(3, 2),
         F.Chunk(3, 0, 2),
-        F.End(3),
+        end(3),
         F.Chunk(2, 4, 4),
         F.Chunk(1, 4, 4),
-        F.End(1),
-        F.End(2),
+        end(1),
+        end(2),
     ]
     assert pair.send(pair.initiator, *frames) == frames
     assert bytes(pair.payload[ACC]) == (
@@ -874,7 +931,7 @@ def test_chunk_for_an_operation_that_is_no_file(pair: ConnectionPair) -> None:
 
 
 def test_chunk_after_end(pair: ConnectionPair) -> None:
-    pair.send(pair.initiator, file(1, 1), F.Chunk(1, 0, 1), F.End(1))
+    pair.send(pair.initiator, file(1, 1), F.Chunk(1, 0, 1), end(1))
     raises_remote(pair, pair.acceptor, E.UNEXPECTED, F.Chunk(1, 1, 1))
 
 
@@ -926,14 +983,14 @@ def test_end_before_all_bytes(pair: ConnectionPair, sent: int) -> None:
     pair.send(pair.initiator, file(1, 10))
     if sent:
         pair.send(pair.initiator, F.Chunk(1, 0, sent))
-    err = raises_remote(pair, pair.acceptor, E.UNEXPECTED, F.End(1))
+    err = raises_remote(pair, pair.acceptor, E.UNEXPECTED, end(1))
     assert "not complete" in str(err)
 
 
 def test_end_of_a_file_never_begun(pair: ConnectionPair) -> None:
-    raises_remote(pair, pair.acceptor, E.UNEXPECTED, F.End(1))
+    raises_remote(pair, pair.acceptor, E.UNEXPECTED, end(1))
     with pytest.raises(LocalProtocolError):
-        pair.initiator.send(F.End(1))
+        pair.initiator.send(end(1))
 
 
 def test_open_files_limit(pair: ConnectionPair) -> None:
@@ -948,7 +1005,7 @@ def test_open_files_limit_frees_on_end_and_abort(pair: ConnectionPair) -> None:
     pair.send(pair.initiator, *[file(op, 1) for op in range(1, F.MAX_OPEN_FILES + 1)])
     with pytest.raises(LocalProtocolError):
         pair.initiator.send(file(100, 1))
-    pair.send(pair.initiator, F.Chunk(1, 0, 1), F.End(1), F.Abort(2, F.AbortReason.CANCELLED))
+    pair.send(pair.initiator, F.Chunk(1, 0, 1), end(1), F.Abort(2, F.AbortReason.CANCELLED))
     assert pair.initiator.open_files() == F.MAX_OPEN_FILES - 2
     assert pair.send(pair.initiator, file(100, 1), file(101, 1)) == [file(100, 1), file(101, 1)]
     raises_remote(pair, pair.acceptor, E.LIMIT, file(102, 1))
@@ -982,7 +1039,7 @@ def test_abort_needs_no_answer_and_frees_the_id(pair: ConnectionPair) -> None:
 
 def test_aborted_id_can_be_used_again(pair: ConnectionPair) -> None:
     pair.send(pair.initiator, file(5, 10), F.Abort(5, F.AbortReason.SOURCE_GONE))
-    frames = [file(5, 3), F.Chunk(5, 0, 3), F.End(5)]
+    frames = [file(5, 3), F.Chunk(5, 0, 3), end(5)]
     assert pair.send(pair.initiator, *frames) == frames
 
 
@@ -1017,10 +1074,210 @@ def test_refused_file_is_still_sent_to_its_end(pair: ConnectionPair) -> None:
     pair.send(pair.initiator, file(5, 10), F.Chunk(5, 0, 5))
     pair.send(pair.acceptor, F.Error(E.NO_SPACE, 5, 0, "full"))
     assert pair.unacked() == (0, 0)
-    assert pair.send(pair.initiator, F.Chunk(5, 5, 5), F.End(5))[-1] == F.End(5)
+    assert pair.send(pair.initiator, F.Chunk(5, 5, 5), end(5))[-1] == end(5)
     pair.send(pair.initiator, file(6, 10))
     pair.send(pair.acceptor, F.Error(E.NO_SPACE, 6, 0, "full"))
     assert pair.send(pair.initiator, F.Abort(6, F.AbortReason.CANCELLED)) == [F.Abort(6, 3)]
+
+
+# =============================================================================
+# Block maps (version 3): Copy, Blocks, End's digest, Want
+# =============================================================================
+
+
+def ended(pair: ConnectionPair, op: int, size: int, **kw: object) -> None:
+    """File ``op`` of ``size`` bytes, all held by the acceptor already (a
+    resume at its very end: no payload), its digests sent, ended."""
+    count = -(-size // BLOCK)
+    frames: list[F.Event] = [file(op, size, offset=size, **kw)]  # type: ignore[arg-type]
+    if count > 1:
+        frames.append(F.Blocks(op, 0, DIGEST * count))
+    pair.send(pair.initiator, *frames, end(op))
+
+
+def rules_settled(pair: ConnectionPair) -> None:
+    """Nothing open, ended or unanswered on either side: nothing leaked."""
+    for c in pair.conns:
+        r = c._rules
+        assert (r.files, r._files.ended, r.unacked) == ({}, {}, set())
+
+
+def test_a_file_of_several_blocks(pair: ConnectionPair) -> None:
+    size = 2 * BLOCK + 3
+    frames = [
+        file(1, size),
+        F.Chunk(1, 0, BLOCK),
+        F.Chunk(1, BLOCK, BLOCK + 3),
+        F.Blocks(1, 0, DIGEST),
+        F.Blocks(1, 1, DIGEST * 2),
+        end(1),
+    ]
+    assert pair.send(pair.initiator, *frames) == frames
+    assert bytes(pair.payload[ACC]) == pattern(0, BLOCK) + pattern(BLOCK, BLOCK + 3)
+    pair.send(pair.acceptor, F.Ack(1))
+    rules_settled(pair)
+
+
+def test_a_delta_copies_without_payload(pair: ConnectionPair) -> None:
+    size = 3 * BLOCK
+    ini, acc = pair.initiator, pair.acceptor
+    frames = [
+        file(1, size, base=DIGEST),
+        F.Copy(1, 0, BLOCK),
+        F.Chunk(1, BLOCK, 10),
+        F.Copy(1, BLOCK + 10, 2 * BLOCK - 10),
+        F.Blocks(1, 0, DIGEST * 3),
+        end(1),
+    ]
+    assert pair.send(ini, *frames) == frames
+    assert bytes(pair.payload[ACC]) == pattern(BLOCK, 10)  # only the Chunk's bytes
+    assert ini.payload_owed == 0 and acc.payload_remaining == 0
+    # a Copy is followed by no payload: the next frame comes right after it
+    data = ini.send(file(2, size, base=DIGEST)) + ini.send(F.Copy(2, 0, size)) + ini.send(F.Ping(4))
+    assert pair.receive(acc, data) == [file(2, size, base=DIGEST), F.Copy(2, 0, size), F.Ping(4)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "bad", "code"),
+    [
+        ([file(1, 10, algo=3)], None, E.MALFORMED),
+        ([file(1, 10, block_size=BLOCK // 2)], None, E.MALFORMED),
+        ([file(1, 10, block_size=F.MAX_CHUNK + 1)], None, E.MALFORMED),
+        ([file(1, 10, base=b"b")], None, E.MALFORMED),
+        ([file(1, 10)], F.Copy(1, 0, 10), E.UNEXPECTED),  # not a delta
+        ([file(1, 10, base=DIGEST)], F.Copy(1, 1, 9), E.UNEXPECTED),  # not contiguous
+        ([file(1, 10, base=DIGEST)], F.Copy(1, 0, 11), E.UNEXPECTED),  # past the size
+        ([file(1, 10, base=DIGEST)], F.Copy(1, 0, 0), E.MALFORMED),
+        ([file(1, 3 * BLOCK)], F.Blocks(1, 0, DIGEST), E.UNEXPECTED),  # before the data
+        ([file(1, 3 * BLOCK, offset=3 * BLOCK)], F.Blocks(1, 1, DIGEST), E.UNEXPECTED),
+        ([file(1, 3 * BLOCK, offset=3 * BLOCK)], F.Blocks(1, 0, DIGEST * 4), E.UNEXPECTED),
+        ([file(1, 3 * BLOCK, offset=3 * BLOCK)], F.Blocks(1, 0, DIGEST[:8]), E.UNEXPECTED),
+        ([file(1, 3 * BLOCK, offset=3 * BLOCK), F.Blocks(1, 0, DIGEST * 2)], end(1), E.UNEXPECTED),
+        ([file(1, 10, offset=10)], end(1, DIGEST[:15]), E.UNEXPECTED),
+        ([file(1, 10, offset=10)], end(1, DIGEST * 2), E.UNEXPECTED),
+        ([file(1, 10, offset=10, algo=2)], end(1), E.UNEXPECTED),  # BLAKE3: 32 bytes
+    ],
+)
+def test_block_map_violations(
+    pair: ConnectionPair, setup: list[F.Event], bad: F.Event | None, code: E
+) -> None:
+    """The acceptor refuses them with ``code``; the initiator does not send them."""
+    if bad is None:
+        *setup, bad = setup
+    pair.send(pair.initiator, *setup)
+    with pytest.raises(LocalProtocolError):
+        pair.initiator.send(bad)
+    raises_remote(pair, pair.acceptor, code, bad)
+
+
+def test_want_chunks_end_ack(pair: ConnectionPair) -> None:
+    ini, acc = pair.initiator, pair.acceptor
+    size = 3 * BLOCK
+    frames = [file(1, size), F.Chunk(1, 0, size), F.Blocks(1, 0, DIGEST * 3), end(1)]
+    pair.send(ini, *frames)
+    assert ini.open_files() == 0 and pair.unacked() == (1, 1)
+    wanted = F.Want(1, F.pack_ranges([(BLOCK, BLOCK), (2 * BLOCK, 5)]))
+    assert pair.send(acc, wanted) == [wanted]
+    assert ini.open_files() == 1 and pair.unacked() == (1, 1)  # reopened, still unanswered
+    with pytest.raises(LocalProtocolError):
+        acc.send(F.Ack(1))  # not before its End
+    raises_remote(pair, ini, E.UNEXPECTED, F.Ack(1))
+    pair.payload[ACC].clear()
+    again = [F.Chunk(1, BLOCK, 7), F.Chunk(1, BLOCK + 7, BLOCK - 7), F.Chunk(1, 2 * BLOCK, 5)]
+    assert pair.send(ini, *again, end(1)) == [*again, end(1)]
+    assert bytes(pair.payload[ACC]) == pattern(BLOCK, BLOCK) + pattern(2 * BLOCK, 5)
+    assert ini.open_files() == 0
+    pair.send(acc, F.Ack(1))
+    assert pair.unacked() == (0, 0)
+    rules_settled(pair)
+
+
+def test_want_then_abort_or_refusal(pair: ConnectionPair) -> None:
+    ini, acc = pair.initiator, pair.acceptor
+    ended(pair, 1, 10)
+    pair.send(acc, F.Want(1, F.pack_ranges([(0, 10)])))
+    pair.send(ini, F.Abort(1, F.AbortReason.SOURCE_CHANGED))
+    rules_settled(pair)
+    ended(pair, 2, 10)
+    pair.send(acc, F.Want(2, F.pack_ranges([(0, 10)])))
+    pair.send(acc, F.Error(E.VERIFY_FAILED, 2, 0, "given up"))  # answered: no Ack will come
+    assert pair.unacked() == (0, 0) and ini.open_files() == 1  # but the stream goes on
+    pair.send(ini, F.Chunk(2, 0, 10), end(2))
+    rules_settled(pair)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [],
+        [(0, 0)],
+        [(5, 5), (0, 5)],
+        [(0, 6), (5, 5)],
+        [(0, 11)],
+        [(10, 1)],
+    ],
+    ids=["none", "empty range", "unsorted", "overlapping", "beyond the size", "at the end"],
+)
+def test_want_with_bad_ranges(pair: ConnectionPair, ranges: list[tuple[int, int]]) -> None:
+    ended(pair, 1, 10)
+    bad = F.Want(1, F.pack_ranges(ranges))
+    with pytest.raises(LocalProtocolError):
+        pair.acceptor.send(bad)
+    raises_remote(pair, pair.initiator, E.UNEXPECTED, bad)
+
+
+def test_want_only_for_an_ended_unanswered_file(pair: ConnectionPair) -> None:
+    ini, acc = pair.initiator, pair.acceptor
+    w = F.Want(1, F.pack_ranges([(0, 1)]))
+    raises_remote(pair, ini, E.UNEXPECTED, w)  # never sent
+    pair.send(ini, file(1, 10))
+    with pytest.raises(LocalProtocolError):
+        acc.send(w)  # not ended
+    raises_remote(pair, ini, E.UNEXPECTED, w)
+    pair.send(ini, F.Chunk(1, 0, 10), end(1))
+    pair.send(acc, F.Ack(1))
+    with pytest.raises(LocalProtocolError):
+        acc.send(w)  # answered
+    raises_remote(pair, ini, E.UNEXPECTED, w)
+    pair.send(ini, mkdir(1))
+    with pytest.raises(LocalProtocolError):
+        acc.send(w)  # no file
+    raises_remote(pair, ini, E.UNEXPECTED, w)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        F.Chunk(1, 0, 1),  # not the range due
+        F.Chunk(1, 4, 3),  # past the range
+        F.Chunk(1, 8, 2),  # the second range first
+        F.Copy(1, 2, 2),
+        F.Blocks(1, 0, DIGEST),
+        end(1),  # ranges still due
+    ],
+)
+def test_mend_sends_exactly_the_wanted_ranges(pair: ConnectionPair, bad: F.Event) -> None:
+    ended(pair, 1, 10, base=DIGEST)
+    pair.send(pair.acceptor, F.Want(1, F.pack_ranges([(2, 2), (8, 2)])))
+    with pytest.raises(LocalProtocolError):
+        pair.initiator.send(bad)
+    raises_remote(pair, pair.acceptor, E.UNEXPECTED, bad)
+
+
+def test_block_digests_and_wanted_ranges_are_authenticated(pair: ConnectionPair) -> None:
+    """A changed digest or range fails the frame's tag (the payload is
+    checked by the block map, the map by the tags)."""
+    raw = bytearray(pair.initiator.send(file(1, 2 * BLOCK, offset=2 * BLOCK)))
+    assert pair.receive(pair.acceptor, bytes(raw))
+    raw = bytearray(pair.initiator.send(F.Blocks(1, 0, DIGEST * 2)))
+    raw[F.HEADER_SIZE + 10] ^= 1  # the first digest
+    refused(pair.acceptor, bytes(raw), 2, F.Blocks)
+    q = established_pair()
+    q.open()
+    ended(q, 1, 10)
+    raw = bytearray(q.acceptor.send(F.Want(1, F.pack_ranges([(0, 10)]))))
+    raw[F.HEADER_SIZE + 6 + 15] ^= 1  # the length of the range
+    refused(q.initiator, bytes(raw), 1, F.Want)  # #0 was the Opened
 
 
 # =============================================================================
@@ -1039,7 +1296,7 @@ def chunk_stream(pair: ConnectionPair, length: int = 10) -> tuple[bytes, bytes]:
 def test_payload_state_until_all_bytes_taken(pair: ConnectionPair) -> None:
     acc = pair.acceptor
     head, payload = chunk_stream(pair)
-    tail = pair.initiator.send(F.End(1))
+    tail = pair.initiator.send(end(1))
     acc.receive_data(head + payload[:3])
     assert acc.next_event() == file(1, 10)
     assert acc.next_event() == F.Chunk(1, 0, 10)
@@ -1055,7 +1312,7 @@ def test_payload_state_until_all_bytes_taken(pair: ConnectionPair) -> None:
     assert acc.next_event() is PAYLOAD  # the End's bytes are payload until taken
     assert acc.payload_from_buffer(100) == payload[3:]
     assert acc.payload_remaining == 0
-    assert acc.next_event() == F.End(1)
+    assert acc.next_event() == end(1)
     assert acc.next_event() is NEED_DATA
 
 
@@ -1070,8 +1327,8 @@ def test_payload_consumed_from_the_socket(pair: ConnectionPair) -> None:
     assert acc.next_event() is PAYLOAD and acc.payload_remaining == 6
     acc.payload_consumed(6)
     assert acc.next_event() is NEED_DATA
-    acc.receive_data(pair.initiator.send(F.End(1)))
-    assert acc.next_event() == F.End(1)
+    acc.receive_data(pair.initiator.send(end(1)))
+    assert acc.next_event() == end(1)
 
 
 def test_rewind_returns_and_forgets_the_buffered_bytes(pair: ConnectionPair) -> None:
@@ -1079,7 +1336,7 @@ def test_rewind_returns_and_forgets_the_buffered_bytes(pair: ConnectionPair) -> 
     exactly the parsed bytes, splice the payload, peek again."""
     acc = pair.acceptor
     head, payload = chunk_stream(pair)
-    tail = pair.initiator.send(F.End(1)) + pair.initiator.send(F.Ping(5))
+    tail = pair.initiator.send(end(1)) + pair.initiator.send(F.Ping(5))
     peeked = head + payload[:7]  # what one MSG_PEEK returned
     acc.receive_data(peeked)
     assert acc.next_event() == file(1, 10)
@@ -1092,7 +1349,7 @@ def test_rewind_returns_and_forgets_the_buffered_bytes(pair: ConnectionPair) -> 
     assert len(peeked) - 7 == len(head)  # the caller consumes exactly the frames
     acc.payload_consumed(10)  # spliced
     acc.receive_data(tail)  # the next peek
-    assert acc.next_event() == F.End(1)
+    assert acc.next_event() == end(1)
     assert acc.next_event() == F.Ping(5)
 
 
@@ -1168,7 +1425,7 @@ def test_any_chunking_and_any_mix_of_inline_and_splice(
         offset += n
         if offset == size:
             break
-    sent.append(F.End(1))
+    sent.append(end(1))
     stream += ini.send(sent[-1])
     received: list[object] = []
     # receiver: reads of 700 bytes
@@ -1206,7 +1463,7 @@ def test_any_chunking_and_any_mix_of_inline_and_splice(
 
 
 @pytest.mark.parametrize(
-    "ev", [F.Ping(1), F.End(1), F.Abort(1, 1), mkdir(2), F.Error(E.INTERNAL, 0, 1, "x")]
+    "ev", [F.Ping(1), end(1), F.Abort(1, 1), mkdir(2), F.Error(E.INTERNAL, 0, 1, "x")]
 )
 def test_send_while_payload_owed(pair: ConnectionPair, ev: F.Event) -> None:
     ini = pair.initiator
@@ -1244,9 +1501,9 @@ def test_refused_send_changes_nothing(pair: ConnectionPair) -> None:
     assert pair.send(ini, file(1, 10)) == [file(1, 10)]
     # End of an incomplete file: the file stays open
     with pytest.raises(LocalProtocolError):
-        ini.send(F.End(1))
+        ini.send(end(1))
     assert ini.open_files() == 1
-    assert pair.send(ini, F.Chunk(1, 0, 10), F.End(1))[-1] == F.End(1)
+    assert pair.send(ini, F.Chunk(1, 0, 10), end(1))[-1] == end(1)
     # one file too many: its id is not taken
     pair.send(ini, *[file(op, 1) for op in range(10, 10 + F.MAX_OPEN_FILES)])
     before = ini.unacked()
@@ -1258,14 +1515,14 @@ def test_refused_send_changes_nothing(pair: ConnectionPair) -> None:
         ini.send(F.Chunk(10, 0, 2))
     assert ini.payload_owed == 0
     # an acceptor's Error whose op id does not fit keeps its operation
-    pair.send(ini, F.Chunk(10, 0, 1), F.End(10))
+    pair.send(ini, F.Chunk(10, 0, 1), end(10))
     with pytest.raises(F.FrameError):
         pair.acceptor.send(F.Error(E.IO_ERROR, 10, 256, "fatal flag out of range"))
     assert pair.acceptor.unacked() == ini.unacked()
 
 
 def test_send_returns_the_encoded_frame_and_its_tag(pair: ConnectionPair) -> None:
-    i2a, a2i = frame_keys(KEY, 2, "a", "b", nonce(1), nonce(2))
+    i2a, a2i = frame_keys(KEY, 3, "a", "b", nonce(1), nonce(2))
     # frames #0 were the Open and the Opened of the fixture
     raw = F.encode(mkdir(1))
     assert pair.initiator.send(mkdir(1)) == raw + frame_tag(i2a, 1, raw)
@@ -1285,12 +1542,12 @@ def test_a_whole_session(pair: ConnectionPair) -> None:
     got = pair.send(
         ini,
         mkdir(1),
-        F.File(2, 1, 6, 16, 0o644, 0, 0, 0, b"v1", b"big"),
+        F.File(2, 1, 6, 16, 0o644, 0, 0, 0, 1, BLOCK, b"v1", b"", b"big"),
         F.Chunk(2, 6, 10),
         file(3, 4, path=b"small"),
         F.Chunk(3, 0, 4),
-        F.End(3),
-        F.End(2),
+        end(3),
+        end(2),
     )
     assert frames_of(got) == [F.Mkdir, F.File, F.Chunk, F.File, F.Chunk, F.End, F.End]
     assert bytes(pair.payload[ACC]) == pattern(6, 10) + pattern(0, 4)
@@ -1331,11 +1588,11 @@ def test_tagged_round_trip_both_directions(src: Role) -> None:
     p.open()
     conn = p.initiator if src is INI else p.acceptor
     evs: list[F.Event] = (
-        [mkdir(1), file(2, 3), F.Chunk(2, 0, 3), F.End(2), F.Ping(1)]
+        [mkdir(1), file(2, 3), F.Chunk(2, 0, 3), end(2), F.Ping(1)]
         if src is INI
         else [F.Entry(1, 1, 0o644, 0, 0, 0, 0, b"f", b""), F.ListEnd(1, 1, 1), F.Pong(7)]
     )
-    key = frame_keys(KEY, 2, "a", "b", nonce(1), nonce(2))[0 if src is INI else 1]
+    key = frame_keys(KEY, 3, "a", "b", nonce(1), nonce(2))[0 if src is INI else 1]
     for seq, (ev, raw) in enumerate(zip(evs, wire_of(conn, *evs), strict=True), start=1):
         body = F.encode(ev)
         assert raw == body + frame_tag(key, seq, body)  # #0 was Open / Opened
@@ -1344,16 +1601,16 @@ def test_tagged_round_trip_both_directions(src: Role) -> None:
 
 
 def test_keys_differ_per_direction_and_connection() -> None:
-    i2a, a2i = frame_keys(KEY, 2, "a", "b", nonce(1), nonce(2))
+    i2a, a2i = frame_keys(KEY, 3, "a", "b", nonce(1), nonce(2))
     assert len({i2a, a2i}) == 2 and len(i2a) == 32
     others = [
-        frame_keys(KEY, 2, "a", "b", nonce(1), nonce(3)),
-        frame_keys(KEY, 2, "a", "b", nonce(3), nonce(2)),
-        frame_keys(KEY, 2, "b", "a", nonce(1), nonce(2)),
-        frame_keys(KEY, 3, "a", "b", nonce(1), nonce(2)),
-        frame_keys(WRONG_KEY, 2, "a", "b", nonce(1), nonce(2)),
-        frame_keys(KEY, 2, "a|", "b", nonce(1), nonce(2)),  # names are length-prefixed
-        frame_keys(KEY, 2, "a", "|b", nonce(1), nonce(2)),
+        frame_keys(KEY, 3, "a", "b", nonce(1), nonce(3)),
+        frame_keys(KEY, 3, "a", "b", nonce(3), nonce(2)),
+        frame_keys(KEY, 3, "b", "a", nonce(1), nonce(2)),
+        frame_keys(KEY, 2, "a", "b", nonce(1), nonce(2)),  # version 2
+        frame_keys(WRONG_KEY, 3, "a", "b", nonce(1), nonce(2)),
+        frame_keys(KEY, 3, "a|", "b", nonce(1), nonce(2)),  # names are length-prefixed
+        frame_keys(KEY, 3, "a", "|b", nonce(1), nonce(2)),
     ]
     assert len({i2a, a2i, *(k for pair in others for k in pair)}) == 2 + 2 * len(others)
 
@@ -1482,7 +1739,7 @@ def test_integrity_error_is_fatal_and_the_peer_reads_why() -> None:
 def test_tagged_stream_one_byte_at_a_time() -> None:
     p = established_pair()
     p.open()
-    evs: list[F.Event] = [mkdir(1), file(2, 4), F.Chunk(2, 0, 4), F.End(2), F.Ping(9)]
+    evs: list[F.Event] = [mkdir(1), file(2, 4), F.Chunk(2, 0, 4), end(2), F.Ping(9)]
     data = b""
     for ev, raw in zip(evs, wire_of(p.initiator, *evs), strict=True):
         data += raw + (b"abcd" if isinstance(ev, F.Chunk) else b"")

@@ -11,6 +11,7 @@ import pytest
 
 from replicator import config
 from replicator import frames as F
+from replicator.blockmap import XXH3_128, BlockMap, block_size_for, map_bytes
 from replicator.changes import Dirty, PeerHas
 from replicator.config import Config
 from replicator.errors import Refused
@@ -27,6 +28,7 @@ def make_config(tmp_path: Path, accept: str = PEER, push: str = "", extra: str =
 [node]
 name = "b"
 listen = "127.0.0.1:7301"
+state_dir = "{tmp_path}/state"
 
 [peers.a]
 address = "127.0.0.1:7302"
@@ -67,8 +69,27 @@ def mirror(tmp_path: Path) -> Iterator[ReceivingMirror]:
     m.close()
 
 
-def file_ev(op: int, path: bytes, data: bytes, mtime_ns: int = 10**18) -> F.File:
-    return F.File(op, 1, 0, len(data), 0o644, mtime_ns, os.getuid(), os.getgid(), b"v1", path)
+def file_ev(op: int, path: bytes, data: bytes, mtime_ns: int = 10**18, base: bytes = b"") -> F.File:
+    return F.File(
+        op,
+        1,
+        0,
+        len(data),
+        0o644,
+        mtime_ns,
+        os.getuid(),
+        os.getgid(),
+        XXH3_128,
+        block_size_for(len(data)),
+        b"v1",
+        base,
+        path,
+    )
+
+
+def map_of(data: bytes) -> BlockMap:
+    """The block map a sender makes of ``data``."""
+    return map_bytes(data, XXH3_128, block_size_for(len(data)))
 
 
 def receive(m: ReceivingMirror, op: int, path: bytes, data: bytes, **kw: int) -> list[object]:
@@ -77,7 +98,7 @@ def receive(m: ReceivingMirror, op: int, path: bytes, data: bytes, **kw: int) ->
     p = m.files[op]
     os.pwrite(p.fd, data, p.written)
     out += m.wrote(p, len(data))
-    out += m.end(op)
+    out += m.end(op, map_of(data).file_digest)
     return out
 
 
@@ -195,7 +216,7 @@ def test_a_bad_path_is_refused_and_its_end_ignored(mirror: ReceivingMirror) -> N
     [r] = mirror.begin(file_ev(3, b"../x", b"x"))
     assert isinstance(r, Refuse) and r.op == 3 and r.code == F.ErrorCode.BAD_PATH
     assert 3 in mirror.refused and 3 not in mirror.files
-    assert mirror.end(3) == [] and 3 not in mirror.refused
+    assert mirror.end(3, b"d" * 16) == [] and 3 not in mirror.refused
     assert mirror.commit() == []
 
 
@@ -213,7 +234,7 @@ def test_a_failed_write_refuses_the_file_and_drains_it(mirror: ReceivingMirror) 
     [r] = mirror.fail(p, OSError(28, "No space left on device"))
     assert isinstance(r, Refuse) and r.code == F.ErrorCode.NO_SPACE and r.path == b"f"
     assert "discarded" in r.message
-    assert 5 in mirror.refused and mirror.end(5) == [] and mirror.refused == set()
+    assert 5 in mirror.refused and mirror.end(5, b"d" * 16) == [] and mirror.refused == set()
 
 
 # -- namespace operations -----------------------------------------------------------

@@ -1,0 +1,249 @@
+"""The files a link sends, from the start of each to its answer.
+
+``FileSends`` starts a file (``FileSend.begin``: whole, resumed at the
+peer's partial, or as a delta of the version the peer holds — its block
+map remembered in ``maps.SentMaps``), hands it to ``Streams`` to go out a
+chunk at a time, and deals with what can happen after its End: the peer
+finds ranges damaged (``want``: send them again, or abort if the source
+changed since), a scrub finds the peer's copy damaged later (``repair``),
+the source changed while it was sent (``changed``: send it again). What
+the peer acknowledged is remembered for the next delta (``remember``).
+
+Runs on the link's thread, like the pump it serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from . import frames as F
+from . import paths
+from .answers import Effect, Forget, Remember, release
+from .backlog import Backlog, Key
+from .changes import Flag
+from .frames import EntryKind
+from .hashing import Hasher
+from .inflight import InFlight, Record
+from .logs import Fields
+from .manifest import EntryState
+from .maps import DELTA_MIN, SentMaps
+from .mirror import SourceMirror
+from .outgoing import FileSend
+from .paths import Located, Source
+from .remote import RemoteMirror
+from .stats import LinkStats
+from .streams import Streams
+from .wire import Wire
+
+#: Wait before re-sending a file that changed while it was sent.
+RESEND_DELAY = 0.1
+
+
+class FileSends:
+    def __init__(
+        self,
+        mirrors: Mapping[int, SourceMirror],
+        remote: Mapping[int, RemoteMirror],
+        backlog: Backlog,
+        inflight: InFlight,
+        wire: Wire,
+        stats: LinkStats,
+        log: Fields,
+        hasher: Hasher | None,
+        maps: SentMaps | None,
+        new_op: Callable[[], int],
+        apply: Callable[[list[Effect]], None],
+    ) -> None:
+        self._mirrors = mirrors
+        self._remote = remote
+        self._backlog = backlog
+        self._inflight = inflight
+        self._wire = wire
+        self._stats = stats
+        self._log = log
+        self._hasher = hasher
+        #: The block maps of what the peer acknowledged (deltas).
+        self._maps = maps
+        self._new_op = new_op
+        self.apply = apply
+        #: Files being sent a chunk per round.
+        self.streams = Streams(wire, stats, self.changed, self.ended)
+
+    def start(self, m: SourceMirror, key: Key, since: float, found: Located, live: bool) -> bool:
+        rel = key[1]
+        r = self._remote[m.id]
+        op = self._new_op()
+        base = None
+        held = r.known.get(rel)
+        if (
+            self._maps is not None
+            and held is not None
+            and held.kind == EntryKind.FILE
+            and found.st.st_size >= DELTA_MIN
+            and held.size >= DELTA_MIN
+        ):
+            base = self._maps.get(m.name, rel, held.size, held.mtime_ns)
+        try:
+            begun = FileSend.begin(
+                op,
+                m.id,
+                m.name,
+                key,
+                found,
+                since,
+                r.partials.pop(rel, None),
+                m.algo,
+                base,
+                self._hasher,
+            )
+        except OSError as e:
+            msg = f"mirror {m.name}: cannot read {paths.show(rel)}: {e.strerror}"
+            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).error(
+                "%s (will retry at the next scan)", msg
+            )
+            self._stats.error(msg)
+            return False
+        if begun is None:  # gone or changed type since lstat: look again
+            again = Flag.DATA | (Flag.LIVE if live else 0)
+            self._backlog.mark(key, (since, 0, again), RESEND_DELAY, persist=False)
+            return False
+        s, frame = begun
+        if s.resumed:
+            self._stats.resumed_files += 1
+            self._stats.resumed_bytes_skipped += s.resumed
+            self._log.at(MIRROR=m.name, PATH=paths.show(rel)).info(
+                "link to %s: resuming %s at offset %d of %d",
+                self._stats.peer,
+                paths.show(rel),
+                s.resumed,
+                s.size,
+            )
+        self._wire.queue(frame)
+        self._inflight.track(
+            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size, live=live)
+        )
+        self._stats.ops_sent += 1
+        self.streams.add(s)
+        return True
+
+    def ended(self, s: FileSend) -> None:
+        """``s`` was sent whole (End queued): remember what, for its answer."""
+        rec = self._inflight.get(s.op)
+        if rec is not None and s.mend_digest is None:
+            rec.version = s.version
+            rec.bmap = s.map
+        if s.base is not None:
+            self._stats.delta_files += 1
+
+    def want(self, op: int, ranges: list[tuple[int, int]]) -> None:
+        """The peer found ``ranges`` of file ``op`` bad: send them again
+        (or abort the file, if its source changed since)."""
+        rec = self._inflight.get(op)
+        if rec is None or rec.bmap is None:
+            return  # cannot happen: the protocol checked the op awaits an answer
+        mid, rel = rec.key
+        m = self._mirrors[mid]
+        shown = paths.show(rel)
+        self._stats.mend_requests += 1
+        self._stats.mend_bytes += sum(n for _, n in ranges)
+        self._log.at(MIRROR=m.name, PATH=shown).warning(
+            "link to %s: %s arrived damaged (%d bytes in %d ranges from offset %d did not match "
+            "its block map); sending them again",
+            self._stats.peer,
+            shown,
+            sum(n for _, n in ranges),
+            len(ranges),
+            ranges[0][0],
+        )
+        found = Source(m.root).locate(rel)
+        s = None
+        try:
+            if found is not None:
+                s = FileSend.mend(
+                    op, rec.key, m.name, found, rec.since, rec.version, rec.bmap.file_digest, ranges
+                )
+        except OSError:
+            s = None
+        finally:
+            if found is not None:
+                found.close()  # a no-op if the FileSend took it
+        if s is None:
+            self._wire.queue(F.Abort(op, F.AbortReason.SOURCE_CHANGED))
+            released = release(self._inflight, op)
+            self.apply(released.effects)
+            again = Flag.DATA | (Flag.LIVE if rec.live else 0)
+            self._backlog.mark(rec.key, (rec.since, rec.size, again), RESEND_DELAY, persist=False)
+            return
+        self.streams.add(s)
+
+    def changed(self, s: FileSend) -> None:
+        """``s`` changed while it was sent (Streams aborted it): send it again."""
+        released = release(self._inflight, s.op)
+        self.apply(released.effects)
+        rec = released.record
+        self._log.at(MIRROR=s.mirror, PATH=paths.show(s.key[1])).info(
+            "link to %s: %s changed while being sent; sending it again",
+            self._stats.peer,
+            paths.show(s.key[1]),
+        )
+        since = rec.since if rec else s.since
+        again = Flag.DATA | (Flag.LIVE if rec is not None and rec.live else 0)
+        self._backlog.mark(s.key, (since, s.size, again), RESEND_DELAY, persist=False)
+
+    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool:
+        """Send ``rel`` again because a scrub found the peer's copy damaged
+        in blocks ``bad``: only those when the peer holds the version whose
+        map we remember, else whole. False if it cannot go now (a change of
+        it is pending or in flight: that one repairs it)."""
+        key = (mid, rel)
+        if self._inflight.busy(key) or self._backlog.holds(key) or self._wire.conn is None:
+            return False
+        m = self._mirrors[mid]
+        r = self._remote[mid]
+        held = r.known.get(rel)
+        base = None
+        if self._maps is not None and held is not None and held.size >= DELTA_MIN:
+            base = self._maps.get(m.name, rel, held.size, held.mtime_ns)
+        found = Source(m.root).locate(rel)
+        if found is None:
+            return False
+        op = self._new_op()
+        try:
+            begun = FileSend.begin(
+                op,
+                mid,
+                m.name,
+                key,
+                found,
+                time.time(),
+                None,
+                m.algo,
+                base,
+                self._hasher,
+                frozenset(bad),
+            )
+        except OSError:
+            return False
+        finally:
+            found.close()
+        if begun is None:
+            return False
+        s, frame = begun
+        self._wire.queue(frame)
+        self._inflight.track(
+            op, Record(F.File, key, s.since, EntryState.from_stat(s.st), size=s.size)
+        )
+        self._stats.ops_sent += 1
+        self.streams.add(s)
+        return True
+
+    def remember(self, e: Remember | Forget) -> None:
+        """What the peer holds now, for the next delta (answers.py)."""
+        if self._maps is None:
+            return
+        name = self._mirrors[e.key[0]].name
+        if isinstance(e, Remember):
+            self._maps.put(name, e.key[1], e.state.size, e.state.mtime_ns, e.bmap)
+        else:
+            self._maps.forget(name, e.key[1])

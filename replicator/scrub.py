@@ -1,0 +1,466 @@
+"""A scrub: is every file of a mirror on the peer what it is here? (``replicatorctl verify``)
+
+Verification before publish (blockmap.py) proves a replica was right when
+it was written. A scrub proves it still is: bit rot, a bad sector, a
+restore from an old backup, someone editing the replica. For each regular
+file that is in sync as far as the link knows (nothing pending for it, the
+peer acknowledged this very size and mtime), both sides read it *from the
+disk* — clean cached pages are dropped first (checking.drop_cached) — and
+hash it in the same geometry; the sender compares the two block maps. A
+file that differs is listed with its first differing offset and, with
+``repair``, sent again: only the bad blocks when the peer still holds the
+version whose map we remember (a delta that copies the good blocks and
+overwrites the bad ones, verified and published atomically as always),
+else whole.
+
+One file at a time, at most ``rate`` bytes per second read on each side,
+so a scrub of a big mirror never starves live replication; the peer reads
+its file a slice at a time between the frames it serves (checking.py).
+Runs on the link's thread; hashing on the link's hasher thread. A scrub
+that loses its connection stops and says so; start it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import frames as F
+from . import paths
+from .backlog import Backlog
+from .blockmap import BlockMap, block_size_for
+from .frames import EntryKind
+from .hashing import Hasher, Job
+from .inflight import InFlight, Record
+from .manifest import Change, EntryState, scan
+from .mirror import SourceMirror
+from .paths import Source
+from .remote import RemoteMirror
+from .stats import LinkStats
+
+
+@dataclass(frozen=True)
+class Verify:
+    """A message to a link: start a scrub of ``mirror``; ``repair``: send
+    what differs."""
+
+    mirror: str
+    repair: bool = False
+
+
+#: Differences listed in status (all are counted and logged).
+MAX_LISTED = 100
+#: Entries looked at per step at most (skipped ones too): the link thread
+#: goes back to its other work in between.
+WALK_SLICE = 1000
+
+
+@dataclass
+class Difference:
+    path: str
+    #: First byte that differs (the shorter size when only the sizes differ).
+    offset: int
+    size_here: int
+    size_there: int | None
+    #: "differs", "missing" (the peer has no such file), "repairing", "repaired"
+    state: str = "differs"
+
+
+@dataclass
+class Report:
+    """What status shows of one scrub (``LinkStats.mirror(name)["verify"]``)."""
+
+    repair: bool
+    state: str = "running"  # running | done | stopped
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    files_checked: int = 0
+    bytes_checked: int = 0
+    #: Files not checked: a change is pending for them (not in sync yet).
+    skipped: int = 0
+    differing: int = 0
+    repaired: int = 0
+    current: str | None = None
+    differences: list[Difference] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "repair": self.repair,
+            "state": self.state,
+            "started": self.started,
+            "finished": self.finished,
+            "files_checked": self.files_checked,
+            "bytes_checked": self.bytes_checked,
+            "skipped": self.skipped,
+            "differing": self.differing,
+            "repaired": self.repaired,
+            "current": self.current,
+            "differences": [d.__dict__.copy() for d in self.differences],
+            "error": self.error,
+        }
+
+
+@dataclass
+class _Check:
+    rel: bytes
+    here: BlockMap
+    there: bytearray = field(default_factory=bytearray)
+    size: int = -1
+
+
+class Scrub:
+    """One scrub of one mirror against the link's peer."""
+
+    def __init__(
+        self,
+        mirror: SourceMirror,
+        remote: RemoteMirror,
+        backlog: Backlog,
+        inflight: InFlight,
+        hasher: Hasher,
+        send: Callable[[F.Event], None],
+        next_op: Callable[[], int],
+        repair: Callable[[int, bytes, list[int]], bool],
+        rate: float,
+        report: Report,
+        log: Any,
+    ) -> None:
+        self.m = mirror
+        self._remote = remote
+        self._backlog = backlog
+        self._inflight = inflight
+        self._hasher = hasher
+        self._send = send
+        self._next_op = next_op
+        self._repair = repair
+        self._rate = rate
+        self.report = report
+        self._log = log
+        self._walk: Iterator[tuple[bytes, EntryState]] = scan(mirror.root, mirror.excludes)
+        self._hashing: tuple[bytes, EntryState, Job] | None = None
+        #: The Check in flight: op -> what we compare with.
+        self.checks: dict[int, _Check] = {}
+        self._t0 = time.monotonic()
+        self._walked = False
+        #: Repairs sent, by path, until their answer (see ``answered``).
+        self._repairing: dict[bytes, Difference] = {}
+
+    # -- driving --------------------------------------------------------------
+
+    def due(self) -> float | None:
+        """Monotonic time the next file may start (rate), None if it waits
+        for something else (a hash, the peer) or is done."""
+        if self.report.state != "running" or self._hashing is not None or self.checks:
+            return None
+        return self._t0 + self.report.bytes_checked / self._rate
+
+    def step(self) -> bool:
+        """Move on if it can; True if it did something."""
+        r = self.report
+        if r.state != "running":
+            return False
+        if self._hashing is not None:
+            return self._hashed()
+        if self.checks:
+            return False
+        if time.monotonic() < self._t0 + r.bytes_checked / self._rate:
+            return False
+        for n, (rel, st) in enumerate(self._walk):
+            if self._start(rel, st) or n >= WALK_SLICE:
+                return True
+        self._walked = True
+        self._finish_if_done()
+        return True
+
+    def _start(self, rel: bytes, st: EntryState) -> bool:
+        """Hash ``rel`` if it is a file in sync; False if it was skipped."""
+        if st.kind != EntryKind.FILE:
+            return False
+        key = (self.m.id, rel)
+        known = self._remote.known.get(rel)
+        if (
+            self._backlog.holds(key)
+            or self._inflight.busy(key)
+            or known is None
+            or self.m.compare(st, known, self._remote.preserve) is not Change.NONE
+        ):
+            self.report.skipped += 1
+            return False
+        found = Source(self.m.root).locate(rel)
+        if found is None:
+            self.report.skipped += 1
+            return False
+        try:
+            opened = found.open_file()
+            if opened is None:
+                self.report.skipped += 1
+                return False
+            f, fst = opened
+            try:
+                bs = block_size_for(fst.st_size)
+                job = self._hasher.submit(f.fd, fst.st_size, self.m.algo, bs, from_disk=True)
+            finally:
+                f.close()
+        except OSError as e:
+            self._log.warning("verify: cannot read %s here: %s", paths.show(rel), e)
+            self.report.skipped += 1
+            return False
+        finally:
+            found.close()
+        self._hashing = (rel, st, job)
+        self.report.current = paths.show(rel)
+        return True
+
+    def _hashed(self) -> bool:
+        assert self._hashing is not None
+        rel, _, job = self._hashing
+        if not job.done.is_set():
+            return False
+        self._hashing = None
+        if job.map is None:  # changed while read: it will be sent anyway
+            self.report.skipped += 1
+            return True
+        op = self._next_op()
+        self.checks[op] = _Check(rel, job.map)
+        self._send(F.Check(op, self.m.id, job.map.algo, job.map.block_size, rel))
+        self.report.bytes_checked += job.map.size
+        return True
+
+    # -- the peer's answers ------------------------------------------------------
+
+    def checked(self, ev: F.Checked) -> None:
+        c = self.checks[ev.op]
+        c.size = ev.size
+        c.there += ev.digests
+        here = c.here
+        count = -(-ev.size // here.block_size)
+        if len(c.there) // here.dsize < count:
+            return
+        del self.checks[ev.op]
+        self.report.files_checked += 1
+        self.report.current = None
+        there = BlockMap(here.algo, ev.size, here.block_size, bytes(c.there))
+        bad = here.differing(there)
+        if ev.size == here.size and not bad:
+            self._finish_if_done()
+            return
+        offset = min(ev.size, here.size)
+        if bad:
+            offset = min(offset, here.block(bad[0])[0])
+        self._differs(c.rel, Difference(paths.show(c.rel), offset, here.size, ev.size), bad)
+
+    def refused(self, op: int, message: str) -> None:
+        """The peer could not check a file (it has none there, or cannot read it)."""
+        c = self.checks.pop(op)
+        self.report.files_checked += 1
+        self.report.current = None
+        d = Difference(paths.show(c.rel), 0, c.here.size, None, "missing")
+        self._log.warning("verify: %s on the peer: %s", d.path, message)
+        self._differs(c.rel, d, list(range(c.here.count)))
+
+    def _differs(self, rel: bytes, d: Difference, bad: list[int]) -> None:
+        r = self.report
+        r.differing += 1
+        self._log.warning(
+            "verify: mirror %s: %s differs on the peer from offset %d (%d bytes here, %s there)%s",
+            self.m.name,
+            d.path,
+            d.offset,
+            d.size_here,
+            "none" if d.size_there is None else d.size_there,
+            "; repairing" if r.repair else "",
+        )
+        if r.repair and self._repair(self.m.id, rel, bad):
+            d.state = "repairing"
+            self._repairing[rel] = d
+        if len(r.differences) < MAX_LISTED:
+            r.differences.append(d)
+        self._finish_if_done()
+
+    def answered(self, rel: bytes, ok: bool) -> None:
+        """The peer answered the repair of ``rel``."""
+        d = self._repairing.pop(rel, None)
+        if d is None:
+            return
+        if ok:
+            d.state = "repaired"
+            self.report.repaired += 1
+        else:
+            d.state = "differs"
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        r = self.report
+        if (
+            r.state == "running"
+            and self._walked
+            and self._hashing is None
+            and not self.checks
+            and not self._repairing
+        ):
+            r.state = "done"
+            r.finished = time.time()
+            r.current = None
+            self._log.info(
+                "verify: mirror %s: %d files checked (%d bytes), %d differ, %d repaired, "
+                "%d skipped (changes pending)",
+                self.m.name,
+                r.files_checked,
+                r.bytes_checked,
+                r.differing,
+                r.repaired,
+                r.skipped,
+            )
+
+    def stop(self, why: str) -> None:
+        r = self.report
+        if r.state == "running":
+            r.state, r.error, r.finished = "stopped", why, time.time()
+            if self._hashing is not None:
+                self._hashing[2].cancel()
+                self._hashing = None
+            self.checks.clear()
+            self._repairing.clear()
+
+
+class Pump(Protocol):
+    """What scrubs need of the link's pump (pump.Pump)."""
+
+    def next_op(self) -> int: ...
+
+    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool: ...
+
+
+class Wire(Protocol):
+    """What scrubs need of the link's wire (wire.Wire)."""
+
+    @property
+    def conn(self) -> object | None: ...
+
+    def queue(self, ev: F.Event) -> None: ...
+
+
+class Scrubs:
+    """The scrubs of one link, one per mirror at a time: started on request
+    (``Verify``) or every ``verify_interval``; fed the peer's answers. Lives
+    on the link thread like everything else of the link."""
+
+    def __init__(
+        self,
+        mirrors: dict[int, SourceMirror],
+        remote: dict[int, RemoteMirror],
+        backlog: Backlog,
+        inflight: InFlight,
+        hasher: Hasher,
+        wire: Wire,
+        pump: Pump,
+        stats: LinkStats,
+        rate: float,
+        log: Any,
+    ) -> None:
+        self._mirrors = mirrors
+        self._by_name = {m.name: m for m in mirrors.values()}
+        self._remote = remote
+        self._backlog = backlog
+        self._inflight = inflight
+        self._hasher = hasher
+        self._wire = wire
+        self._pump = pump
+        self._stats = stats
+        self._rate = rate
+        self._log = log
+        #: Running or last run, by mirror id.
+        self._runs: dict[int, Scrub] = {}
+        #: When each mirror's next periodic scrub is due (monotonic).
+        self._next = {
+            m.id: time.monotonic() + m.verify_interval
+            for m in mirrors.values()
+            if m.verify_interval
+        }
+
+    def start(self, msg: Verify) -> None:
+        m = self._by_name.get(msg.mirror)
+        if m is None:
+            return
+        old = self._runs.get(m.id)
+        if old is not None and old.report.state == "running":
+            return  # one at a time; its report already shows in status
+        report = Report(msg.repair)
+        if self._wire.conn is None or not self._remote[m.id].listed:
+            report.state, report.error = "stopped", "the link to the peer is not up"
+            report.finished = time.time()
+        self._runs[m.id] = Scrub(
+            m,
+            self._remote[m.id],
+            self._backlog,
+            self._inflight,
+            self._hasher,
+            self._wire.queue,
+            self._pump.next_op,
+            self._pump.repair,
+            self._rate,
+            report,
+            self._log.at(MIRROR=m.name),
+        )
+        self._show(m.id)
+
+    def step(self) -> bool:
+        """Start what is due, move every scrub on; True if any did something."""
+        now = time.monotonic()
+        for mid, due in self._next.items():
+            if now >= due and self._remote[mid].listed:
+                self._next[mid] = now + self._mirrors[mid].verify_interval
+                self.start(Verify(self._mirrors[mid].name))
+        worked = False
+        for mid, s in self._runs.items():
+            if s.step():
+                worked = True
+                self._show(mid)
+        return worked
+
+    def due(self) -> float | None:
+        """When the link should look again (a scrub waiting for its rate)."""
+        dues = [d for d in (s.due() for s in self._runs.values()) if d is not None]
+        return min(dues, default=None)
+
+    def _show(self, mid: int) -> None:
+        report = self._runs[mid].report.as_dict()
+        self._stats.mirror(self._mirrors[mid].name)["verify"] = report
+
+    def _of(self, op: int) -> Scrub | None:
+        for s in self._runs.values():
+            if op in s.checks:
+                return s
+        return None
+
+    def checked(self, ev: F.Checked) -> None:
+        s = self._of(ev.op)
+        if s is not None:
+            s.checked(ev)
+            self._show(s.m.id)
+
+    def refused(self, op: int, message: str) -> bool:
+        """The peer refused ``op``: True if it was a Check (handled here)."""
+        s = self._of(op)
+        if s is None:
+            return False
+        s.refused(op, message)
+        self._show(s.m.id)
+        return True
+
+    def answered(self, rec: Record | None, ok: bool) -> None:
+        """A file operation was answered: it may be a scrub's repair."""
+        if rec is None or rec.kind is not F.File:
+            return
+        s = self._runs.get(rec.key[0])
+        if s is not None:
+            s.answered(rec.key[1], ok)
+            self._show(s.m.id)
+
+    def stop_all(self, why: str) -> None:
+        for mid, s in self._runs.items():
+            s.stop(why)
+            self._show(mid)
