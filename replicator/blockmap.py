@@ -179,13 +179,16 @@ class BlockMap:
         return out
 
     def plan(
-        self, base: BlockMap, start: int = 0, force: Iterable[int] = ()
+        self, base: BlockMap, start: int = 0, force: Iterable[tuple[int, int]] = ()
     ) -> list[tuple[bool, int, int]]:
         """How to build this version from ``base``: (copy, offset, length)
         runs covering ``start``..size in order; copy runs come from the
-        base at the same offset, the rest is sent (and blocks ``force``:
-        the base is known to hold them damaged)."""
-        send = set(self.differing(base)) | set(force)
+        base at the same offset, the rest is sent (and every block touching
+        a byte range of ``force``: the base is known to be damaged there)."""
+        send = set(self.differing(base))
+        bs = self.block_size
+        for off, n in force:
+            send.update(range(off // bs, min(self.count, -(-(off + n) // bs))))
         out: list[tuple[bool, int, int]] = []
         for i in range(self.count):
             off, n = self.block(i)

@@ -422,6 +422,7 @@ def _verify(sock: str, args: argparse.Namespace) -> int:
         req["mirror"] = args.mirror
     if args.peer is not None:
         req["peer"] = args.peer
+    asked = time.time()
     pairs = [tuple(p) for p in _call(sock, req)["started"]]
     print("verifying " + ", ".join(f"{m} on {p}" for p, m in pairs), flush=True)
     if args.no_wait:
@@ -442,7 +443,13 @@ def _verify(sock: str, args: argparse.Namespace) -> int:
         if line != last and sys.stderr.isatty():
             print("\r" + line, end="", file=sys.stderr, flush=True)
             last = line
-        if all(r.get("state") not in (None, "running") for r in reports.values()):
+        # done: a scrub that ended after we asked (a new one, or one that
+        # was already running: one at a time per mirror and peer)
+        if all(
+            r.get("state") not in (None, "running")
+            and max(r.get("started") or 0, r.get("finished") or 0) >= asked - 1
+            for r in reports.values()
+        ):
             break
     if sys.stderr.isatty():
         print(file=sys.stderr)

@@ -191,14 +191,22 @@ class FileSends:
         again = Flag.DATA | (Flag.LIVE if rec is not None and rec.live else 0)
         self._backlog.mark(s.key, (since, s.size, again), RESEND_DELAY, persist=False)
 
-    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool:
+    def repair(self, mid: int, rel: bytes, bad: list[tuple[int, int]]) -> str:
         """Send ``rel`` again because a scrub found the peer's copy damaged
-        in blocks ``bad``: only those when the peer holds the version whose
-        map we remember, else whole. False if it cannot go now (a change of
-        it is pending or in flight: that one repairs it)."""
+        in byte ranges ``bad``: only those blocks when the peer holds the
+        version whose map we remember, else whole. Returns "sent", "later"
+        (no room now, or a change of it is pending or in flight: look
+        again), or "gone" (nothing here to send)."""
         key = (mid, rel)
-        if self._inflight.busy(key) or self._backlog.holds(key) or self._wire.conn is None:
-            return False
+        conn = self._wire.conn
+        if (
+            conn is None
+            or self._inflight.busy(key)
+            or self._backlog.holds(key)
+            or conn.open_files() >= F.MAX_OPEN_FILES - 1
+            or conn.unacked() >= F.MAX_UNACKED // 2
+        ):
+            return "later"
         m = self._mirrors[mid]
         r = self._remote[mid]
         held = r.known.get(rel)
@@ -207,7 +215,7 @@ class FileSends:
             base = self._maps.get(m.name, rel, held.size, held.mtime_ns)
         found = Source(m.root).locate(rel)
         if found is None:
-            return False
+            return "gone"
         op = self._new_op()
         try:
             begun = FileSend.begin(
@@ -221,14 +229,14 @@ class FileSends:
                 m.algo,
                 base,
                 self._hasher,
-                frozenset(bad),
+                tuple(bad),
             )
         except OSError:
-            return False
+            return "gone"
         finally:
             found.close()
         if begun is None:
-            return False
+            return "gone"
         s, frame = begun
         self._wire.queue(frame)
         self._inflight.track(
@@ -236,7 +244,7 @@ class FileSends:
         )
         self._stats.ops_sent += 1
         self.streams.add(s)
-        return True
+        return "sent"
 
     def remember(self, e: Remember | Forget) -> None:
         """What the peer holds now, for the next delta (answers.py)."""

@@ -172,7 +172,7 @@ class Link(threading.Thread):
             self._remote,
             self._backlog,
             self._inflight,
-            self._hasher,
+            Hasher(f"scrub-{peer}", lambda: self.post(Hashed())),
             self._wire,
             self._pump,
             stats,
@@ -234,6 +234,7 @@ class Link(threading.Thread):
         finally:
             self.stats.set_state("stopped")
             self._hasher.stop()
+            self._scrubs.close()
             self._backlog.close()
 
     def _fail(self, state: str, msg: str, level: int) -> None:
@@ -406,7 +407,7 @@ class Link(threading.Thread):
         self._pump.want(ev.op, F.unpack_ranges(ev.ranges))
 
     def _on_error(self, ev: F.Error) -> None:
-        if not ev.fatal and self._scrubs.refused(ev.op, ev.message):
+        if not ev.fatal and self._scrubs.refused(ev.op, ev.code, ev.message):
             return  # the peer could not check a file
         answer = self._answers.error(ev)  # a fatal Error raises: the peer closes the link
         self._pump.cancel(ev.op)

@@ -34,7 +34,12 @@ _LINK = [
         "Bytes the peer copied from its own version instead of receiving them",
         "counter",
     ),
-    ("mend_requests_total", "mend_requests", "Files the peer found damaged", "counter"),
+    (
+        "mend_requests_total",
+        "mend_requests",
+        "Want frames: files the peer found damaged",
+        "counter",
+    ),
     (
         "mend_bytes_total",
         "mend_bytes",
@@ -62,6 +67,18 @@ _SESSION = [
     ("commits_total", "commits", "Group commits (sync rounds)", "counter"),
     ("conflicts_total", "conflicts", "Two-way conflicts resolved", "counter"),
     ("delta_files_total", "delta_files", "Files received as deltas", "counter"),
+    (
+        "delta_bytes_copied_total",
+        "delta_bytes_copied",
+        "Bytes of deltas copied from the published version",
+        "counter",
+    ),
+    (
+        "verify_bytes_requested_total",
+        "verify_bytes_requested",
+        "Bytes asked for again because they did not match the block map",
+        "counter",
+    ),
     (
         "verify_mismatches_total",
         "verify_mismatches",

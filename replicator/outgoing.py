@@ -111,8 +111,8 @@ class FileSend:
     copied: int = 0
     #: A mend (Want): the file digest End repeats; no Blocks are sent.
     mend_digest: bytes | None = None
-    #: A repair (scrub): blocks sent even where the base matches.
-    force: frozenset[int] = frozenset()
+    #: A repair (scrub): byte ranges sent even where the base matches.
+    force: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def begin(
@@ -127,7 +127,7 @@ class FileSend:
         algo: int = 1,
         base: BlockMap | None = None,
         hasher: Hasher | None = None,
-        force: frozenset[int] = frozenset(),
+        force: tuple[tuple[int, int], ...] = (),
     ) -> tuple[FileSend, F.File] | None:
         """Open the source ``found`` (confined: ``paths.Source.locate`` found
         it without following symlinks) and make the ``File`` frame that

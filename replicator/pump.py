@@ -215,7 +215,7 @@ class Pump:
             return self.files.start(m, key, since, found, live)
         return self._send_op(ev, key, since, src, live=live)
 
-    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool:
+    def repair(self, mid: int, rel: bytes, bad: list[tuple[int, int]]) -> str:
         """A scrub found the peer's copy of ``rel`` damaged (filesends.py)."""
         return self.files.repair(mid, rel, bad)
 

@@ -52,6 +52,8 @@ class Verify:
 
 #: Differences listed in status (all are counted and logged).
 MAX_LISTED = 100
+#: Seconds a repair may go unanswered before the scrub stops waiting for it.
+REPAIR_WAIT = 120.0
 #: Entries looked at per step at most (skipped ones too): the link thread
 #: goes back to its other work in between.
 WALK_SLICE = 1000
@@ -64,7 +66,9 @@ class Difference:
     offset: int
     size_here: int
     size_there: int | None
-    #: "differs", "missing" (the peer has no such file), "repairing", "repaired"
+    #: "differs", "missing" (the peer has no such file), "unreadable" (the
+    #: peer could not read its copy: see its log), "repairing", "repaired",
+    #: "not repaired" (the file went away here, or no answer came)
     state: str = "differs"
 
 
@@ -106,6 +110,8 @@ class Report:
 @dataclass
 class _Check:
     rel: bytes
+    #: The local state when it was hashed.
+    st: EntryState
     here: BlockMap
     there: bytearray = field(default_factory=bytearray)
     size: int = -1
@@ -123,7 +129,7 @@ class Scrub:
         hasher: Hasher,
         send: Callable[[F.Event], None],
         next_op: Callable[[], int],
-        repair: Callable[[int, bytes, list[int]], bool],
+        repair: Callable[[int, bytes, list[tuple[int, int]]], str],
         rate: float,
         report: Report,
         log: Any,
@@ -132,6 +138,8 @@ class Scrub:
         self._remote = remote
         self._backlog = backlog
         self._inflight = inflight
+        #: Scrubs hash on a thread of their own: a big file being scrubbed
+        #: must not hold up the maps of files being sent.
         self._hasher = hasher
         self._send = send
         self._next_op = next_op
@@ -145,15 +153,21 @@ class Scrub:
         self.checks: dict[int, _Check] = {}
         self._t0 = time.monotonic()
         self._walked = False
-        #: Repairs sent, by path, until their answer (see ``answered``).
-        self._repairing: dict[bytes, Difference] = {}
+        #: Repairs sent, by path, with when (monotonic), until their answer.
+        self._repairing: dict[bytes, tuple[Difference, float]] = {}
+        #: Repairs that could not go yet (no room, a change in flight).
+        self._to_repair: list[tuple[bytes, Difference, list[tuple[int, int]]]] = []
 
     # -- driving --------------------------------------------------------------
 
     def due(self) -> float | None:
         """Monotonic time the next file may start (rate), None if it waits
         for something else (a hash, the peer) or is done."""
-        if self.report.state != "running" or self._hashing is not None or self.checks:
+        if self.report.state != "running":
+            return None
+        if self._to_repair or (self._repairing and self._walked):
+            return time.monotonic() + 0.2  # room for a repair; a repair's answer
+        if self._hashing is not None or self.checks or self._walked:
             return None
         return self._t0 + self.report.bytes_checked / self._rate
 
@@ -162,12 +176,15 @@ class Scrub:
         r = self.report
         if r.state != "running":
             return False
+        worked = self._send_repairs()
+        if self._repairing and self._walked:
+            self._give_up_repairs()
         if self._hashing is not None:
             return self._hashed()
-        if self.checks:
-            return False
+        if self.checks or self._walked:
+            return worked
         if time.monotonic() < self._t0 + r.bytes_checked / self._rate:
-            return False
+            return worked
         for n, (rel, st) in enumerate(self._walk):
             if self._start(rel, st) or n >= WALK_SLICE:
                 return True
@@ -216,7 +233,7 @@ class Scrub:
 
     def _hashed(self) -> bool:
         assert self._hashing is not None
-        rel, _, job = self._hashing
+        rel, st, job = self._hashing
         if not job.done.is_set():
             return False
         self._hashing = None
@@ -224,7 +241,7 @@ class Scrub:
             self.report.skipped += 1
             return True
         op = self._next_op()
-        self.checks[op] = _Check(rel, job.map)
+        self.checks[op] = _Check(rel, st, job.map)
         self._send(F.Check(op, self.m.id, job.map.algo, job.map.block_size, rel))
         self.report.bytes_checked += job.map.size
         return True
@@ -240,8 +257,10 @@ class Scrub:
         if len(c.there) // here.dsize < count:
             return
         del self.checks[ev.op]
-        self.report.files_checked += 1
         self.report.current = None
+        if self._moved_on(c.rel, c.st):
+            return
+        self.report.files_checked += 1
         there = BlockMap(here.algo, ev.size, here.block_size, bytes(c.there))
         bad = here.differing(there)
         if ev.size == here.size and not bad:
@@ -250,18 +269,44 @@ class Scrub:
         offset = min(ev.size, here.size)
         if bad:
             offset = min(offset, here.block(bad[0])[0])
-        self._differs(c.rel, Difference(paths.show(c.rel), offset, here.size, ev.size), bad)
+        d = Difference(paths.show(c.rel), offset, here.size, ev.size)
+        self._differs(c.rel, d, here.ranges(bad) if bad else [(offset, here.size - offset)])
 
-    def refused(self, op: int, message: str) -> None:
-        """The peer could not check a file (it has none there, or cannot read it)."""
+    def _moved_on(self, rel: bytes, st: EntryState) -> bool:
+        """The file changed here (or a change of it is on its way) since it
+        was hashed: what the peer holds is not comparable; skip it."""
+        key = (self.m.id, rel)
+        found = Source(self.m.root).locate(rel)
+        now = None if found is None else EntryState.from_stat(found.st, found.target)
+        if found is not None:
+            found.close()
+        if (
+            now is None
+            or self._backlog.holds(key)
+            or self._inflight.busy(key)
+            or self.m.compare(now, st, self._remote.preserve) is not Change.NONE
+        ):
+            self.report.skipped += 1
+            self._finish_if_done()
+            return True
+        return False
+
+    def refused(self, op: int, code: int, message: str) -> None:
+        """The peer could not check a file: it has none there (CONFLICT:
+        "missing", repairable), or could not read it (see its log)."""
         c = self.checks.pop(op)
-        self.report.files_checked += 1
         self.report.current = None
-        d = Difference(paths.show(c.rel), 0, c.here.size, None, "missing")
+        if self._moved_on(c.rel, c.st):
+            return
+        self.report.files_checked += 1
+        missing = code == F.ErrorCode.CONFLICT
+        d = Difference(
+            paths.show(c.rel), 0, c.here.size, None, "missing" if missing else "unreadable"
+        )
         self._log.warning("verify: %s on the peer: %s", d.path, message)
-        self._differs(c.rel, d, list(range(c.here.count)))
+        self._differs(c.rel, d, [(0, c.here.size)] if missing else None)
 
-    def _differs(self, rel: bytes, d: Difference, bad: list[int]) -> None:
+    def _differs(self, rel: bytes, d: Difference, bad: list[tuple[int, int]] | None) -> None:
         r = self.report
         r.differing += 1
         self._log.warning(
@@ -273,23 +318,51 @@ class Scrub:
             "none" if d.size_there is None else d.size_there,
             "; repairing" if r.repair else "",
         )
-        if r.repair and self._repair(self.m.id, rel, bad):
-            d.state = "repairing"
-            self._repairing[rel] = d
+        if r.repair and bad is not None:
+            self._to_repair.append((rel, d, bad))
+            self._send_repairs()
         if len(r.differences) < MAX_LISTED:
             r.differences.append(d)
         self._finish_if_done()
 
+    def _send_repairs(self) -> bool:
+        sent = False
+        while self._to_repair:
+            rel, d, bad = self._to_repair[0]
+            verdict = self._repair(self.m.id, rel, bad)
+            if verdict == "later":
+                break
+            self._to_repair.pop(0)
+            if verdict == "sent":
+                d.state = "repairing"
+                self._repairing[rel] = (d, time.monotonic())
+                sent = True
+            else:
+                d.state = "not repaired"
+        return sent
+
+    def _give_up_repairs(self) -> None:
+        """A repair whose file was aborted and then found equal, or deleted,
+        gets no answer of its own: after REPAIR_WAIT, stop waiting for it."""
+        now = time.monotonic()
+        for rel, (d, since) in list(self._repairing.items()):
+            if now - since > REPAIR_WAIT:
+                del self._repairing[rel]
+                d.state = "not repaired"
+        self._finish_if_done()
+
     def answered(self, rel: bytes, ok: bool) -> None:
-        """The peer answered the repair of ``rel``."""
-        d = self._repairing.pop(rel, None)
-        if d is None:
+        """The peer answered an operation on ``rel``: the repair, or what
+        replaced it (the file changed meanwhile)."""
+        entry = self._repairing.pop(rel, None)
+        if entry is None:
             return
+        d = entry[0]
         if ok:
             d.state = "repaired"
             self.report.repaired += 1
         else:
-            d.state = "differs"
+            d.state = "not repaired"
         self._finish_if_done()
 
     def _finish_if_done(self) -> None:
@@ -300,6 +373,7 @@ class Scrub:
             and self._hashing is None
             and not self.checks
             and not self._repairing
+            and not self._to_repair
         ):
             r.state = "done"
             r.finished = time.time()
@@ -324,6 +398,7 @@ class Scrub:
                 self._hashing = None
             self.checks.clear()
             self._repairing.clear()
+            self._to_repair.clear()
 
 
 class Pump(Protocol):
@@ -331,7 +406,7 @@ class Pump(Protocol):
 
     def next_op(self) -> int: ...
 
-    def repair(self, mid: int, rel: bytes, bad: list[int]) -> bool: ...
+    def repair(self, mid: int, rel: bytes, bad: list[tuple[int, int]]) -> str: ...
 
 
 class Wire(Protocol):
@@ -366,6 +441,8 @@ class Scrubs:
         self._remote = remote
         self._backlog = backlog
         self._inflight = inflight
+        #: Scrubs hash on a thread of their own: a big file being scrubbed
+        #: must not hold up the maps of files being sent.
         self._hasher = hasher
         self._wire = wire
         self._pump = pump
@@ -374,6 +451,8 @@ class Scrubs:
         self._log = log
         #: Running or last run, by mirror id.
         self._runs: dict[int, Scrub] = {}
+        #: Asked for while the peer's listing was still coming in.
+        self._waiting: dict[int, Verify] = {}
         #: When each mirror's next periodic scrub is due (monotonic).
         self._next = {
             m.id: time.monotonic() + m.verify_interval
@@ -388,8 +467,11 @@ class Scrubs:
         old = self._runs.get(m.id)
         if old is not None and old.report.state == "running":
             return  # one at a time; its report already shows in status
+        if self._wire.conn is not None and not self._remote[m.id].listed:
+            self._waiting[m.id] = msg  # the peer's listing is still coming in
+            return
         report = Report(msg.repair)
-        if self._wire.conn is None or not self._remote[m.id].listed:
+        if self._wire.conn is None:
             report.state, report.error = "stopped", "the link to the peer is not up"
             report.finished = time.time()
         self._runs[m.id] = Scrub(
@@ -410,6 +492,10 @@ class Scrubs:
     def step(self) -> bool:
         """Start what is due, move every scrub on; True if any did something."""
         now = time.monotonic()
+        for mid, msg in list(self._waiting.items()):
+            if self._remote[mid].listed or self._wire.conn is None:
+                del self._waiting[mid]
+                self.start(msg)
         for mid, due in self._next.items():
             if now >= due and self._remote[mid].listed:
                 self._next[mid] = now + self._mirrors[mid].verify_interval
@@ -442,25 +528,31 @@ class Scrubs:
             s.checked(ev)
             self._show(s.m.id)
 
-    def refused(self, op: int, message: str) -> bool:
+    def refused(self, op: int, code: int, message: str) -> bool:
         """The peer refused ``op``: True if it was a Check (handled here)."""
         s = self._of(op)
         if s is None:
             return False
-        s.refused(op, message)
+        s.refused(op, code, message)
         self._show(s.m.id)
         return True
 
     def answered(self, rec: Record | None, ok: bool) -> None:
-        """A file operation was answered: it may be a scrub's repair."""
-        if rec is None or rec.kind is not F.File:
+        """An operation was answered: it may be a scrub's repair (or what
+        replaced it: a new version of the file, its delete)."""
+        if rec is None:
             return
         s = self._runs.get(rec.key[0])
         if s is not None:
-            s.answered(rec.key[1], ok)
+            s.answered(rec.key[1], ok and rec.kind is F.File)
             self._show(s.m.id)
 
     def stop_all(self, why: str) -> None:
+        self._waiting.clear()
         for mid, s in self._runs.items():
             s.stop(why)
             self._show(mid)
+
+    def close(self) -> None:
+        """The link ends."""
+        self._hasher.stop()

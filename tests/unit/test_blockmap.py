@@ -406,3 +406,22 @@ def test_thread_buffer_is_per_thread() -> None:
         t.join()
     assert len(theirs) == 2 and theirs[0] is not theirs[1]
     assert all(b is not mine and len(b) == READ_SIZE for b in theirs)
+
+
+def test_plan_sends_forced_ranges_even_where_the_base_matches() -> None:
+    """A scrub found the peer's copy damaged: its map (the base) still says
+    the blocks are fine, so the repair forces them (byte ranges, whatever
+    geometry the scrub hashed in)."""
+    data = os.urandom(4 * MIN_BLOCK)
+    m = map_bytes(data, XXH3_128, MIN_BLOCK)
+    assert m.plan(m) == [(True, 0, 4 * MIN_BLOCK)]
+    forced = m.plan(m, force=[(MIN_BLOCK + 5, 10), (3 * MIN_BLOCK - 1, 2)])
+    assert forced == [
+        (True, 0, MIN_BLOCK),
+        (False, MIN_BLOCK, 3 * MIN_BLOCK),
+    ]
+    # a range in a coarser geometry (2 blocks) maps onto this one's blocks
+    assert m.plan(m, force=[(2 * MIN_BLOCK, 2 * MIN_BLOCK)]) == [
+        (True, 0, 2 * MIN_BLOCK),
+        (False, 2 * MIN_BLOCK, 2 * MIN_BLOCK),
+    ]

@@ -688,3 +688,73 @@ def test_a_want_crossing_a_file_on_the_wire() -> None:
     ini.received(crossing_want)
     acc.received(crossing_file)
     assert set(ini.files) == set(acc.files) == set(range(1, F.MAX_OPEN_FILES + 2))
+
+
+# -- Check / Checked (scrub) ------------------------------------------------------------
+
+D16 = bytes(16)
+
+
+def check(op: int = 30, bs: int = BS) -> F.Check:
+    return F.Check(op, 1, 1, bs, b"f")
+
+
+def test_a_check_is_answered_by_its_checked_frames() -> None:
+    pair = Pair()
+    pair(check(30), F.Checked(30, 3 * BS, 0, D16 * 2), F.Checked(30, 3 * BS, 2, D16))
+    pair.settled()
+    assert pair.ini._checks.pending == {} and pair.acc._checks.pending == {}
+
+
+def test_an_empty_file_is_one_checked_without_digests() -> None:
+    pair = Pair()
+    pair(check(31), F.Checked(31, 0, 0, b""))
+    pair.settled()
+
+
+def test_a_refused_check_is_answered() -> None:
+    pair = Pair()
+    pair(check(32), F.Error(F.ErrorCode.CONFLICT, 32, 0, "not a regular file here"))
+    pair.settled()
+    assert pair.acc._checks.pending == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        F.Checked(33, 3 * BS, 1, D16),  # not from the first block
+        F.Checked(33, 3 * BS, 0, D16 * 4),  # more blocks than the file has
+        F.Checked(33, 3 * BS, 0, b"\0" * 15),  # not whole digests
+        F.Checked(33, 3 * BS, 0, b""),  # no digest for a non-empty file
+        F.Checked(99, 3 * BS, 0, D16),  # no such Check
+    ],
+)
+def test_checked_frames_follow_their_check(bad: F.Checked) -> None:
+    pair = Pair()
+    pair(check(33))
+    pair.refused(bad, F.ErrorCode.UNEXPECTED)
+
+
+def test_checked_frames_agree_on_the_size() -> None:
+    pair = Pair()
+    pair(check(34), F.Checked(34, 3 * BS, 0, D16))
+    pair.refused(F.Checked(34, 4 * BS, 1, D16), F.ErrorCode.UNEXPECTED)
+
+
+def test_a_check_is_not_acked() -> None:
+    pair = Pair()
+    pair(check(35))
+    with pytest.raises(LocalProtocolError):
+        pair.acc.sending(F.Ack(35))
+    with pytest.raises(RemoteProtocolError):
+        pair.ini.received(F.Ack(35))
+
+
+@pytest.mark.parametrize("bad", [F.Check(36, 1, 9, BS, b"f"), F.Check(36, 1, 1, 4096, b"f")])
+def test_a_check_names_a_known_digest_and_block_size(bad: F.Check) -> None:
+    pair = Pair()
+    with pytest.raises(LocalProtocolError):
+        pair.ini.sending(bad)
+    with pytest.raises(RemoteProtocolError) as e:
+        pair.acc.received(bad)
+    assert e.value.code is F.ErrorCode.MALFORMED
