@@ -17,10 +17,15 @@ connection state; that is ``protocol.Connection``'s job.
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+# The protocol's numbers live in codes.py; they are used as frames.ErrorCode etc.
+from .codes import RETRYABLE as RETRYABLE
+from .codes import AbortReason as AbortReason
+from .codes import EntryKind as EntryKind
+from .codes import ErrorCode as ErrorCode
 
 #: Protocol versions this implementation speaks. Version 1 did not
 #: authenticate frames after the handshake; version 2 had no block maps
@@ -61,84 +66,6 @@ def clip_text(text: str, limit: int = MAX_TEXT) -> str:
     if len(raw) <= limit:
         return raw.decode("utf-8")
     return raw[: limit - 3].decode("utf-8", "ignore") + "..."
-
-
-class ErrorCode(enum.IntEnum):
-    """Reason codes carried by ``Error`` frames."""
-
-    #: A frame could not be decoded.
-    MALFORMED = 1
-    #: A length field is larger than the protocol allows.
-    TOO_LARGE = 2
-    #: A frame arrived in a state where it is not allowed.
-    UNEXPECTED = 3
-    #: No protocol version in common.
-    VERSION = 4
-    #: Authentication failed (unknown peer or wrong key).
-    AUTH = 5
-    #: The peer may not push into this mirror here.
-    FORBIDDEN = 6
-    #: A path is not a safe relative path inside the mirror.
-    BAD_PATH = 7
-    #: The receiver's filesystem is full; retry later.
-    NO_SPACE = 8
-    #: The receiver hit an I/O error; retry later.
-    IO_ERROR = 9
-    #: A resume offset does not match the partial file the receiver holds.
-    RESUME_MISMATCH = 10
-    #: A limit (open files, unacked operations) was exceeded.
-    LIMIT = 11
-    #: The receiver is shutting down.
-    SHUTTING_DOWN = 12
-    #: The mirror is not configured on the receiver.
-    UNKNOWN_MIRROR = 13
-    #: The receiver failed for a reason of its own.
-    INTERNAL = 14
-    #: The operation conflicts with what the receiver holds (e.g. a file where
-    #: a directory is needed).
-    CONFLICT = 15
-    #: The peer sent nothing for too long.
-    TIMEOUT = 16
-    #: A frame failed its integrity check: it was altered, replayed, reordered,
-    #: dropped or injected on the way (or the peer has a bug).
-    INTEGRITY = 17
-    #: A delta's base is not what the receiver holds (its copy changed since
-    #: it was published, or it has no record of it): send the whole file.
-    BASE_CHANGED = 18
-    #: The received file did not match the sender's block map, even after its
-    #: bad blocks were sent again; the partial was discarded.
-    VERIFY_FAILED = 19
-
-
-#: Codes that describe a transient condition on the receiver: the sender keeps
-#: the change and retries later.
-RETRYABLE = frozenset(
-    {
-        ErrorCode.NO_SPACE,
-        ErrorCode.IO_ERROR,
-        ErrorCode.RESUME_MISMATCH,
-        ErrorCode.INTERNAL,
-        ErrorCode.CONFLICT,
-        ErrorCode.SHUTTING_DOWN,
-        ErrorCode.BASE_CHANGED,
-        ErrorCode.VERIFY_FAILED,
-    }
-)
-
-
-class EntryKind(enum.IntEnum):
-    FILE = 1
-    DIR = 2
-    SYMLINK = 3
-
-
-class AbortReason(enum.IntEnum):
-    #: The source changed or shrank while it was being sent.
-    SOURCE_CHANGED = 1
-    #: The source vanished or could not be read.
-    SOURCE_GONE = 2
-    #: The sender is shutting down the transfer.
-    CANCELLED = 3
 
 
 class FrameError(Exception):
@@ -481,6 +408,17 @@ class Want(Event):
 
     op: int
     ranges: bytes
+
+
+@_frame(27, "op:u32 offset:u64 length:u64")
+@dataclass(frozen=True)
+class Hole(Event):
+    """``length`` bytes at ``offset`` of file ``op`` are a hole (zeros the
+    source does not store): leave a hole there, nothing follows."""
+
+    op: int
+    offset: int
+    length: int
 
 
 # Scrub (replicatorctl verify)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 
@@ -183,6 +184,20 @@ class Inbound:
         for op in [op for op, m in self.ops.items() if op not in m.files]:
             del self.ops[op]
         return out
+
+    def hole(self, ev: F.Hole) -> list[Answer]:
+        """A hole of a sparse file: the partial is extended over it, nothing
+        is written (the replica stays sparse)."""
+        m = self.ops.get(ev.op)
+        p = None if m is None else m.files.get(ev.op)
+        if m is None or p is None:
+            return []
+        try:
+            os.ftruncate(p.fd, ev.offset + ev.length)
+        except OSError as e:
+            return m.fail(p, e)
+        self.stats.hole_bytes += ev.length
+        return m.wrote(p, ev.length)
 
     def copy(self, ev: F.Copy) -> list[Answer]:
         """A delta's range that is unchanged: copy it from the published file."""

@@ -33,6 +33,7 @@ ACCEPTOR_RECEIVES: frozenset[type[F.Event]] = frozenset(
         F.File,
         F.Chunk,
         F.Copy,
+        F.Hole,
         F.Blocks,
         F.End,
         F.Abort,
@@ -158,6 +159,12 @@ class _Files:
         if ev.length == 0:
             raise self.err(F.ErrorCode.MALFORMED, "Copy of 0 bytes")
         self._advance(f, ev.op, ev.offset, ev.length, "Copy")
+
+    def hole(self, ev: F.Hole) -> None:
+        f = self._get(ev.op, "Hole")
+        if f.mend is not None or ev.length == 0:
+            raise self.err(F.ErrorCode.UNEXPECTED, f"Hole {ev.offset}+{ev.length} of file {ev.op}")
+        self._advance(f, ev.op, ev.offset, ev.length, "Hole")
 
     def blocks(self, ev: F.Blocks) -> None:
         f = self._get(ev.op, "Blocks")
@@ -302,6 +309,8 @@ class InitiatorRules:
                 self.unacked.add(ev.op)
             case F.Copy():
                 files.copy(ev)
+            case F.Hole():
+                files.hole(ev)
             case F.Blocks():
                 files.blocks(ev)
             case F.End():
@@ -408,6 +417,8 @@ class AcceptorRules:
                 files.begin(ev)
             case F.Copy():
                 files.copy(ev)
+            case F.Hole():
+                files.hole(ev)
             case F.Blocks():
                 files.blocks(ev)
             case F.End():

@@ -22,6 +22,7 @@ for the rest. A *mend* sends again the ranges the receiver found bad
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import socket
 import stat
@@ -78,7 +79,57 @@ class Step(enum.Enum):
 
 
 #: A run of the file to produce on the peer: (copy from its base?, offset, length).
-Run = tuple[bool, int, int]
+Run = tuple[int, int, int]
+#: Kinds of runs: bytes sent, bytes the peer copies from its base, a hole.
+SEND, COPY, HOLE = 0, 1, 2
+#: Holes smaller than this are sent as the zeros they read as (a frame
+#: each would cost more than it saves).
+HOLE_MIN = 64 * 1024
+
+
+def holes(fd: int, st: os.stat_result) -> list[tuple[int, int]]:
+    """The holes of a sparse file of HOLE_MIN bytes or more, as (offset,
+    length), found with SEEK_DATA/SEEK_HOLE; none for a file that stores
+    all its bytes (the common case: one comparison, no syscall)."""
+    size = st.st_size
+    if st.st_blocks * 512 >= size:
+        return []
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                return []  # no SEEK_DATA here: treat it as dense
+            data = size  # nothing but a hole to the end
+        if data - pos >= HOLE_MIN:
+            out.append((pos, data - pos))
+        if data >= size:
+            break
+        pos = os.lseek(fd, data, os.SEEK_HOLE)
+    return out
+
+
+def split_holes(runs: list[Run], hs: list[tuple[int, int]]) -> list[Run]:
+    """``runs`` with the parts that lie in holes ``hs`` turned into HOLE runs."""
+    if not hs:
+        return runs
+    out: list[Run] = []
+    for kind, off, n in runs:
+        end = off + n
+        for h_off, h_n in hs:
+            h_end = h_off + h_n
+            if h_end <= off or h_off >= end:
+                continue
+            if h_off > off:
+                out.append((kind, off, h_off - off))
+            cut = min(end, h_end)
+            out.append((HOLE, max(off, h_off), cut - max(off, h_off)))
+            off = cut
+        if off < end:
+            out.append((kind, off, end - off))
+    return out
 
 
 @dataclass
@@ -109,6 +160,8 @@ class FileSend:
     todo: deque[Run] | None = field(default_factory=deque)
     #: Bytes the peer took from its base instead of the wire (deltas).
     copied: int = 0
+    #: Bytes of holes the peer left as holes instead of receiving zeros.
+    hole_bytes: int = 0
     #: A mend (Want): the file digest End repeats; no Blocks are sent.
     mend_digest: bytes | None = None
     #: A repair (scrub): byte ranges sent even where the base matches.
@@ -164,9 +217,11 @@ class FileSend:
             offset = held.held
         s = cls(op, key, mirror, found.take(), file, st, offset, since, start=offset)
         s.map, s.job, s.base, s.force = bmap, job, base, force
-        s.todo = None if base is not None else deque([(False, offset, size - offset)])
-        if s.todo is not None and size == offset:
-            s.todo.clear()
+        if base is None:
+            runs = [(SEND, offset, size - offset)] if size > offset else []
+            s.todo = deque(split_holes(runs, holes(file.fd, st)))
+        else:
+            s.todo = None
         frame = F.File(
             op,
             mirror_id,
@@ -206,7 +261,7 @@ class FileSend:
             file.close()
             return None
         s = cls(op, key, mirror, found.take(), file, st, 0, since)
-        s.todo = deque((False, o, n) for o, n in ranges)
+        s.todo = deque((SEND, o, n) for o, n in ranges)
         s.mend_digest = digest
         return s
 
@@ -229,7 +284,7 @@ class FileSend:
         """Payload bytes still to send (a delta waiting for its map: all)."""
         if self.todo is None:
             return self.size - self.offset
-        return sum(n for copy, _, n in self.todo if not copy)
+        return sum(n for kind, _, n in self.todo if kind == SEND)
 
     @property
     def version(self) -> bytes:
@@ -263,14 +318,20 @@ class FileSend:
             if waiting is not None:
                 return waiting, 0
             assert self.map is not None and self.base is not None
-            self.todo = deque(self.map.plan(self.base, self.offset, self.force))
+            plan = self.map.plan(self.base, self.offset, self.force)
+            runs = [(COPY if copy else SEND, off, n) for copy, off, n in plan]
+            self.todo = deque(split_holes(runs, holes(self.fd, self.st)))
         todo = self.todo
-        while todo and todo[0][0]:
-            _, off, n = todo.popleft()
-            header = conn.send(F.Copy(self.op, off, n))
+        while todo and todo[0][0] != SEND:
+            kind, off, n = todo.popleft()
+            if kind == COPY:
+                header = conn.send(F.Copy(self.op, off, n))
+                self.copied += n
+            else:
+                header = conn.send(F.Hole(self.op, off, n))
+                self.hole_bytes += n
             self.frame_bytes += len(header)
             wbuf += header
-            self.copied += n
             self.offset = off + n
         if not todo:
             return self._verdict(), 0
@@ -294,7 +355,7 @@ class FileSend:
         if n == run:
             todo.popleft()
         else:
-            todo[0] = (False, off + n, run - n)
+            todo[0] = (SEND, off + n, run - n)
         self.offset = off + n
         if todo:
             return Step.MORE, n

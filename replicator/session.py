@@ -368,6 +368,8 @@ class Session:
                 self._answer(inbound.begin(ev))
             case F.Copy():
                 self._answer(inbound.copy(ev))
+            case F.Hole():
+                self._answer(inbound.hole(ev))
             case F.Blocks():
                 inbound.blocks(ev)
             case F.End():

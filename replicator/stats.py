@@ -45,6 +45,8 @@ class LinkStats:
     #: earlier version instead of receiving them.
     delta_files: int = 0
     delta_bytes_copied: int = 0
+    #: Bytes of sparse files' holes left as holes on the peer (not sent).
+    hole_bytes: int = 0
     #: Byte ranges the peer found bad (did not match the block map) and
     #: asked for again; files whose ranges were sent again.
     mend_requests: int = 0
@@ -123,6 +125,8 @@ class SessionStats:
     #: Files received as deltas; bytes copied from our published version.
     delta_files: int = 0
     delta_bytes_copied: int = 0
+    #: Bytes of sparse files' holes left as holes here.
+    hole_bytes: int = 0
     #: Files that did not match the sender's block map when complete (each
     #: is logged with its first bad offset), bytes asked for again, and
     #: files given up after MAX_MENDS attempts.

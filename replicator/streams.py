@@ -62,11 +62,12 @@ class Streams:
             self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
             self._stats.bytes_sent += len(wire.buf)
         headers = s.frame_bytes
-        copied = s.copied
+        copied, hole_bytes = s.copied, s.hole_bytes
         step, n = s.step(sock, conn, wire.buf)
         self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
+        self._stats.hole_bytes += s.hole_bytes - hole_bytes
         if n:
             wire.last_tx = time.monotonic()
         if step is Step.WAIT:

@@ -72,6 +72,7 @@ WIRE = {
     24: ("Want", "op:u32 ranges:data"),
     25: ("Check", "op:u32 mirror:u16 algo:u8 block_size:u32 path:path"),
     26: ("Checked", "op:u32 size:u64 first:u32 digests:data"),
+    27: ("Hole", "op:u32 offset:u64 length:u64"),
 }
 
 ALL_FRAMES = [F.EVENTS[k] for k in sorted(F.EVENTS)]
@@ -140,6 +141,10 @@ def test_constants() -> None:
         (
             F.Copy(7, 4096, 1 << 33),
             "16 00 0000 00000014 00000007 0000000000001000 0000000200000000",
+        ),
+        (
+            F.Hole(7, 4096, 1 << 33),
+            "1b 00 0000 00000014 00000007 0000000000001000 0000000200000000",
         ),
         (
             F.Blocks(7, 2, b"\x11" * 16 + b"\x22" * 16),
@@ -400,6 +405,7 @@ SAMPLES: list[tuple[F.Event, Role, Callable[[Connection, Connection], None]]] = 
     (file_frame(5, 3 * BLOCK, base=b"\xba" * 16), ACC, with_open),
     (F.Chunk(5, 0, 10), ACC, with_file(5, 10)),
     (F.Copy(5, 0, 2 * BLOCK), ACC, with_file(5, 3 * BLOCK, base=DIGEST)),
+    (F.Hole(5, 0, 2 * BLOCK), ACC, with_file(5, 3 * BLOCK)),
     (F.Blocks(5, 0, DIGEST * 3), ACC, with_file(5, 3 * BLOCK, offset=3 * BLOCK)),
     (F.End(5, DIGEST), ACC, with_file(5, 0)),
     (F.Want(5, F.pack_ranges([(0, 4), (6, 4)])), INI, with_ended_file),

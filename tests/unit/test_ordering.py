@@ -73,7 +73,7 @@ def test_the_tables_cover_every_frame_once() -> None:
 @pytest.mark.parametrize(
     "cls",
     sorted(
-        ACCEPTOR_RECEIVES - {F.Chunk, F.Copy, F.Blocks, F.End, F.Abort, F.Check},
+        ACCEPTOR_RECEIVES - {F.Chunk, F.Copy, F.Hole, F.Blocks, F.End, F.Abort, F.Check},
         key=lambda c: c.KIND,
     ),
 )
@@ -758,3 +758,23 @@ def test_a_check_names_a_known_digest_and_block_size(bad: F.Check) -> None:
     with pytest.raises(RemoteProtocolError) as e:
         pair.acc.received(bad)
     assert e.value.code is F.ErrorCode.MALFORMED
+
+
+# -- Hole (sparse files) ---------------------------------------------------------------
+
+
+def test_holes_advance_a_file_like_data() -> None:
+    pair = Pair()
+    ev = F.File(40, 1, 0, 3 * BS, 0o644, 0, 0, 0, 1, BS, b"v", b"", b"sparse")
+    pair(ev, F.Chunk(40, 0, 10), F.Hole(40, 10, 2 * BS), F.Chunk(40, 2 * BS + 10, BS - 10))
+    pair(F.Blocks(40, 0, D16 * 3), F.End(40, D16))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [F.Hole(41, 5, 10), F.Hole(41, 0, 0), F.Hole(41, 0, 3 * BS + 1), F.Hole(99, 0, 1)],
+)
+def test_a_hole_continues_its_file(bad: F.Hole) -> None:
+    pair = Pair()
+    pair(F.File(41, 1, 0, 3 * BS, 0o644, 0, 0, 0, 1, BS, b"v", b"", b"sparse"))
+    pair.refused(bad, F.ErrorCode.UNEXPECTED)

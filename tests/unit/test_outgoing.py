@@ -165,3 +165,32 @@ def test_a_mend_sends_the_ranges_and_repeats_the_digest(tmp_path: Path) -> None:
         assert FileSend.mend(7, (3, b"f"), "m", found, 1.5, b"old", b"D" * 16, [(0, 1)]) is None
     finally:
         found.close()
+
+
+def test_holes_are_found_with_seek_data_and_split_out_of_runs(tmp_path: Path) -> None:
+    from replicator.outgoing import HOLE, HOLE_MIN, SEND, holes, split_holes
+
+    f = tmp_path / "sparse"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 4096, 0)
+        os.pwrite(fd, b"y" * 4096, 1 << 20)
+        os.ftruncate(fd, 2 << 20)
+        hs = holes(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+    assert hs == [(4096, (1 << 20) - 4096), ((1 << 20) + 4096, (1 << 20) - 4096)]
+    runs = split_holes([(SEND, 0, 2 << 20)], hs)
+    assert runs == [
+        (SEND, 0, 4096),
+        (HOLE, 4096, (1 << 20) - 4096),
+        (SEND, 1 << 20, 4096),
+        (HOLE, (1 << 20) + 4096, (1 << 20) - 4096),
+    ]
+    dense = tmp_path / "dense"
+    dense.write_bytes(b"z" * HOLE_MIN * 2)
+    fd = os.open(dense, os.O_RDONLY)
+    try:
+        assert holes(fd, os.fstat(fd)) == []
+    finally:
+        os.close(fd)

@@ -486,6 +486,7 @@ SAMPLE: dict[type[F.Event], F.Event] = {
     F.File: F.File(1, 1, 0, 0, 0, 0, 0, 0, 1, BLOCK, b"", b"", b"f"),
     F.Chunk: F.Chunk(1, 0, 1),
     F.Copy: F.Copy(1, 0, 1),
+    F.Hole: F.Hole(1, 0, 1),
     F.Blocks: F.Blocks(1, 0, DIGEST),
     F.End: end(1),
     F.Abort: F.Abort(1, 1),
