@@ -102,6 +102,10 @@ class MirrorConfig(_Strict):
     #: is verified against its map before it is published; blockmap.py):
     #: "xxh3-128" (fast), or "blake3" (cryptographic; needs the blake3 package).
     digest: Literal["xxh3-128", "blake3"] = "xxh3-128"
+    #: With preserve = ["owners"]: map users and groups by name ("names",
+    #: rsync's default as root; an unknown name keeps its number) or apply
+    #: the peer's numbers ("numeric", rsync's --numeric-ids).
+    owners: Literal["names", "numeric"] = "names"
     #: Seconds between scrubs of this mirror against each target
     #: (``replicatorctl verify`` without --repair); 0: only when asked.
     verify_interval: float = Field(0.0, ge=0)

@@ -421,6 +421,17 @@ class Hole(Event):
     length: int
 
 
+@_frame(28, "kind:u8 id:u32 name:name")
+@dataclass(frozen=True)
+class Owner(Event):
+    """Sender → receiver: its user (``kind`` 1) or group (2) ``id`` is named
+    ``name`` (owners.py: mapped by name on the receiver)."""
+
+    kind: int
+    id: int
+    name: str
+
+
 # Scrub (replicatorctl verify)
 
 

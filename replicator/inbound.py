@@ -33,6 +33,7 @@ from .config import Config
 from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
 from .inbox import PartialFile
 from .manifest import EntryState
+from .owners import OwnerMap
 from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
 from .stats import SessionStats
 
@@ -113,6 +114,8 @@ class Inbound:
         self._freed: list[Answer] = []
         #: Scrub checks being answered, a slice at a time (checking.py).
         self.checks: deque[CheckJob] = deque()
+        #: The peer's users and groups by name (owners.py).
+        self.owners = OwnerMap(peer)
 
     # -- mirrors -------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class Inbound:
 
     def begin(self, ev: F.File) -> list[Answer]:
         m = self.mirror(ev.mirror)
+        if m.owner_names:
+            ev = self.owners.map_in(ev)
         out = self.fit_fd_budget()
         self.ops[ev.op] = m
         return out + m.begin(ev)
@@ -252,6 +257,8 @@ class Inbound:
 
     def namespace(self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename) -> list[Answer]:
         m = self.mirror(ev.mirror)
+        if m.owner_names:
+            ev = self.owners.map_in(ev)
         return self.fit_fd_budget() + m.namespace(ev)
 
     # -- payload -------------------------------------------------------------

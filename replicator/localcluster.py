@@ -85,6 +85,8 @@ class LocalNode:
     node_extra: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     netns: str | None = None
+    #: A command the daemon runs under (its argv follows), e.g. an unshare.
+    wrap: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.dir = self.workdir / self.name
@@ -166,6 +168,7 @@ class LocalNode:
             "--log-level",
             env.get("REPLICATOR_LOG_LEVEL", "INFO"),
         ]
+        cmd = [*self.wrap, *cmd]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = self.log_path.open("ab")

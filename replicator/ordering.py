@@ -43,6 +43,7 @@ ACCEPTOR_RECEIVES: frozenset[type[F.Event]] = frozenset(
         F.Rename,
         F.Meta,
         F.Check,
+        F.Owner,
         F.Ping,
         F.Pong,
         F.Error,

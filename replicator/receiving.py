@@ -103,6 +103,8 @@ class ReceivingMirror:
     refused: set[int] = field(default_factory=set)
     #: The block maps of the files published here (deltas are made against them).
     maps: PublishedMaps | None = None
+    #: Owners are mapped by name (owners.py), not applied as numbers.
+    owner_names: bool = True
     #: Files whose End came, judged against their block maps.
     verifier: Verifier = field(init=False)
 
@@ -483,4 +485,5 @@ def admit(
         two_way=peer in mcfg.push_to,
         base=lambda path: base(name, path),
         maps=maps,
+        owner_names=mcfg.owners == "names",
     )

@@ -382,6 +382,8 @@ class Session:
                 cannot = inbound.check(ev)
                 if cannot is not None:
                     self._refuse(cannot)
+            case F.Owner():
+                inbound.owners.told(ev)
             case F.Ping():
                 self._queue(F.Pong(ev.nonce))
             case F.Pong():
@@ -396,7 +398,7 @@ class Session:
                 m = inbound.mirror(ev.mirror)
                 self._answer(m.commit())
                 for frame in m.listing(ev.mirror, ev.list_id):
-                    self._queue(frame)
+                    self._queue(inbound.owners.map_out(frame) if m.owner_names else frame)
                 self._flush()
             case F.Error():
                 code = (

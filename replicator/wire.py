@@ -24,6 +24,7 @@ from . import frames as F
 from . import net
 from .config import NodeConfig
 from .errors import AuthFailed, LinkError, RemoteProtocolError
+from .owners import NameBook
 from .protocol import NEED_DATA, Connection, Established, Role
 from .stats import LinkStats
 
@@ -85,6 +86,8 @@ class Wire:
         self.gen = 0
         #: When something last went out (monotonic): heartbeats fill silences.
         self.last_tx = 0.0
+        #: The user and group ids named on this connection (owners.py).
+        self._names = NameBook()
 
     def connect(self, stopping: Callable[[], bool]) -> None:
         """Connect and authenticate; AuthFailed if the peer refused our key."""
@@ -104,6 +107,7 @@ class Wire:
             expect_peer=self._peer,
         )
         self.conn = conn
+        self._names = NameBook()
         self.gen += 1
         try:
             self._handshake(sock, conn)
@@ -169,8 +173,11 @@ class Wire:
     # -- the link thread's side ---------------------------------------------------------
 
     def queue(self, ev: F.Event) -> None:
-        assert self.conn is not None
-        self.buf += self.conn.send(ev)
+        conn = self.conn
+        assert conn is not None
+        for frame in self._names.frames_for(ev):  # owners by name (owners.py)
+            self.buf += conn.send(frame)
+        self.buf += conn.send(ev)
 
     def flush(self) -> None:
         if self.buf and self.sock is not None:
