@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 rsync lsyncd
+APT_PACKAGES="python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 rsync lsyncd acl
   systemd systemd-container debootstrap dpkg-dev debhelper build-essential fakeroot lintian man-db gdb util-linux"
 
 missing=""

@@ -14,16 +14,18 @@ Runs on the link's thread, like the pump it serves.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 
 from . import frames as F
-from . import paths
+from . import paths, xattrs
 from .answers import Effect, Forget, Remember, release
 from .backlog import Backlog, Key
 from .changes import Flag
 from .frames import EntryKind
 from .hashing import Hasher
+from .inbox import IS_ROOT
 from .inflight import InFlight, Record
 from .logs import Fields
 from .manifest import EntryState
@@ -109,6 +111,7 @@ class FileSends:
             self._backlog.mark(key, (since, 0, again), RESEND_DELAY, persist=False)
             return False
         s, frame = begun
+        self._send_xattrs(r, s.fd)
         if s.resumed:
             self._stats.resumed_files += 1
             self._stats.resumed_bytes_skipped += s.resumed
@@ -238,6 +241,7 @@ class FileSends:
         if begun is None:
             return "gone"
         s, frame = begun
+        self._send_xattrs(r, s.fd)
         self._wire.queue(frame)
         self._inflight.track(
             op, Record(F.File, key, s.since, EntryState.from_stat(s.st), size=s.size)
@@ -245,6 +249,31 @@ class FileSends:
         self._stats.ops_sent += 1
         self.streams.add(s)
         return "sent"
+
+    def _send_xattrs(self, r: RemoteMirror, fd: int) -> None:
+        """The attributes of the entry about to go, if the peer applies them."""
+        if r.preserve & xattrs.ANY:
+            try:
+                pairs = xattrs.read(fd, r.preserve, IS_ROOT)
+            except OSError as e:
+                self._log.warning("cannot read extended attributes: %s", e)
+                pairs = []
+            for frame in xattrs.frames(pairs):
+                self._wire.queue(frame)
+
+    def send_xattrs_of(self, r: RemoteMirror, found: Located) -> None:
+        """Those of a directory (Mkdir, Meta) or file (Meta) ``found``."""
+        if not r.preserve & xattrs.ANY or found.st is None:
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(found.name, flags, dir_fd=found.dir_fd)
+        except OSError:
+            return  # gone or a symlink meanwhile: the next look sends it
+        try:
+            self._send_xattrs(r, fd)
+        finally:
+            os.close(fd)
 
     def remember(self, e: Remember | Forget) -> None:
         """What the peer holds now, for the next delta (answers.py)."""

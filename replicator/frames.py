@@ -432,6 +432,17 @@ class Owner(Event):
     name: str
 
 
+@_frame(29, "more:u8 name:name value:data")
+@dataclass(frozen=True)
+class Xattr(Event):
+    """Sender → receiver: an extended attribute of the entry of the next
+    operation (``more``: the value goes on in the next Xattr frame)."""
+
+    more: int
+    name: str
+    value: bytes
+
+
 # Scrub (replicatorctl verify)
 
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 from . import frames as F
-from . import transfer
+from . import transfer, xattrs
 from .checking import CheckJob
 from .config import Config
 from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
@@ -36,6 +36,7 @@ from .manifest import EntryState
 from .owners import OwnerMap
 from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
 from .stats import SessionStats
+from .xattrs import Pending
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Inbound:
         self.checks: deque[CheckJob] = deque()
         #: The peer's users and groups by name (owners.py).
         self.owners = OwnerMap(peer)
+        #: Extended attributes sent for the next operation (xattrs.py).
+        self.xattrs = Pending()
 
     # -- mirrors -------------------------------------------------------------
 
@@ -163,9 +166,20 @@ class Inbound:
         m = self.mirror(ev.mirror)
         if m.owner_names:
             ev = self.owners.map_in(ev)
+        attrs = self.xattrs.take()
         out = self.fit_fd_budget()
         self.ops[ev.op] = m
-        return out + m.begin(ev)
+        out += m.begin(ev)
+        p = m.files.get(ev.op)
+        if p is not None and m.inbox.preserve & xattrs.ANY:
+            p.xattrs = attrs
+        return out
+
+    def xattr(self, ev: F.Xattr) -> None:
+        """An extended attribute of the next operation's entry (xattrs.py)."""
+        complaint = self.xattrs.add(ev)
+        if complaint is not None:
+            raise RemoteProtocolError(F.ErrorCode.TOO_LARGE, complaint)
 
     def end(self, op: int, digest: bytes) -> list[Answer]:
         m = self.ops.get(op)
@@ -259,6 +273,9 @@ class Inbound:
         m = self.mirror(ev.mirror)
         if m.owner_names:
             ev = self.owners.map_in(ev)
+        attrs = self.xattrs.take()
+        if m.inbox.preserve & xattrs.ANY and isinstance(ev, F.Mkdir | F.Meta):
+            m.publisher.next_xattrs = attrs
         return self.fit_fd_budget() + m.namespace(ev)
 
     # -- payload -------------------------------------------------------------

@@ -38,6 +38,7 @@ from .fd import OwnedFd
 from .frames import EntryKind
 from .manifest import EntryState, Preserve
 from .paths import STATE_DIR, Root, open_dir_at, show
+from .xattrs import apply as apply_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class PartialFile:
     mends: int = 0
     #: Where the current chunk's bytes go, when a Want asked for ranges.
     mend_at: int | None = None
+    #: The extended attributes it gets before it is published (None: the
+    #: mirror does not preserve them).
+    xattrs: list[tuple[str, bytes]] | None = None
 
     @property
     def fd(self) -> int:
@@ -247,6 +251,8 @@ class PartialFile:
             chowned = True
         if chowned or creation_mode(mode) != mode:
             os.fchmod(fd, mode)  # after chown, which may clear setuid/setgid bits
+        if self.xattrs is not None:
+            apply_xattrs(fd, self.xattrs, policy, IS_ROOT)
         os.utime(fd, ns=(self.mtime_ns, self.mtime_ns))
 
     def close(self) -> None:

@@ -60,6 +60,10 @@ class Preserve(enum.IntFlag):
     NONE = 0
     OWNERS = 1
     SPECIAL_BITS = 2
+    #: Extended attributes and ACLs (xattrs.py).
+    XATTRS = 4
+    ACLS = 8
+    SECURITY_XATTRS = 16
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> Preserve:

@@ -44,6 +44,7 @@ ACCEPTOR_RECEIVES: frozenset[type[F.Event]] = frozenset(
         F.Meta,
         F.Check,
         F.Owner,
+        F.Xattr,
         F.Ping,
         F.Pong,
         F.Error,

@@ -55,13 +55,16 @@ def plan_path(
     now: float,
     now_ns: int,
     guessed: bool = False,
+    xattrs: bool = False,
 ) -> Action:
     """What to do with one dirty path.
 
     ``src``: the entry here (None: gone); ``known``: what the peer holds;
     ``flags``: the watcher's ``changes.Flag`` bits since it was first seen
     dirty at ``since`` (wall clock); ``now``/``now_ns``: the wall clock;
-    ``guessed``: a META_GUESS was sent for it since its data last was.
+    ``guessed``: a META_GUESS was sent for it since its data last was;
+    ``xattrs``: the peer applies extended attributes (an ATTRIB alone may
+    mean only those changed: send a Meta, which carries them).
     """
     if src is None:
         return Action.DELETE if known is not None and delete else Action.NOTHING
@@ -69,6 +72,8 @@ def plan_path(
         return Action.FILE  # closed after a guess: its data may have changed
     change = compare(src, known)
     if change is Change.NONE:
+        if xattrs and flags & Flag.ATTRIB and src.kind is not EntryKind.SYMLINK:
+            return Action.META  # only its extended attributes changed
         return Action.NOTHING
     if src.kind is EntryKind.FILE and change is Change.DATA:
         settling = (

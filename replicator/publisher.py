@@ -29,6 +29,7 @@ from .inbox import IS_ROOT, SYNCFS_MIN, Inbox, PartialFile, apply_error, syncfs
 from .manifest import TEMP_PREFIX, Preserve
 from .maps import DELTA_MIN, Identity, PublishedMaps
 from .paths import Root, remove_at, show
+from .xattrs import apply as apply_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Publisher:
         self.inbox = inbox
         #: Where the block maps of published files are remembered (deltas).
         self.maps = maps
+        #: Extended attributes for the next Mkdir or Meta (None: none were
+        #: sent; the mirror does not preserve them).
+        self.next_xattrs: list[tuple[str, bytes]] | None = None
         self._round = _Round()
 
     @property
@@ -310,6 +314,9 @@ class Publisher:
             if owners:
                 os.chown(proc, uid, gid)
             os.chmod(proc, policy.mode(mode))
+            attrs, self.next_xattrs = self.next_xattrs, None
+            if attrs is not None:
+                apply_xattrs(proc, attrs, policy, IS_ROOT)
             os.utime(proc, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 
 from . import frames as F
-from . import net
+from . import net, xattrs
 from .answers import (
     DIR_SETTLE,
     Done,
@@ -33,6 +33,7 @@ from .answers import (
 from .backlog import LIVE, LIVE_RUN, Backlog, Info, Key
 from .changes import Flag, Moved
 from .filesends import RESEND_DELAY, FileSends
+from .frames import EntryKind
 from .hashing import Hasher
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
@@ -185,6 +186,7 @@ class Pump:
             time.time(),
             time.time_ns(),
             rel in r.guessed,
+            bool(r.preserve & xattrs.ANY),
         )
         if action is Action.META_GUESS:
             r.guessed.add(rel)
@@ -204,6 +206,13 @@ class Pump:
             return self._send_op(F.Delete(self._op(), mid, rel), key, since, None, live=live)
         assert src is not None
         ev: F.Event
+        if src.kind is not EntryKind.SYMLINK and action in (
+            Action.META,
+            Action.META_GUESS,
+            Action.MKDIR,
+        ):
+            assert found is not None
+            self.files.send_xattrs_of(r, found)
         if action is Action.META or action is Action.META_GUESS:
             ev = F.Meta(self._op(), mid, src.mode, src.mtime_ns, src.uid, src.gid, rel)
         elif action is Action.MKDIR:

@@ -95,7 +95,7 @@ class Reconciler:
             )
             return
         r.opened, r.refused = True, None
-        r.preserve = Preserve(ev.preserve & (Preserve.OWNERS | Preserve.SPECIAL_BITS))
+        r.preserve = Preserve(ev.preserve & sum(Preserve))  # bits we know of
         self._stats.mirror(m.name).pop("refused", None)
         self._list(m.id)
 

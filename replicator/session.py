@@ -384,6 +384,8 @@ class Session:
                     self._refuse(cannot)
             case F.Owner():
                 inbound.owners.told(ev)
+            case F.Xattr():
+                inbound.xattr(ev)
             case F.Ping():
                 self._queue(F.Pong(ev.nonce))
             case F.Pong():

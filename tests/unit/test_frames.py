@@ -74,6 +74,7 @@ WIRE = {
     26: ("Checked", "op:u32 size:u64 first:u32 digests:data"),
     27: ("Hole", "op:u32 offset:u64 length:u64"),
     28: ("Owner", "kind:u8 id:u32 name:name"),
+    29: ("Xattr", "more:u8 name:name value:data"),
 }
 
 ALL_FRAMES = [F.EVENTS[k] for k in sorted(F.EVENTS)]
@@ -408,6 +409,7 @@ SAMPLES: list[tuple[F.Event, Role, Callable[[Connection, Connection], None]]] = 
     (F.Copy(5, 0, 2 * BLOCK), ACC, with_file(5, 3 * BLOCK, base=DIGEST)),
     (F.Hole(5, 0, 2 * BLOCK), ACC, with_file(5, 3 * BLOCK)),
     (F.Owner(1, 1000, "alice"), ACC, with_open),
+    (F.Xattr(0, "user.origin", b"scanner"), ACC, with_open),
     (F.Blocks(5, 0, DIGEST * 3), ACC, with_file(5, 3 * BLOCK, offset=3 * BLOCK)),
     (F.End(5, DIGEST), ACC, with_file(5, 0)),
     (F.Want(5, F.pack_ranges([(0, 4), (6, 4)])), INI, with_ended_file),

@@ -73,7 +73,8 @@ def test_the_tables_cover_every_frame_once() -> None:
 @pytest.mark.parametrize(
     "cls",
     sorted(
-        ACCEPTOR_RECEIVES - {F.Chunk, F.Copy, F.Hole, F.Blocks, F.End, F.Abort, F.Check, F.Owner},
+        ACCEPTOR_RECEIVES
+        - {F.Chunk, F.Copy, F.Hole, F.Blocks, F.End, F.Abort, F.Check, F.Owner, F.Xattr},
         key=lambda c: c.KIND,
     ),
 )
