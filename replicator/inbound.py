@@ -274,9 +274,8 @@ class Inbound:
         if m.owner_names:
             ev = self.owners.map_in(ev)
         attrs = self.xattrs.take()
-        if m.inbox.preserve & xattrs.ANY and isinstance(ev, F.Mkdir | F.Meta):
-            m.publisher.next_xattrs = attrs
-        return self.fit_fd_budget() + m.namespace(ev)
+        keep = m.inbox.preserve & xattrs.ANY and isinstance(ev, F.Mkdir | F.Meta)
+        return self.fit_fd_budget() + m.namespace(ev, attrs if keep else None)
 
     # -- payload -------------------------------------------------------------
 

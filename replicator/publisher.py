@@ -29,6 +29,7 @@ from .inbox import IS_ROOT, SYNCFS_MIN, Inbox, PartialFile, apply_error, syncfs
 from .manifest import TEMP_PREFIX, Preserve
 from .maps import DELTA_MIN, Identity, PublishedMaps
 from .paths import Root, remove_at, show
+from .xattrs import Pairs
 from .xattrs import apply as apply_xattrs
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ class Publisher:
         self.inbox = inbox
         #: Where the block maps of published files are remembered (deltas).
         self.maps = maps
-        #: Extended attributes for the next Mkdir or Meta (None: none were
-        #: sent; the mirror does not preserve them).
-        self.next_xattrs: list[tuple[str, bytes]] | None = None
+
         self._round = _Round()
 
     @property
@@ -228,7 +227,9 @@ class Publisher:
     def _with_errors(self, what: bytes) -> contextlib.AbstractContextManager[None]:
         return _translate(show(what), self.root)
 
-    def mkdir(self, ev: F.Mkdir, parts: tuple[bytes, ...]) -> None:
+    def mkdir(self, ev: F.Mkdir, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
+        """Make the directory (``attrs``: its extended attributes, if the
+        mirror preserves them; xattrs.py)."""
         with self._with_errors(ev.path):
             parent = self._parent(parts, self._round)
             name = parts[-1]
@@ -240,7 +241,7 @@ class Publisher:
             except FileNotFoundError:
                 os.mkdir(name, 0o700, dir_fd=parent)
                 self._round.tree_grew = True
-            self._set_meta(parent, name, ev.mode, ev.mtime_ns, ev.uid, ev.gid)
+            self._set_meta(parent, name, ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
             self._round.ops.append(ev.op)
 
@@ -260,10 +261,10 @@ class Publisher:
             self._note_dir(parent)
             self._round.ops.append(ev.op)
 
-    def meta(self, ev: F.Meta, parts: tuple[bytes, ...]) -> None:
+    def meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
         with self._with_errors(ev.path):
             parent = self.root.parent(parts, create=False)
-            self._set_meta(parent, parts[-1], ev.mode, ev.mtime_ns, ev.uid, ev.gid)
+            self._set_meta(parent, parts[-1], ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
             self._round.ops.append(ev.op)
 
@@ -293,7 +294,14 @@ class Publisher:
             self._round.ops.append(ev.op)
 
     def _set_meta(
-        self, parent: int, name: bytes, mode: int, mtime_ns: int, uid: int, gid: int
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        mtime_ns: int,
+        uid: int,
+        gid: int,
+        attrs: Pairs | None = None,
     ) -> None:
         """Apply declared metadata to ``name`` as this mirror's policy allows:
         owners only if it preserves them (else they stay as they are), mode
@@ -314,7 +322,6 @@ class Publisher:
             if owners:
                 os.chown(proc, uid, gid)
             os.chmod(proc, policy.mode(mode))
-            attrs, self.next_xattrs = self.next_xattrs, None
             if attrs is not None:
                 apply_xattrs(proc, attrs, policy, IS_ROOT)
             os.utime(proc, ns=(mtime_ns, mtime_ns))

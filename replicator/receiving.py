@@ -36,6 +36,7 @@ from .maps import PublishedMaps, database
 from .publisher import Publisher
 from .stats import SessionStats
 from .verifying import Bad, Failed, Outcome, Verifier, delta_base
+from .xattrs import Pairs
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +296,14 @@ class ReceivingMirror:
 
     # -- namespace operations --------------------------------------------------
 
-    def namespace(self, ev: F.Event) -> list[Answer]:
+    def namespace(self, ev: F.Event, attrs: Pairs | None = None) -> list[Answer]:
         """Apply Mkdir, Symlink, Meta, Delete or Rename (durable, and acked,
         with the next commit)."""
         op: int = ev.op  # type: ignore[attr-defined]
         shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
         out: list[Answer] = []
         try:
-            done = self._apply(ev, out)
+            done = self._apply(ev, out, attrs)
         except BadPath as e:
             return [*out, Refuse(op, F.ErrorCode.BAD_PATH, f"mirror {self.name!r}: {e}", shown)]
         except ApplyError as e:
@@ -332,7 +333,7 @@ class ReceivingMirror:
                 out += self._tell(ev.path, st)
         return out
 
-    def _apply(self, ev: F.Event, out: list[Answer]) -> bool:
+    def _apply(self, ev: F.Event, out: list[Answer], attrs: Pairs | None = None) -> bool:
         """Apply ``ev``, appending the answers of any commit it needed to
         ``out``. False: a two-way conflict kept our version instead."""
         pub = self.publisher
@@ -350,14 +351,14 @@ class ReceivingMirror:
         if isinstance(ev, (F.Mkdir, F.Symlink)) and pub.blocks(parts):
             out += self.commit()  # e.g. "rm p; mkdir -p p/q" while file p is pending
         if isinstance(ev, F.Mkdir):
-            pub.mkdir(ev, parts)
+            pub.mkdir(ev, parts, attrs)
         elif isinstance(ev, F.Symlink):
             if not ev.target or b"\0" in ev.target:
                 raise BadPath(f"symlink target {ev.target!r} is empty or has a NUL byte")
             pub.symlink(ev, parts)
         elif isinstance(ev, F.Meta):
             out += self.commit()
-            pub.meta(ev, parts)
+            pub.meta(ev, parts, attrs)
         else:
             out += self.commit()
             if self.two_way and keep_local_on_delete(self._local(parts), self.base(ev.path)):
