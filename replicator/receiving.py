@@ -28,6 +28,7 @@ from .blockmap import available
 from .changes import Dirty, Flag, PeerHas
 from .checking import CheckJob, start_check
 from .config import Config
+from .conflictlog import ConflictLog, Recorder
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .inbox import Inbox, PartialFile, apply_error
@@ -103,6 +104,8 @@ class ReceivingMirror:
     refused: set[int] = field(default_factory=set)
     #: The block maps of the files published here (deltas are made against them).
     maps: PublishedMaps | None = None
+    #: Where the conflicts decided here are recorded (conflictlog.py).
+    recorder: Recorder | None = None
     #: Files whose End came, judged against their block maps.
     verifier: Verifier = field(init=False)
 
@@ -254,11 +257,10 @@ class ReceivingMirror:
             p.discard()
             return [Refuse(p.op, F.ErrorCode.VERIFY_FAILED, outcome.message, p.path)]
         out: list[Answer] = []
-        decision = None
+        decision = local = None
         if self.two_way:
-            decision = decide(
-                p.parts[-1], self._local(p.parts), p.state, p.base, self.me, self.peer
-            )
+            local = self._local(p.parts)
+            decision = decide(p.parts[-1], local, p.state, p.base, self.me, self.peer)
             if decision.verdict is Verdict.SAME:
                 p.discard()
                 self.publisher.add_noop(p.op)
@@ -280,6 +282,8 @@ class ReceivingMirror:
         except OSError as e:
             return out + self.fail(p, e)
         self.stats.files_received += 1
+        if decision is not None and local is not None and self.recorder is not None:
+            self.recorder.decided(p, decision, local, self.root, self.maps)
         return out
 
     def check(self, ev: F.Check) -> CheckJob | Refuse:
@@ -398,6 +402,8 @@ class ReceivingMirror:
             return []
         out = self.publisher.commit()
         self.stats.commits += 1
+        if self.recorder is not None:
+            self.recorder.published(out.acked)
         answers: list[Answer] = [Ack(op) for op in out.acked]
         answers += [Refuse(op, err.code, f"mirror {self.name!r}: {err}") for op, err in out.failed]
         return answers
@@ -471,7 +477,9 @@ def admit(
         root.close()
         msg = f"mirror {name!r} on {me!r}: cannot create partial folder: {e.strerror}"
         raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR) from e
-    maps = PublishedMaps(database(cfg.node.state_dir), name)
+    db = database(cfg.node.state_dir)
+    maps = PublishedMaps(db, name)
+    two_way = peer in mcfg.push_to
     return ReceivingMirror(
         name,
         peer,
@@ -480,7 +488,8 @@ def admit(
         inbox,
         Publisher(root, inbox, maps),
         stats,
-        two_way=peer in mcfg.push_to,
+        two_way=two_way,
         base=lambda path: base(name, path),
         maps=maps,
+        recorder=Recorder(name, peer, me, ConflictLog(db)) if two_way else None,
     )
