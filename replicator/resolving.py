@@ -74,6 +74,9 @@ class Conflicts:
         self.node = node
         self._log: ConflictLog | None = None
         self._lock = threading.Lock()
+        #: One check or settling at a time (control and metrics threads):
+        #: a copy gone is dropped and logged once.
+        self._busy = threading.RLock()
 
     @property
     def log(self) -> ConflictLog:
@@ -88,6 +91,10 @@ class Conflicts:
     def _checked(self, name: str) -> tuple[list[Conflict], list[Conflict]]:
         """(unresolved, gone) conflicts of mirror ``name``; the gone ones
         are dropped. All are unresolved while the mirror cannot be checked."""
+        with self._busy:
+            return self._check(name)
+
+    def _check(self, name: str) -> tuple[list[Conflict], list[Conflict]]:
         records = self.log.of(name)
         m = self.node.cfg.mirrors.get(name)
         marker = self.node.markers.get(name)
@@ -107,7 +114,8 @@ class Conflicts:
         for c in gone:
             self.log.drop(name, c.copy)
             log.info(
-                "conflict on %s: its copy %s is gone (settled by hand): no longer listed",
+                "conflict on %s: its copy %s is gone (deleted or moved, here or on the peer): "
+                "settled",
                 paths.show(c.path),
                 paths.show(c.copy),
                 extra={"MIRROR": name, "PATH": paths.show(c.path)},
@@ -149,6 +157,10 @@ class Conflicts:
 
     def resolve(self, path: str, keep: str) -> dict[str, Any]:
         """Settle the conflict of ``path`` (the file or its copy, absolute)."""
+        with self._busy:
+            return self._resolve(path, keep)
+
+    def _resolve(self, path: str, keep: str) -> dict[str, Any]:
         if keep not in KEEP:
             raise ControlError(f"--keep must be one of {', '.join(KEEP)}, not {keep!r}")
         if not os.path.isabs(path):
