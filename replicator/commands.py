@@ -28,6 +28,7 @@ from .linkset import LinkSet
 from .listener import Listener
 from .marker import Marker
 from .reloading import Reloads
+from .resolving import Conflicts
 from .routing import Router
 from .scrub import Verify
 from .watching import WatchSupervisor
@@ -58,6 +59,8 @@ class Commands:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        #: Two-way conflicts decided here (resolving.py).
+        self.conflicts = Conflicts(node)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         """The reply to one control request; ControlError if it is wrong."""
@@ -76,6 +79,10 @@ class Commands:
             return self.node.reload_requests.request()
         if cmd == "verify":
             return self._verify(req)
+        if cmd == "conflicts":
+            return self.conflicts.listing(req.get("mirror"))
+        if cmd == "resolve":
+            return self.conflicts.resolve(str(req.get("path") or ""), str(req.get("keep")))
         raise ControlError(f"unknown command {cmd!r}")
 
     def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:
@@ -151,6 +158,7 @@ class Commands:
                 "unwatched_dirs": scan.get("unwatched_dirs"),
                 "last_watch_check": scan.get("last_watch_check"),
                 "links": per_link,
+                "conflicts_unresolved": self.conflicts.count(name),
             }
         return {
             "node": cfg.node.name,

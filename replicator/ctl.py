@@ -8,7 +8,8 @@ Exit codes (for monitoring scripts; docs/operations.md):
     3  a link is not connected (status)
     4  a link's lag exceeds --max-lag (status)
     5  a mirror needs attention: marker missing, directories without a
-       watch, or the watcher or another worker thread is dead (status)
+       watch, unresolved two-way conflicts, or the watcher or another
+       worker thread is dead (status)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, config
+from . import __version__, config, ctlconflicts
 from .control import request
 from .errors import ConfigError, ControlError, KeyFileError
 
@@ -226,10 +227,16 @@ def render(st: dict[str, Any]) -> str:
                 f"        WARNING: {m['unwatched_dirs']} directories have no inotify "
                 "watch (raise fs.inotify.max_user_watches); they are polled"
             )
+        if m.get("conflicts_unresolved"):
+            lines.append(f"        {_unresolved(name, m['conflicts_unresolved'])}")
     if problems:
         lines.append("  Problems:")
         lines += [f"    - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def _unresolved(mirror: str, n: int) -> str:
+    return f"{n} unresolved conflict{'' if n == 1 else 's'} (replicatorctl conflicts {mirror})"
 
 
 def health(st: dict[str, Any], max_lag: float | None) -> tuple[int, list[str]]:
@@ -251,6 +258,9 @@ def health(st: dict[str, Any], max_lag: float | None) -> tuple[int, list[str]]:
             reasons.append((ATTENTION, f"mirror {name}: marker missing in {m['path']}"))
         if m.get("unwatched_dirs"):
             reasons.append((ATTENTION, f"mirror {name}: {m['unwatched_dirs']} unwatched dirs"))
+        if m.get("conflicts_unresolved"):
+            unresolved = _unresolved(name, m["conflicts_unresolved"])
+            reasons.append((ATTENTION, f"mirror {name}: {unresolved}"))
     if (st.get("watcher") or {}).get("alive") is False:
         reasons.append((ATTENTION, "the file watcher is dead"))
     for worker in st.get("dead_workers") or ():
@@ -362,6 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-wait", action="store_true", help="start it and return (progress is in status)"
     )
+    p = sub.add_parser("conflicts", help="list the two-way conflicts this node decided, unsettled")
+    p.add_argument("mirror", nargs="?")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p = sub.add_parser("resolve", help="settle a conflict: keep the file, its copy, or both")
+    p.add_argument("path", help="the file in conflict, or its conflict copy")
+    p.add_argument(
+        "--keep",
+        required=True,
+        choices=["local", "remote", "both"],
+        help="local: the file at PATH as it is now (the copy is deleted); remote: the copy, "
+        "renamed over PATH; both: keep both, forget the conflict",
+    )
     p = sub.add_parser("check-config", help="validate a config file offline")
     p.add_argument(
         "--user",
@@ -394,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(sock, args)
         if args.cmd == "verify":
             return _verify(sock, args)
+        if args.cmd == "conflicts":
+            return ctlconflicts.conflicts(lambda req: _call(sock, req), args)
+        if args.cmd == "resolve":
+            return ctlconflicts.resolve(lambda req: _call(sock, req), args)
         if args.cmd in ("peers", "mirrors"):
             st = _call(sock, {"cmd": "status"})["status"]
             print(_peers(st) if args.cmd == "peers" else _mirrors(st))

@@ -169,11 +169,19 @@ class StatusCollector:
             "Directories without an inotify watch (polled)",
             labels=["node", "mirror"],
         )
+        conflicts = GaugeMetricFamily(
+            "replicator_mirror_conflicts_unresolved",
+            "Two-way conflicts decided on this node whose conflict copy still exists",
+            labels=["node", "mirror"],
+        )
         for name, m in st["mirrors"].items():
             marker.add_metric([node, name], 1.0 if m.get("marker_ok") else 0.0)
             unwatched.add_metric([node, name], float(m.get("unwatched_dirs") or 0))
+            if m.get("conflicts_unresolved") is not None:
+                conflicts.add_metric([node, name], float(m["conflicts_unresolved"]))
         yield marker
         yield unwatched
+        yield conflicts
         w = st.get("watcher") or {}
         ov = CounterMetricFamily(
             "replicator_inotify_overflows", "inotify queue overflows", labels=["node"]

@@ -28,6 +28,7 @@ from .blockmap import available
 from .changes import Dirty, Flag, PeerHas
 from .checking import CheckJob, start_check
 from .config import Config
+from .conflictlog import ConflictLog, Recorder
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .inbox import Inbox, PartialFile, apply_error
@@ -106,6 +107,8 @@ class ReceivingMirror:
     maps: PublishedMaps | None = None
     #: Owners are mapped by name (owners.py), not applied as numbers.
     owner_names: bool = True
+    #: Where the conflicts decided here are recorded (conflictlog.py).
+    recorder: Recorder | None = None
     #: Files whose End came, judged against their block maps.
     verifier: Verifier = field(init=False)
 
@@ -257,11 +260,10 @@ class ReceivingMirror:
             p.discard()
             return [Refuse(p.op, F.ErrorCode.VERIFY_FAILED, outcome.message, p.path)]
         out: list[Answer] = []
-        decision = None
+        decision = local = None
         if self.two_way:
-            decision = decide(
-                p.parts[-1], self._local(p.parts), p.state, p.base, self.me, self.peer
-            )
+            local = self._local(p.parts)
+            decision = decide(p.parts[-1], local, p.state, p.base, self.me, self.peer)
             if decision.verdict is Verdict.SAME:
                 p.discard()
                 self.publisher.add_noop(p.op)
@@ -283,6 +285,8 @@ class ReceivingMirror:
         except OSError as e:
             return out + self.fail(p, e)
         self.stats.files_received += 1
+        if decision is not None and local is not None and self.recorder is not None:
+            self.recorder.decided(p, decision, local, self.root, self.maps)
         return out
 
     def check(self, ev: F.Check) -> CheckJob | Refuse:
@@ -401,6 +405,8 @@ class ReceivingMirror:
             return []
         out = self.publisher.commit()
         self.stats.commits += 1
+        if self.recorder is not None:
+            self.recorder.published(out.acked)
         answers: list[Answer] = [Ack(op) for op in out.acked]
         answers += [Refuse(op, err.code, f"mirror {self.name!r}: {err}") for op, err in out.failed]
         return answers
@@ -474,7 +480,9 @@ def admit(
         root.close()
         msg = f"mirror {name!r} on {me!r}: cannot create partial folder: {e.strerror}"
         raise Refused(F.ErrorCode.IO_ERROR, msg, level=logging.ERROR) from e
-    maps = PublishedMaps(database(cfg.node.state_dir), name)
+    db = database(cfg.node.state_dir)
+    maps = PublishedMaps(db, name)
+    two_way = peer in mcfg.push_to
     return ReceivingMirror(
         name,
         peer,
@@ -483,8 +491,9 @@ def admit(
         inbox,
         Publisher(root, inbox, maps),
         stats,
-        two_way=peer in mcfg.push_to,
+        two_way=two_way,
         base=lambda path: base(name, path),
         maps=maps,
         owner_names=mcfg.owners == "names",
+        recorder=Recorder(name, peer, me, ConflictLog(db)) if two_way else None,
     )
