@@ -289,6 +289,7 @@ class Link(threading.Thread):
     def _main_loop(self) -> None:
         hb = self.node.heartbeat_interval
         wire = self._wire
+        wire.last_ping = 0.0
         while not self._stopping:
             while True:  # everything posted, without blocking
                 try:
@@ -315,8 +316,7 @@ class Link(threading.Thread):
             if not idle:
                 worked = self._scrubs.step() or worked
             now = time.monotonic()
-            if now - wire.last_tx >= hb:
-                wire.queue(F.Ping(time.monotonic_ns()))
+            wire.heartbeat(now)
             wire.flush()
             self._backlog.flush()
             # Going idle, show the final state; while operations are in flight

@@ -12,7 +12,6 @@ pump (``changed``) to be sent again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from . import paths
@@ -67,8 +66,6 @@ class Streams:
         self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
-        if n:
-            wire.last_tx = time.monotonic()
         if step is Step.WAIT:
             if s not in self._active:
                 self._active.append(s)

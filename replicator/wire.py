@@ -1,5 +1,6 @@
 """A link's connection to its peer: TCP connect, the handshake, the reader
-thread, the write buffer, and taking it down; ``Backoff`` between attempts.
+thread, the write buffer, the heartbeat, and taking it down; ``Backoff``
+between attempts.
 
 The link thread drives the protocol (``protocol.Connection``): it queues
 frames here, flushes them, and has what the reader read parsed here
@@ -83,8 +84,8 @@ class Wire:
         self.buf = bytearray()
         #: Connection generation: messages from an older reader are ignored.
         self.gen = 0
-        #: When something last went out (monotonic): heartbeats fill silences.
-        self.last_tx = 0.0
+        #: When the last Ping went out (monotonic; ``heartbeat``).
+        self.last_ping = 0.0
 
     def connect(self, stopping: Callable[[], bool]) -> None:
         """Connect and authenticate; AuthFailed if the peer refused our key."""
@@ -168,6 +169,15 @@ class Wire:
 
     # -- the link thread's side ---------------------------------------------------------
 
+    def heartbeat(self, now: float) -> None:
+        """A Ping every heartbeat_interval, whether file data flows or not:
+        the peer's Pong is what tells the reader that the peer is alive
+        while a big file streams (the peer says nothing else until the file
+        ends), so the link is not declared dead in the middle of it."""
+        if now - self.last_ping >= self._node.heartbeat_interval:
+            self.queue(F.Ping(time.monotonic_ns()))
+            self.last_ping = now
+
     def queue(self, ev: F.Event) -> None:
         assert self.conn is not None
         self.buf += self.conn.send(ev)
@@ -177,7 +187,6 @@ class Wire:
             self._stats.bytes_sent += len(self.buf)
             self.sock.sendall(self.buf)
             self.buf.clear()
-            self.last_tx = time.monotonic()
 
     def receive(self, data: bytes, on_frame: Callable[[object], None]) -> None:
         """Parse what the peer sent and hand every whole frame in it to
