@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,6 +29,7 @@ from pydantic import (
 from .blockmap import NAMES, available
 from .errors import ConfigError, KeyFileError
 from .net import canonical_address, is_unspecified, parse_address
+from .rates import parse_rate
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -41,6 +43,10 @@ def _address(v: str) -> str:
     """HOST:PORT, returned canonical (an IPv6 host in brackets, compressed);
     net.parse_address says what is wrong and what to write."""
     return canonical_address(v)
+
+
+#: Bytes per second: an integer, or a string with a unit (rates.py).
+Rate = Annotated[int, BeforeValidator(parse_rate)]
 
 
 class NodeConfig(_Strict):
@@ -77,6 +83,10 @@ class NodeConfig(_Strict):
 class PeerConfig(_Strict):
     address: str
     key_file: str
+    #: What this node sends to the peer, at most, in bytes per second (0: no
+    #: limit); paced by the kernel (net.pace). A reload changing only this
+    #: applies it to the live connection.
+    bwlimit: Rate = 0
 
     @field_validator("address")
     @classmethod

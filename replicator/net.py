@@ -183,6 +183,40 @@ def cork(sock: socket.socket, on: bool) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
 
 
+#: <asm-generic/socket.h> and <linux/tcp.h> (Python 3.11's socket module
+#: lacks them; SO_MAX_PACING_RATE is 47 on x86 and arm).
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+#: What SO_MAX_PACING_RATE holds when there is no cap (~0UL).
+NO_PACING = (1 << 64) - 1
+#: Bytes queued in a paced socket but not yet sent: a quarter of a second
+#: at the rate, within these bounds.
+LOWAT_MIN, LOWAT_MAX = 16 << 10, 32 << 20
+
+
+def pace(sock: socket.socket, rate: int) -> int:
+    """Cap what the kernel sends on ``sock`` at ``rate`` bytes per second
+    (0: no cap); returns the cap the socket reports back (0: none).
+
+    SO_MAX_PACING_RATE makes TCP pace every segment, sendfile's included
+    (with the fq qdisc, else TCP's own pacing): the data path stays
+    zero-copy. TCP_NOTSENT_LOWAT keeps the not-yet-sent queue to about a
+    quarter of a second at that rate, so a frame queued behind file data (a
+    Ping, an End) leaves soon, not after megabytes of send buffer. Both can
+    change on a live connection.
+    """
+    lowat = 0 if not rate else max(LOWAT_MIN, min(LOWAT_MAX, rate // 4))  # 0: sysctl default
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("Q", rate or NO_PACING))
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+    return pacing(sock)
+
+
+def pacing(sock: socket.socket) -> int:
+    """The SO_MAX_PACING_RATE ``sock`` reports, in bytes per second (0: none)."""
+    (got,) = struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, 8))
+    return 0 if got == NO_PACING else int(got)
+
+
 def wait_readable(sock: socket.socket, timeout: float) -> bool:
     """Whether ``sock`` has data (or EOF) within ``timeout`` seconds. poll,
     not select: select cannot watch fd numbers above 1023."""

@@ -275,6 +275,11 @@ push_to = ["b"]
             "node.listen: '[fe80::1%eth0]:7301': link-local and scoped IPv6 addresses "
             "(fe80::/10, %interface) are not supported: use a global or unique-local",
         ),
+        "bwlimit": (base.replace(f'"{key}"', f'"{key}"\nbwlimit = "50MiB"', 1), None),
+        "bad bwlimit": (
+            base.replace(f'"{key}"', f'"{key}"\nbwlimit = "50mb"', 1),
+            "peers.b.bwlimit: '50mb': unknown unit 'mb'; write bytes per second as an integer",
+        ),
         "relative path": (
             base.replace(f'path = "{tmp_path}/srv"', 'path = "srv"'),
             "mirrors.media.path: mirror path 'srv' must be absolute",
