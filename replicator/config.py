@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,7 +28,8 @@ from pydantic import (
 
 from .blockmap import NAMES, available
 from .errors import ConfigError, KeyFileError
-from .net import parse_address
+from .net import canonical_address, is_unspecified, parse_address
+from .rates import parse_rate
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -38,11 +40,13 @@ class _Strict(BaseModel):
 
 
 def _address(v: str) -> str:
-    try:
-        parse_address(v)
-    except ValueError as e:
-        raise ValueError(f"{e} (e.g. '198.18.0.2:7301')") from None
-    return v
+    """HOST:PORT, returned canonical (an IPv6 host in brackets, compressed);
+    net.parse_address says what is wrong and what to write."""
+    return canonical_address(v)
+
+
+#: Bytes per second: an integer, or a string with a unit (rates.py).
+Rate = Annotated[int, BeforeValidator(parse_rate)]
 
 
 class NodeConfig(_Strict):
@@ -79,8 +83,22 @@ class NodeConfig(_Strict):
 class PeerConfig(_Strict):
     address: str
     key_file: str
+    #: What this node sends to the peer, at most, in bytes per second (0: no
+    #: limit); paced by the kernel (net.pace). A reload changing only this
+    #: applies it to the live connection.
+    bwlimit: Rate = 0
 
-    _address = field_validator("address")(_address)
+    @field_validator("address")
+    @classmethod
+    def _peer_address(cls, v: str) -> str:
+        v = _address(v)
+        host = parse_address(v)[0]
+        if is_unspecified(host):
+            raise ValueError(
+                f"{v!r} means every address of a host, which only a listener can use: "
+                "give an address the peer is reachable at"
+            )
+        return v
 
 
 class MirrorConfig(_Strict):

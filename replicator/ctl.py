@@ -25,6 +25,7 @@ from typing import Any
 from . import __version__, config, ctlconflicts
 from .control import request
 from .errors import ConfigError, ControlError, KeyFileError
+from .rates import show_rate
 
 OK, UNREACHABLE, USAGE, LINK_DOWN, LAGGING, ATTENTION = 0, 1, 2, 3, 4, 5
 
@@ -85,6 +86,16 @@ def _link_state(ln: dict[str, Any]) -> str:
     return state
 
 
+def _bwlimit(ln: dict[str, Any]) -> str:
+    """``, bwlimit 50.0 MiB/s`` when the link has one; what the connection
+    reports when that differs (the limit is being applied, or failed)."""
+    limit, applied = ln.get("bwlimit") or 0, ln.get("bwlimit_applied")
+    out = f", bwlimit {show_rate(limit)}" if limit else ""
+    if applied is not None and applied != limit:
+        out += f" (the connection reports {show_rate(applied)})"
+    return out
+
+
 def render(st: dict[str, Any]) -> str:
     """A human summary, in the spirit of systemctl status / drbdadm status."""
     problems = health(st, max_lag=None)[1]
@@ -129,7 +140,7 @@ def render(st: dict[str, Any]) -> str:
         lines.append("  Outbound links (this node sends):")
     for peer, ln in sorted(st["links"].items()):
         rtt = f", rtt {ln['rtt_ms']:.2f} ms" if ln.get("rtt_ms") is not None else ""
-        lines.append(f"    → {peer} ({ln['address']}): {_link_state(ln)}{rtt}")
+        lines.append(f"    → {peer} ({ln['address']}): {_link_state(ln)}{rtt}{_bwlimit(ln)}")
         lines.append(
             f"        sent {fmt_bytes(ln['bytes_sent'])} ({ln['files_sent']} files, "
             f"{ln['ops_sent']} operations, {ln['renames']} renames, "

@@ -116,6 +116,15 @@ def unsafe_sysctls(proc: str = "/proc/sys") -> list[str]:
     return out
 
 
+def _listen_hint(e: OSError) -> str:
+    """What to check when the listen address cannot be bound."""
+    if e.errno == errno.EADDRNOTAVAIL:
+        return " (no interface of this host has that address, or IPv6 is disabled)"
+    if e.errno == errno.EAFNOSUPPORT:
+        return " (IPv6 is not available on this host: /proc/sys/net/ipv6)"
+    return ""
+
+
 class Daemon:
     """The parts of one node, and their start, reload, supervision and stop."""
 
@@ -153,7 +162,7 @@ class Daemon:
             self.listener.bind()
         except OSError as e:
             raise ConfigError(
-                f"node.listen: cannot listen on {node.listen}: {e.strerror}"
+                f"node.listen: cannot listen on {node.listen}: {e.strerror}{_listen_hint(e)}"
             ) from None
         self.watching.apply(self.cfg)
         self.listener.start()

@@ -57,7 +57,7 @@ from .reconciler import Reconciler
 from .remote import RemoteMirror
 from .scrub import Scrubs, Verify
 from .stats import LinkStats
-from .wire import Backoff, Down, Received, Wire
+from .wire import Backoff, Down, Pace, Received, Wire
 
 __all__ = [
     "DIR_SETTLE",
@@ -128,7 +128,9 @@ class Link(threading.Thread):
         self._remote = {m.id: RemoteMirror() for m in mirrors}
         self._backlog = Backlog({m.id: m.name for m in mirrors}, store)
         self._inflight = InFlight()
-        self._wire = Wire(node, peer, peer_cfg.address, key, stats, self.post)
+        self._wire = Wire(
+            node, peer, peer_cfg.address, key, stats, self.post, self._log, peer_cfg.bwlimit
+        )
         self._status = LinkStatus(
             stats,
             self.mirrors,
@@ -196,6 +198,11 @@ class Link(threading.Thread):
         self._stopping = True
         self._mail.post(Stop())
         self._wire.shutdown()
+
+    def set_bwlimit(self, rate: int) -> None:
+        """A reload changed only the peer's bwlimit: apply it to the live
+        connection, not by reconnecting (from another thread)."""
+        self._mail.post(Pace(rate))
 
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()
@@ -290,6 +297,7 @@ class Link(threading.Thread):
     def _main_loop(self) -> None:
         hb = self.node.heartbeat_interval
         wire = self._wire
+        wire.last_ping = 0.0
         while not self._stopping:
             while True:  # everything posted, without blocking
                 try:
@@ -316,8 +324,7 @@ class Link(threading.Thread):
             if not idle:
                 worked = self._scrubs.step() or worked
             now = time.monotonic()
-            if now - wire.last_tx >= hb:
-                wire.queue(F.Ping(time.monotonic_ns()))
+            wire.heartbeat(now)
             wire.flush()
             self._backlog.flush()
             # Going idle, show the final state; while operations are in flight
@@ -448,6 +455,7 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     PeerHas: Link._on_peer_has,
     Stop: Link._on_stop,
     Hashed: lambda link, msg: None,  # the main loop pumps again
+    Pace: lambda link, msg: link._wire.pace(msg),
     Verify: lambda link, msg: link._scrubs.start(msg),
 }
 

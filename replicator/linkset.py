@@ -3,8 +3,9 @@
 It owns the table peer -> Link and what each link was built from (its
 spec). ``apply`` brings the table in line with a config: a link whose spec
 did not change stays up, one whose spec changed is restarted, the others
-are started or stopped. The decision is ``plan``, a pure function of the
-specs; ``apply`` only carries it out.
+are started or stopped; a change of the peer's ``bwlimit`` alone is posted
+to the running link, which applies it to its live connection. The decision
+is ``plan``, a pure function of the specs; ``apply`` only carries it out.
 
 Only the main thread calls ``apply`` and ``stop``. Other threads read the
 table through ``snapshot``: it is replaced whole, never changed in place, so
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backlog import Store
@@ -26,8 +27,6 @@ from .maps import SentMaps, database
 from .marker import Marker
 from .stats import LinkStats
 
-#: What a link is built from: a reload restarts the link only if this changes.
-Spec = tuple[Any, ...]
 #: Builds (does not start) the link to a peer, from the config, keys and markers.
 LinkFactory = Callable[[Config, Mapping[str, bytes], Mapping[str, Marker], str], Link]
 
@@ -37,40 +36,55 @@ def pushed_peers(cfg: Config) -> list[str]:
     return sorted({p for m in cfg.mirrors.values() for p in m.push_to})
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What a link is built from: a reload restarts the link if ``build``
+    changes; a change of ``bwlimit`` alone is applied to the running link."""
+
+    build: tuple[Any, ...]
+    bwlimit: int
+
+
 def link_spec(cfg: Config, keys: Mapping[str, bytes], peer: str) -> Spec:
     """Everything a link to ``peer`` is built from: its peer section, its key
     and the mirrors pushed to it."""
     mirrors = tuple(
         (name, m.model_dump_json()) for name, m in sorted(cfg.mirrors.items()) if peer in m.push_to
     )
-    return (cfg.peers[peer].model_dump_json(), keys.get(peer), mirrors)
+    p = cfg.peers[peer]
+    return Spec((p.model_dump_json(exclude={"bwlimit"}), keys.get(peer), mirrors), p.bwlimit)
 
 
 @dataclass(frozen=True)
 class LinkChanges:
     """What ``apply`` did (or ``plan`` decided), each list sorted; a peer is
-    in one list at most."""
+    in one list at most. ``bwlimit_changed``: links that stay up and apply
+    their new bwlimit to their connection."""
 
     started: list[str]
     stopped: list[str]
     restarted: list[str]
+    bwlimit_changed: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        live = self.bwlimit_changed
         return (
             f"links restarted: {', '.join(self.restarted) or 'none'}; "
             f"started: {', '.join(self.started) or 'none'}; "
             f"stopped: {', '.join(self.stopped) or 'none'}"
-        )
+        ) + (f"; bwlimit changed (applied live): {', '.join(live)}" if live else "")
 
 
 def plan(current: Mapping[str, Spec], cfg: Config, keys: Mapping[str, bytes]) -> LinkChanges:
     """Which links to start, stop and restart to go from links built from
     ``current`` (peer -> spec) to those ``cfg`` and ``keys`` ask for."""
     want = {p: link_spec(cfg, keys, p) for p in pushed_peers(cfg)}
+    kept = [p for p in current if p in want and current[p].build == want[p].build]
     return LinkChanges(
         started=sorted(p for p in want if p not in current),
         stopped=sorted(p for p in current if p not in want),
-        restarted=sorted(p for p in current if p in want and current[p] != want[p]),
+        restarted=sorted(p for p in current if p in want and p not in kept),
+        bwlimit_changed=sorted(p for p in kept if current[p].bwlimit != want[p].bwlimit),
     )
 
 
@@ -106,8 +120,8 @@ class LinkSet:
         self, cfg: Config, keys: Mapping[str, bytes], markers: Mapping[str, Marker]
     ) -> LinkChanges:
         """Start, stop and restart links so that they match ``cfg``; the
-        others stay up. Peers are handled in order, a restart stops the old
-        link before it starts the new one."""
+        others stay up (a new bwlimit is posted to them). Peers are handled
+        in order, a restart stops the old link before it starts the new one."""
         changes = plan(self._specs, cfg, keys)
         stop = set(changes.stopped) | set(changes.restarted)
         start = set(changes.started) | set(changes.restarted)
@@ -116,6 +130,9 @@ class LinkSet:
                 self._stop_one(peer)
             if peer in start:
                 self._start_one(cfg, keys, markers, peer)
+        for peer in changes.bwlimit_changed:
+            self._specs[peer] = link_spec(cfg, keys, peer)
+            self._links[peer].set_bwlimit(cfg.peers[peer].bwlimit)
         return changes
 
     def _start_one(

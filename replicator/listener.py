@@ -176,18 +176,9 @@ class Listener:
     # -- lifecycle -------------------------------------------------------------
 
     def bind(self) -> None:
-        """Open the listening socket (OSError if the address is unusable)."""
-        host, port = net.parse_address(self.address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        ls = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind((host, port))
-            ls.listen(BACKLOG)
-        except OSError:
-            ls.close()
-            raise
-        self._sock = ls
+        """Open the listening socket (OSError if the address is unusable;
+        ``[::]:PORT`` is dual-stack: net.listen_socket)."""
+        self._sock = net.listen_socket(self.address, BACKLOG)
 
     def start(self) -> None:
         if self._sock is None:
@@ -300,8 +291,8 @@ class Listener:
                 )
 
     def _admit(self, sock: socket.socket, addr: Any) -> None:
-        host = str(addr[0])
-        where = f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        host = net.peer_host(str(addr[0]))  # an IPv4 client of [::] as a.b.c.d
+        where = net.format_address(host, int(addr[1]))
         session = self._make_session(sock, where)
         session.fd_budget = self._fd_budget()
         entry = _Entry(session, host)

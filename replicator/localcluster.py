@@ -25,6 +25,7 @@ from typing import Any
 
 from .control import request
 from .errors import ControlError
+from .net import format_address
 
 _handed_out: set[tuple[str, int]] = set()
 
@@ -36,8 +37,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     the first socket is closed; two nodes of one cluster then collide (the
     config check refuses a peer at the node's own address).
     """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(1000):
-        with socket.socket() as s:
+        with socket.socket(family) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
         if (host, port) not in _handed_out:
@@ -78,9 +80,12 @@ def write_key(path: Path, secret: bytes | None = None) -> Path:
 class LocalNode:
     name: str
     workdir: Path
+    #: An IPv4 or IPv6 address (``::1``, without brackets).
     host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
-    peers: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: 0: a port free now on the loopback address of ``host``'s family
+    #: (``host`` may be in a network namespace: ``netns``).
+    port: int = 0
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     mirrors: dict[str, dict[str, Any]] = field(default_factory=dict)
     node_extra: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -89,12 +94,14 @@ class LocalNode:
     wrap: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.port:
+            self.port = free_port("::1" if ":" in self.host else "127.0.0.1")
         self.dir = self.workdir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
     @property
     def config_path(self) -> Path:

@@ -53,6 +53,13 @@ _LINK = [
     ("in_flight_bulk", "in_flight_bulk", "Bulk operations among those in flight", "gauge"),
     ("lag_seconds", "lag_seconds", "Age of the oldest unacknowledged change", "gauge"),
     ("rate_bytes_per_second", "rate_bps", "Payload rate over the last seconds", "gauge"),
+    ("bwlimit_bytes_per_second", "bwlimit", "The peer's bwlimit (0: none)", "gauge"),
+    (
+        "bwlimit_applied_bytes_per_second",
+        "bwlimit_applied",
+        "The cap the connected socket reports (SO_MAX_PACING_RATE; 0: none)",
+        "gauge",
+    ),
 ]
 _SESSION = [
     ("bytes_received_total", "bytes_received", "Bytes received", "counter"),

@@ -3,6 +3,7 @@ reads with deadlines. No protocol knowledge lives here."""
 
 from __future__ import annotations
 
+import ipaddress
 import select
 import socket
 import struct
@@ -18,13 +19,143 @@ SMALL_PEEK = 4096
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); ValueError if malformed."""
+    """``host:port`` or ``[v6]:port`` → (host, port), an IPv6 host in its
+    canonical form (``[FD00:0::1]`` → ``fd00::1``); ValueError saying what
+    to write instead if malformed.
+
+    Refused: an IPv6 address without brackets (``::1:7301`` is ambiguous),
+    brackets around anything else, scoped (``%eth0``) and link-local
+    (fe80::/10) addresses (they name an interface, not a host: use a global
+    or unique-local address of that interface), and IPv4-mapped ones
+    (``::ffff:a.b.c.d``: write the IPv4 address).
+    """
+    if text.startswith("[") and text.endswith("]"):
+        raise ValueError(f"{text!r} has no port: write '{text}:PORT'")
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        _unbracketed(text, host, port)
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT ({_EXAMPLES})")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: the port must be 1 to 65535")
+    if not bracketed:
+        if "[" in host or "]" in host:
+            raise ValueError(f"{text!r}: unbalanced brackets ({_EXAMPLES})")
+        return host, int(port)
+    inner = host[1:-1]
+    try:
+        ip = ipaddress.IPv6Address(inner.partition("%")[0])
+    except ValueError:
+        raise ValueError(
+            f"{text!r}: {inner!r} is not an IPv6 address; brackets are for IPv6 only "
+            "(write IPv4 addresses and host names without them)"
+        ) from None
+    _usable(text, inner, ip, port)
+    return ip.compressed, int(port)
+
+
+_EXAMPLES = "e.g. '198.18.0.2:7301', or '[fd00::2]:7301' for IPv6"
+
+
+def _usable(text: str, written: str, ip: ipaddress.IPv6Address, port: str) -> None:
+    """ValueError if ``ip`` (written ``written``) cannot name a peer or a
+    listen address by itself."""
+    if "%" in written or ip.is_link_local:
+        raise ValueError(
+            f"{text!r}: link-local and scoped IPv6 addresses (fe80::/10, %interface) are not "
+            "supported: use a global or unique-local (fd00::/8) address of that interface"
+        )
+    if ip.ipv4_mapped is not None:
+        raise ValueError(
+            f"{text!r} is an IPv4-mapped IPv6 address: write '{ip.ipv4_mapped}:{port}' instead"
+        )
+
+
+def _unbracketed(text: str, host: str, port: str) -> None:
+    """An IPv6 address written without brackets: ValueError saying how to
+    write it (``fd00::2:7301`` is read as address fd00::2, port 7301)."""
+    for written, p in ((host, port), (text, "PORT")):
+        if written is host and not port.isdigit():
+            continue
+        try:
+            ip = ipaddress.IPv6Address(written.partition("%")[0])
+        except ValueError:
+            continue
+        _usable(text, written, ip, p)
+        raise ValueError(
+            f"{text!r}: write an IPv6 address in brackets, then the port: '[{ip.compressed}]:{p}'"
+        )
+    raise ValueError(f"{text!r} is not HOST:PORT ({_EXAMPLES})")
+
+
+def format_address(host: str, port: int) -> str:
+    """(host, port) → ``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def canonical_address(text: str) -> str:
+    """``text`` as ``format_address`` writes it (an IPv6 host in canonical
+    form); ValueError as ``parse_address``."""
+    return format_address(*parse_address(text))
+
+
+def is_unspecified(host: str) -> bool:
+    """``0.0.0.0`` or ``::``: every address of this host, not one of them."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def peer_host(host: str) -> str:
+    """The address a connection came from, as people write it: an IPv4
+    client of a dual-stack listener shows as ``::ffff:a.b.c.d``; this
+    returns ``a.b.c.d``."""
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)
+
+
+def listen_socket(text: str, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``text`` (OSError if unusable).
+
+    ``[::]:PORT`` is dual-stack: it takes IPv4 clients too (as
+    ``::ffff:a.b.c.d``), whatever net.ipv6.bindv6only says, as "every
+    address" means; ``0.0.0.0:PORT`` is IPv4 only, a specific address that
+    address only. A host name is resolved, its first IPv4 address preferred
+    (as before IPv6 support), else its first IPv6 one.
+    """
+    host, port = parse_address(text)
+    family: int
+    if ":" in host:
+        family, addr = socket.AF_INET6, (host, port)
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+            family, addr = socket.AF_INET, (host, port)
+        except ValueError:
+            family, addr = _resolve(host, port)
+    ls = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and is_unspecified(host):
+            ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.bind(addr)
+        ls.listen(backlog)
+    except OSError:
+        ls.close()
+        raise
+    return ls
+
+
+def _resolve(host: str, port: int) -> tuple[int, tuple[str, int]]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)  # stable: IPv4 first, else as resolved
+    family, _, _, _, sockaddr = infos[0]
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
 
 
 def tune(sock: socket.socket, dead_after: float) -> None:
@@ -50,6 +181,40 @@ def tune(sock: socket.socket, dead_after: float) -> None:
 
 def cork(sock: socket.socket, on: bool) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+
+
+#: <asm-generic/socket.h> and <linux/tcp.h> (Python 3.11's socket module
+#: lacks them; SO_MAX_PACING_RATE is 47 on x86 and arm).
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+#: What SO_MAX_PACING_RATE holds when there is no cap (~0UL).
+NO_PACING = (1 << 64) - 1
+#: Bytes queued in a paced socket but not yet sent: a quarter of a second
+#: at the rate, within these bounds.
+LOWAT_MIN, LOWAT_MAX = 16 << 10, 32 << 20
+
+
+def pace(sock: socket.socket, rate: int) -> int:
+    """Cap what the kernel sends on ``sock`` at ``rate`` bytes per second
+    (0: no cap); returns the cap the socket reports back (0: none).
+
+    SO_MAX_PACING_RATE makes TCP pace every segment, sendfile's included
+    (with the fq qdisc, else TCP's own pacing): the data path stays
+    zero-copy. TCP_NOTSENT_LOWAT keeps the not-yet-sent queue to about a
+    quarter of a second at that rate, so a frame queued behind file data (a
+    Ping, an End) leaves soon, not after megabytes of send buffer. Both can
+    change on a live connection.
+    """
+    lowat = 0 if not rate else max(LOWAT_MIN, min(LOWAT_MAX, rate // 4))  # 0: sysctl default
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("Q", rate or NO_PACING))
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+    return pacing(sock)
+
+
+def pacing(sock: socket.socket) -> int:
+    """The SO_MAX_PACING_RATE ``sock`` reports, in bytes per second (0: none)."""
+    (got,) = struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, 8))
+    return 0 if got == NO_PACING else int(got)
 
 
 def wait_readable(sock: socket.socket, timeout: float) -> bool:

@@ -44,6 +44,16 @@ from .protocol import Connection
 #: (measured: 0.95 vs 1.03 CPU-s/GiB for 8 vs 1 MiB); smaller ones let small
 #: files through sooner (4 MiB ≈ 4 ms on the wire at 1 GB/s).
 CHUNK = 4 << 20
+#: Under a bandwidth limit a chunk is half a second's worth at that rate, at
+#: least this: while one is sent the link can send nothing else (no Ping).
+MIN_CHUNK = 16 << 10
+
+
+def chunk_size(rate: int) -> int:
+    """Payload bytes per Chunk at ``rate`` bytes per second (0: no limit)."""
+    return CHUNK if not rate else max(MIN_CHUNK, min(CHUNK, rate // 2))
+
+
 #: Files up to this size are hashed at once, on the link's thread (under a
 #: millisecond for 1 MiB); larger ones on the hasher thread.
 HASH_INLINE_MAX = 1 << 20
@@ -310,9 +320,12 @@ class FileSend:
         self.map = job.map
         return None
 
-    def step(self, sock: socket.socket, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:
-        """Send the next chunk (``wbuf`` holds frames queued before it and is
-        flushed first). Returns what happened and the payload bytes sent."""
+    def step(
+        self, sock: socket.socket, conn: Connection, wbuf: bytearray, chunk: int = CHUNK
+    ) -> tuple[Step, int]:
+        """Send the next chunk, at most ``chunk`` bytes (``wbuf`` holds frames
+        queued before it and is flushed first). Returns what happened and the
+        payload bytes sent."""
         if self.todo is None:  # a delta: what to send follows from the map
             waiting = self._hashed()
             if waiting is not None:
@@ -336,7 +349,7 @@ class FileSend:
         if not todo:
             return self._verdict(), 0
         _, off, run = todo[0]
-        n = min(CHUNK, run)
+        n = min(chunk, run)
         if off and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
             return Step.CHANGED, 0  # a big file: notice a change early, not at the end
         header = conn.send(F.Chunk(self.op, off, n))

@@ -263,10 +263,11 @@ class Session:
                     net.consume(sock, consume, scratch)
                     self.stats.bytes_received += consume
                     consume = 0
-                    # A chunk may take long to arrive: what is complete
-                    # and past its commit deadline is not held behind it.
-                    if self._commit(more_at_hand=True):
-                        self._flush()
+                    # A chunk may take long to arrive (a slow or paced
+                    # link): what is complete and past its commit deadline,
+                    # and what is queued (a Pong), are not held behind it.
+                    self._commit(more_at_hand=True)
+                    self._flush()
                     self._payload_splice(due)
                     conn.payload_consumed(due)
                     peek_size = net.SMALL_PEEK

@@ -64,6 +64,11 @@ class LinkStats:
     last_error_at: float | None = None
     current: Transfer | None = None
     rate_bps: float = 0.0
+    #: The peer's bwlimit, bytes per second (0: none)...
+    bwlimit: int = 0
+    #: ...and the cap the connected socket reports (SO_MAX_PACING_RATE read
+    #: back with getsockopt; 0: none; None: not connected).
+    bwlimit_applied: int | None = None
     paused: bool = False
     mirrors: dict[str, dict[str, Any]] = field(default_factory=dict)
 

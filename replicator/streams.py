@@ -12,11 +12,10 @@ pump (``changed``) to be sent again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from . import paths
-from .outgoing import CHUNK, FileSend, Step
+from .outgoing import FileSend, Step
 from .stats import LinkStats, Transfer
 from .wire import Wire
 
@@ -38,7 +37,7 @@ class Streams:
 
     def add(self, s: FileSend) -> None:
         """A file just started (its File frame is queued)."""
-        if s.left <= CHUNK:
+        if s.left <= self._wire.chunk:
             while s.fd >= 0:
                 if not self.step(s):  # waits for its block map (now in _active)
                     return
@@ -63,13 +62,11 @@ class Streams:
             self._stats.bytes_sent += len(wire.buf)
         headers = s.frame_bytes
         copied, hole_bytes = s.copied, s.hole_bytes
-        step, n = s.step(sock, conn, wire.buf)
+        step, n = s.step(sock, conn, wire.buf, wire.chunk)
         self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
         self._stats.hole_bytes += s.hole_bytes - hole_bytes
-        if n:
-            wire.last_tx = time.monotonic()
         if step is Step.WAIT:
             if s not in self._active:
                 self._active.append(s)

@@ -1,5 +1,6 @@
 """A link's connection to its peer: TCP connect, the handshake, the reader
-thread, the write buffer, and taking it down; ``Backoff`` between attempts.
+thread, the write buffer, the heartbeat, the bandwidth limit (``Pace``), and
+taking it down; ``Backoff`` between attempts.
 
 The link thread drives the protocol (``protocol.Connection``): it queues
 frames here, flushes them, and has what the reader read parsed here
@@ -24,8 +25,11 @@ from . import frames as F
 from . import net
 from .config import NodeConfig
 from .errors import AuthFailed, LinkError, RemoteProtocolError
+from .logs import Fields
+from .outgoing import chunk_size
 from .owners import NameBook
 from .protocol import NEED_DATA, Connection, Established, Role
+from .rates import show_rate
 from .stats import LinkStats
 
 
@@ -42,6 +46,14 @@ class Received:
 class Down:
     gen: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A new bandwidth limit (bytes per second, 0: none), for the live
+    connection and the next ones (a reload that changed only that)."""
+
+    rate: int
 
 
 class Backoff:
@@ -71,6 +83,8 @@ class Wire:
         key: bytes,
         stats: LinkStats,
         post: Callable[[object], None],
+        log: Fields,
+        rate: int = 0,
     ) -> None:
         self._node = node
         self._peer = peer
@@ -78,14 +92,17 @@ class Wire:
         self._key = key
         self._stats = stats
         self._post = post
+        self._log = log
+        #: The bandwidth limit, bytes per second (0: none).
+        self.rate = stats.bwlimit = rate
         self.sock: socket.socket | None = None
         self.conn: Connection | None = None
         #: Frames queued and not yet sent.
         self.buf = bytearray()
         #: Connection generation: messages from an older reader are ignored.
         self.gen = 0
-        #: When something last went out (monotonic): heartbeats fill silences.
-        self.last_tx = 0.0
+        #: When the last Ping went out (monotonic; ``heartbeat``).
+        self.last_ping = 0.0
         #: The user and group ids named on this connection (owners.py).
         self._names = NameBook()
 
@@ -98,6 +115,8 @@ class Wire:
         if stopping():
             raise LinkError("stopping")
         net.tune(sock, self._node.dead_after)
+        # Without a limit the defaults are right: only read them back.
+        self._stats.bwlimit_applied = net.pace(sock, self.rate) if self.rate else net.pacing(sock)
         self._stats.set_state("handshake")
         conn = Connection(
             Role.INITIATOR,
@@ -172,6 +191,41 @@ class Wire:
 
     # -- the link thread's side ---------------------------------------------------------
 
+    @property
+    def chunk(self) -> int:
+        """Payload bytes per Chunk frame at this link's limit (outgoing.chunk_size)."""
+        return chunk_size(self.rate)
+
+    def heartbeat(self, now: float) -> None:
+        """A Ping every heartbeat_interval, whether file data flows or not:
+        the peer's Pong is what tells the reader that the peer is alive
+        while a big file streams (the peer says nothing else until the file
+        ends), so the link is not declared dead in the middle of it."""
+        if now - self.last_ping >= self._node.heartbeat_interval:
+            self.queue(F.Ping(time.monotonic_ns()))
+            self.last_ping = now
+
+    def pace(self, msg: Pace) -> None:
+        """Apply a new bandwidth limit: to the live connection at once (no
+        reconnect), and to every later one."""
+        before, self.rate = self.rate, msg.rate
+        self._stats.bwlimit = msg.rate
+        sock = self.sock
+        applied = ""
+        if sock is not None:
+            try:
+                self._stats.bwlimit_applied = net.pace(sock, msg.rate)
+                applied = f"; the connection reports {show_rate(self._stats.bwlimit_applied)}"
+            except OSError as e:  # the connection is going down: the next one gets it
+                applied = f"; not applied to the connection ({e.strerror}): the next one gets it"
+        self._log.info(
+            "link to %s: bwlimit %s (was %s)%s",
+            self._peer,
+            show_rate(msg.rate),
+            show_rate(before),
+            applied,
+        )
+
     def queue(self, ev: F.Event) -> None:
         conn = self.conn
         assert conn is not None
@@ -184,7 +238,6 @@ class Wire:
             self._stats.bytes_sent += len(self.buf)
             self.sock.sendall(self.buf)
             self.buf.clear()
-            self.last_tx = time.monotonic()
 
     def receive(self, data: bytes, on_frame: Callable[[object], None]) -> None:
         """Parse what the peer sent and hand every whole frame in it to
@@ -219,3 +272,4 @@ class Wire:
             sock.close()
         self.conn = None
         self.buf.clear()
+        self._stats.bwlimit_applied = None

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from replicator.localcluster import LocalCluster, LocalNode, diff_trees, tree, wait_for
 
 MiB = 1 << 20
+
+
+def ipv6_missing(*interfaces: str) -> str | None:
+    """Why IPv6 cannot be tested on this machine (None if it can): disabled
+    for ``all`` interfaces or one of ``interfaces`` (``lo`` for ::1)."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6"
+    for name in ("all", *interfaces):
+        flag = Path("/proc/sys/net/ipv6/conf", name, "disable_ipv6")
+        try:
+            if flag.read_text().strip() != "0":
+                return f"IPv6 is disabled on this machine ({flag} is not 0)"
+        except OSError:
+            return f"IPv6 is not available on this machine (no {flag})"
+    return None
 
 
 def fill(path: Path, size: int, seed: int = 0) -> None:

@@ -264,6 +264,22 @@ push_to = ["b"]
             base.replace("127.0.0.1:7302", "nowhere"),
             "peers.b.address: 'nowhere' is not HOST:PORT",
         ),
+        "ipv6 peer": (base.replace("127.0.0.1:7302", "[fd52:7e11::2]:7302"), None),
+        "ipv6 without brackets": (
+            base.replace("127.0.0.1:7302", "fd52:7e11::2:7302"),
+            "peers.b.address: 'fd52:7e11::2:7302': write an IPv6 address in brackets, then the "
+            "port: '[fd52:7e11::2]:7302'",
+        ),
+        "link-local listen": (
+            base.replace("127.0.0.1:7301", "[fe80::1%eth0]:7301"),
+            "node.listen: '[fe80::1%eth0]:7301': link-local and scoped IPv6 addresses "
+            "(fe80::/10, %interface) are not supported: use a global or unique-local",
+        ),
+        "bwlimit": (base.replace(f'"{key}"', f'"{key}"\nbwlimit = "50MiB"', 1), None),
+        "bad bwlimit": (
+            base.replace(f'"{key}"', f'"{key}"\nbwlimit = "50mb"', 1),
+            "peers.b.bwlimit: '50mb': unknown unit 'mb'; write bytes per second as an integer",
+        ),
         "relative path": (
             base.replace(f'path = "{tmp_path}/srv"', 'path = "srv"'),
             "mirrors.media.path: mirror path 'srv' must be absolute",

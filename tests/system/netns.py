@@ -1,9 +1,10 @@
 """Test-owned network namespaces joined to the host by veth pairs.
 
-Addresses come from 198.18.0.0/15 (the project's own test hosts). A
-namespace can be rate-limited with tbf (to catch a transfer in the middle)
-and its link cut with ``ip link set ... down``. Everything is removed on
-close(), even after a failed test.
+Addresses come from 198.18.0.0/15 (the project's own test hosts); IPv6
+ones (``Lan(n, ipv6=True)``) are unique-local, fd52:7e11:<k>::<i>/64, and
+exist only inside the namespaces. A namespace can be rate-limited with tbf
+(to catch a transfer in the middle) and its link cut with ``ip link set ...
+down``. Everything is removed on close(), even after a failed test.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def available() -> bool:
     return os.geteuid() == 0 and sh("ip", "netns", "list", check=False).returncode == 0
+
+
+def _v6_on(interface: str) -> str:
+    """The sysctl that enables IPv6 on ``interface`` (a new namespace may
+    inherit disable_ipv6 = 1 from the host's defaults)."""
+    return f"net.ipv6.conf.{interface}.disable_ipv6=0"
 
 
 class Netns:
@@ -84,14 +91,17 @@ class Netns:
 
 
 class Lan:
-    """``n`` namespaces on one bridge, addresses 198.19.<k>.<i+1>/24: a small
+    """``n`` namespaces on one bridge, addresses 198.19.<k>.<i+1>/24 and,
+    with ``ipv6``, also fd52:7e11:<k>::<i+1>/64 (``address(i, 6)``): a small
     network of storage nodes. ``cut(i)``/``restore(i)`` take host i's cable out."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, ipv6: bool = False) -> None:
         k = next(_counter)
         tag = f"{os.getpid() % 10000}y{k}"
         self.bridge = f"rb{tag}"[:15]
         self.hosts: list[tuple[str, str, str]] = []  # (netns, host-side veth, address)
+        #: Host i's IPv6 address (with ``ipv6``).
+        self.hosts6: list[str] = []
         subnet = (os.getpid() + k) % 250 + 1
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         try:
@@ -106,11 +116,34 @@ class Lan:
                 sh("ip", "link", "set", hv, "master", self.bridge)
                 sh("ip", "link", "set", hv, "up")
                 sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", nv)
+                if ipv6:
+                    # nodad: usable at once (duplicate address detection
+                    # would keep it "tentative", unbindable, for a second)
+                    addr6 = f"fd52:7e11:{subnet:x}::{i + 1:x}"
+                    sh("ip", "netns", "exec", ns, "sysctl", "-qw", _v6_on(nv))
+                    sh(
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "ip",
+                        "addr",
+                        "add",
+                        f"{addr6}/64",
+                        "dev",
+                        nv,
+                        "nodad",
+                    )
+                    self.hosts6.append(addr6)
                 sh("ip", "netns", "exec", ns, "ip", "link", "set", nv, "up")
                 sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         except Exception:
             self.close()
             raise
+
+    def address(self, i: int, family: int = 4) -> str:
+        """Host i's address of that family (4 or 6), without brackets."""
+        return self.hosts6[i] if family == 6 else self.hosts[i][2]
 
     def cut(self, i: int) -> None:
         sh("ip", "link", "set", self.hosts[i][1], "down")

@@ -76,6 +76,23 @@ def test_link_cut_mid_file_reconnects_and_resumes(cluster: LocalCluster, netns: 
     assert link["payload_bytes_sent"] - SIZE < SIZE * 0.10
 
 
+def test_a_file_longer_than_dead_after_keeps_its_connection(
+    cluster: LocalCluster, netns: Netns
+) -> None:
+    """24 MiB at 16 Mbit/s (12 s; dead_after is 6 s), no bwlimit: the peer
+    says nothing until the file ends, so the link's pings between chunks
+    (about 2 s each here) are what show it the peer is alive. It used to
+    reconnect every 6 s and resume (16 MiB over 8 Mbit/s: 3 connections)."""
+    a, b = throttled_pair(cluster, netns, 16)
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    cluster.start()
+    fill(src / "big.bin", 24 * MiB)
+    wait_same(src, dst, timeout=180)
+    link = a.link("b")
+    assert link["connects"] == 1, link["last_error"]
+    assert link["resumed_files"] == 0 and link["files_sent"] == 1
+
+
 def digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()

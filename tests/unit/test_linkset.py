@@ -73,9 +73,28 @@ def test_a_peer_no_longer_pushed_to_stops_a_new_one_starts() -> None:
     assert plan(specs(new), old, KEYS) == LinkChanges(["c"], [], ["b"])
 
 
+def test_a_bwlimit_change_alone_keeps_the_link() -> None:
+    old = cfg()
+    limited = BASE.replace('key_file = "/k/a-c.key"', 'key_file = "/k/a-c.key"\nbwlimit = "8MiB"')
+    new = cfg(limited)
+    assert plan(specs(old), new, KEYS) == LinkChanges([], [], [], bwlimit_changed=["c"])
+    assert plan(specs(new), cfg(limited.replace("8MiB", "2MiB")), KEYS).bwlimit_changed == ["c"]
+    assert plan(specs(new), old, KEYS) == LinkChanges([], [], [], bwlimit_changed=["c"])
+    # the same limit written another way is no change
+    assert plan(specs(new), cfg(limited.replace('"8MiB"', "8388608")), KEYS) == LinkChanges(
+        [], [], []
+    )
+    # with anything else of the link changed it is rebuilt (with the new limit)
+    both = cfg(limited.replace("127.0.0.3:7301", "127.0.0.4:7301"))
+    assert plan(specs(old), both, KEYS) == LinkChanges([], [], ["c"])
+
+
 def test_summary() -> None:
     assert LinkChanges(["c"], [], ["b"]).summary() == (
         "links restarted: b; started: c; stopped: none"
+    )
+    assert LinkChanges([], [], [], ["b", "c"]).summary() == (
+        "links restarted: none; started: none; stopped: none; bwlimit changed (applied live): b, c"
     )
 
 
@@ -88,6 +107,9 @@ class FakeLink:
     def start(self) -> None:
         self.alive = True
         self.events.append("start")
+
+    def set_bwlimit(self, rate: int) -> None:
+        self.events.append(f"bwlimit {rate}")
 
     def stop(self, drain: float = 0.0) -> None:
         self.alive = False
@@ -138,3 +160,16 @@ def test_dead_and_stop() -> None:
     links.stop(0.25)
     assert made[0].events[:2] == ["start", "stop 0.25"]
     assert sorted(links.snapshot()) == ["b", "c"]  # status still shows them
+
+
+def test_apply_posts_a_new_bwlimit_to_the_running_link() -> None:
+    links, made = fake_set()
+    links.apply(cfg(), KEYS, {})
+    first = links.snapshot()
+    limited = cfg(BASE.replace('/k/a-b.key"', '/k/a-b.key"\nbwlimit = 65536'))
+    assert links.apply(limited, KEYS, {}) == LinkChanges([], [], [], bwlimit_changed=["b"])
+    assert links.snapshot() is first and len(made) == 2  # no link replaced
+    assert made[0].events == ["start", "bwlimit 65536"] and made[1].events == ["start"]
+    assert links.apply(limited, KEYS, {}) == LinkChanges([], [], [])  # the spec was updated
+    assert links.apply(cfg(), KEYS, {}).bwlimit_changed == ["b"]
+    assert made[0].events[-1] == "bwlimit 0"
