@@ -214,10 +214,14 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"        watches {dirs - unwatched} of {dirs} directories")
         for peer, lm in sorted((m.get("links") or {}).items()):
             if lm.get("last_scan"):
+                # "there" is current (every Ack counts); "here" is what the
+                # last scan counted, so it says when that was.
+                up = st["links"].get(peer, {}).get("state") == "connected"
                 lines.append(
-                    f"        to {peer}: {lm.get('source_entries', 0)} entries here, "
-                    f"{lm.get('remote_entries', 0)} there; last scan {_when(lm['last_scan'])} "
-                    f"({lm.get('last_scan_duration', 0):.2f} s)"
+                    f"        to {peer}: {lm.get('remote_entries', 0)} entries there"
+                    f"{'' if up else ' (when the link was last up)'}; "
+                    f"{lm.get('source_entries', 0)} here at the last scan "
+                    f"{_when(lm['last_scan'])} ({lm.get('last_scan_duration', 0):.2f} s)"
                 )
         if m.get("marker_ok") is False:
             lines.append("        WARNING: marker missing (disk not mounted?): deletions held back")
