@@ -2,19 +2,24 @@
 
 Exit codes (for monitoring scripts; docs/operations.md):
 
-    0  healthy
+    0  healthy; wait: every path is durable on every target
     1  the daemon could not be reached, or refused the request
-    2  usage or configuration error (check-config: the file is invalid)
-    3  a link is not connected (status)
+    2  usage or configuration error (check-config: the file is invalid;
+       wait: a path outside every mirror, excluded, missing)
+    3  a link is not connected (status); wait: timed out (the reason says
+       why: a link down, paused, ...), or a reload rebuilt a link
     4  a link's lag exceeds --max-lag (status)
     5  a mirror needs attention: marker missing, directories without a
-       watch, or the watcher or another worker thread is dead (status)
+       watch, or the watcher or another worker thread is dead (status);
+       wait: a target refused a path or the mirror
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pwd
 import sys
 import time
@@ -26,6 +31,11 @@ from .control import request
 from .errors import ConfigError, ControlError, KeyFileError
 
 OK, UNREACHABLE, USAGE, LINK_DOWN, LAGGING, ATTENTION = 0, 1, 2, 3, 4, 5
+#: ``wait``: not durable in time (or a link was rebuilt); a target refused.
+TIMED_OUT, REFUSED = LINK_DOWN, ATTENTION
+#: ``wait --timeout`` default, seconds: a script that forgot it must not
+#: hang for ever on a peer that is down.
+WAIT_TIMEOUT = 300.0
 
 #: The user the packaged systemd unit runs replicatord as.
 DAEMON_USER = "replicator"
@@ -366,6 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-wait", action="store_true", help="start it and return (progress is in status)"
     )
+    p = sub.add_parser(
+        "wait",
+        help="return once what each PATH holds now is durable on every target (a barrier)",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file or directory (tree) inside a mirror"
+    )
+    p.add_argument("--peer", help="only this target")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=WAIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this long, exit 3 (default: {WAIT_TIMEOUT:.0f}; 0: never)",
+    )
     p = sub.add_parser("check-config", help="validate a config file offline")
     p.add_argument(
         "--user",
@@ -398,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(sock, args)
         if args.cmd == "verify":
             return _verify(sock, args)
+        if args.cmd == "wait":
+            return _wait(sock, args)
         if args.cmd in ("peers", "mirrors"):
             st = _call(sock, {"cmd": "status"})["status"]
             print(_peers(st) if args.cmd == "peers" else _mirrors(st))
@@ -469,6 +496,60 @@ def _verify(sock: str, args: argparse.Namespace) -> int:
         elif r["differing"] > r["repaired"]:
             code = max(code, ATTENTION)
     return code
+
+
+def _wait(sock: str, args: argparse.Namespace) -> int:
+    """Wait until each path is durable on its targets (waits.py, barrier.py).
+    Exit 0 when it is, 2 for a path that cannot be waited for, 3 when the
+    timeout passed first (or a reload rebuilt a link), 5 when a target
+    refused it."""
+    req: dict[str, Any] = {"cmd": "wait", "paths": [os.path.abspath(p) for p in args.paths]}
+    if args.peer is not None:
+        req["peer"] = args.peer
+    reply = request(sock, req)
+    if not reply.get("ok"):
+        print(f"replicatorctl: wait: {reply.get('error')}", file=sys.stderr)
+        return USAGE if reply.get("usage") else UNREACHABLE
+    wid = reply["id"]
+    deadline = None if args.timeout <= 0 else time.monotonic() + args.timeout
+    tty = sys.stderr.isatty()
+    try:
+        while True:
+            left = POLL if deadline is None else deadline - time.monotonic()
+            st = _call(sock, {"cmd": "wait-poll", "id": wid, "max": min(POLL, max(0.0, left))})
+            if st["state"] != "waiting" or left <= 0:
+                break
+            if tty:
+                print("\r" + "; ".join(st["reasons"]), end="", file=sys.stderr, flush=True)
+            if not st.get("waited"):  # the daemon had no long poll free
+                time.sleep(min(0.25, max(0.0, left)))
+    except KeyboardInterrupt:
+        _cancel(sock, wid)
+        raise
+    if tty:
+        print(file=sys.stderr)
+    state = st["state"]
+    if state == "done":
+        held = (f"{p} ({pr['entries']} entries)" for p, pr in sorted(st["peers"].items()))
+        print("durable on " + ", ".join(held))
+        return OK
+    if state == "waiting":
+        _cancel(sock, wid)
+        print(f"replicatorctl: wait: timed out after {args.timeout:g} s", file=sys.stderr)
+    for r in st["reasons"]:
+        print(f"replicatorctl: wait: {r}", file=sys.stderr)
+    return {"refused": REFUSED, "waiting": TIMED_OUT, "interrupted": TIMED_OUT}.get(
+        state, UNREACHABLE
+    )
+
+
+#: A wait's poll waits in the daemon this long at most.
+POLL = 2.0
+
+
+def _cancel(sock: str, wid: int) -> None:
+    with contextlib.suppress(ControlError, OSError):
+        request(sock, {"cmd": "wait-cancel", "id": wid}, timeout=5)
 
 
 def _status(sock: str, args: argparse.Namespace) -> int:
