@@ -118,6 +118,9 @@ class Answer:
     renamed: bool = False
     #: For ``last_error``.
     error: str | None = None
+    #: The peer refused the operation for good (not retried until the next
+    #: scan): why, for whoever waits for the path (barrier.py).
+    refused: str | None = None
     log: Line | None = None
 
 
@@ -254,5 +257,6 @@ class Answers:
                 (self._peer, show(rel), ev.message),
                 where,
             )
+            a.refused = ev.message
             a.effects.append(Done(rec.key))
         return a

@@ -1,7 +1,8 @@
 """Commands: what the control socket's requests do, and the status they show.
 
 ``handle`` answers one request of ``replicatorctl`` (control.py frames and
-serves them): status, sync, pause, resume, reload. ``status`` assembles
+serves them): status, sync, pause, resume, reload, verify, and the three of
+``wait`` (begin, poll, cancel: waits.py). ``status`` assembles
 everything ``replicatorctl status`` and the metrics endpoint show;
 ``summary`` is the one line systemd's STATUS= shows.
 
@@ -31,6 +32,7 @@ from .reloading import Reloads
 from .resolving import Conflicts
 from .routing import Router
 from .scrub import Verify
+from .waits import Unwaitable, Waits
 from .watching import WatchSupervisor
 
 
@@ -61,6 +63,8 @@ class Commands:
         self.node = node
         #: Two-way conflicts decided here (resolving.py).
         self.conflicts = Conflicts(node)
+        #: ``replicatorctl wait``: what it waits for, read from the current config and links.
+        self.waits = Waits(lambda: node.cfg, lambda: node.links.snapshot())
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         """The reply to one control request; ControlError if it is wrong."""
@@ -83,6 +87,15 @@ class Commands:
             return self.conflicts.listing(req.get("mirror"))
         if cmd == "resolve":
             return self.conflicts.resolve(str(req.get("path") or ""), str(req.get("keep")))
+        if cmd == "wait":
+            try:
+                return self.waits.start(req)
+            except Unwaitable as e:
+                return {"ok": False, "error": str(e), "usage": True}
+        if cmd == "wait-poll":
+            return self.waits.poll(req)
+        if cmd == "wait-cancel":
+            return self.waits.cancel(req)
         raise ControlError(f"unknown command {cmd!r}")
 
     def _pause(self, req: dict[str, Any], on: bool) -> dict[str, Any]:

@@ -2,20 +2,25 @@
 
 Exit codes (for monitoring scripts; docs/operations.md):
 
-    0  healthy
+    0  healthy; wait: every path is durable on every target
     1  the daemon could not be reached, or refused the request
-    2  usage or configuration error (check-config: the file is invalid)
-    3  a link is not connected (status)
+    2  usage or configuration error (check-config: the file is invalid;
+       wait: a path outside every mirror, excluded, missing)
+    3  a link is not connected (status); wait: timed out (the reason says
+       why: a link down, paused, ...), or a reload rebuilt a link
     4  a link's lag exceeds --max-lag (status)
     5  a mirror needs attention: marker missing, directories without a
        watch, unresolved two-way conflicts, or the watcher or another
-       worker thread is dead (status)
+       worker thread is dead (status); wait: a target refused a path or the
+       mirror
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pwd
 import sys
 import time
@@ -28,6 +33,11 @@ from .errors import ConfigError, ControlError, KeyFileError
 from .rates import show_rate
 
 OK, UNREACHABLE, USAGE, LINK_DOWN, LAGGING, ATTENTION = 0, 1, 2, 3, 4, 5
+#: ``wait``: not durable in time (or a link was rebuilt); a target refused.
+TIMED_OUT, REFUSED = LINK_DOWN, ATTENTION
+#: ``wait --timeout`` default, seconds: a script that forgot it must not
+#: hang for ever on a peer that is down.
+WAIT_TIMEOUT = 300.0
 
 #: The user the packaged systemd unit runs replicatord as.
 DAEMON_USER = "replicator"
@@ -226,10 +236,14 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"        watches {dirs - unwatched} of {dirs} directories")
         for peer, lm in sorted((m.get("links") or {}).items()):
             if lm.get("last_scan"):
+                # "there" is current (every Ack counts); "here" is what the
+                # last scan counted, so it says when that was.
+                up = st["links"].get(peer, {}).get("state") == "connected"
                 lines.append(
-                    f"        to {peer}: {lm.get('source_entries', 0)} entries here, "
-                    f"{lm.get('remote_entries', 0)} there; last scan {_when(lm['last_scan'])} "
-                    f"({lm.get('last_scan_duration', 0):.2f} s)"
+                    f"        to {peer}: {lm.get('remote_entries', 0)} entries there"
+                    f"{'' if up else ' (when the link was last up)'}; "
+                    f"{lm.get('source_entries', 0)} here at the last scan "
+                    f"{_when(lm['last_scan'])} ({lm.get('last_scan_duration', 0):.2f} s)"
                 )
         if m.get("marker_ok") is False:
             lines.append("        WARNING: marker missing (disk not mounted?): deletions held back")
@@ -395,6 +409,21 @@ def main(argv: list[str] | None = None) -> int:
         help="local: the file at PATH as it is now (the copy is deleted); remote: the copy, "
         "renamed over PATH; both: keep both, forget the conflict",
     )
+    p = sub.add_parser(
+        "wait",
+        help="return once what each PATH holds now is durable on every target (a barrier)",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file or directory (tree) inside a mirror"
+    )
+    p.add_argument("--peer", help="only this target")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=WAIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this long, exit 3 (default: {WAIT_TIMEOUT:.0f}; 0: never)",
+    )
     p = sub.add_parser("check-config", help="validate a config file offline")
     p.add_argument(
         "--user",
@@ -431,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             return ctlconflicts.conflicts(lambda req: _call(sock, req), args)
         if args.cmd == "resolve":
             return ctlconflicts.resolve(lambda req: _call(sock, req), args)
+        if args.cmd == "wait":
+            return _wait(sock, args)
         if args.cmd in ("peers", "mirrors"):
             st = _call(sock, {"cmd": "status"})["status"]
             print(_peers(st) if args.cmd == "peers" else _mirrors(st))
@@ -509,6 +540,60 @@ def _verify(sock: str, args: argparse.Namespace) -> int:
         elif r["differing"] > r["repaired"]:
             code = max(code, ATTENTION)
     return code
+
+
+def _wait(sock: str, args: argparse.Namespace) -> int:
+    """Wait until each path is durable on its targets (waits.py, barrier.py).
+    Exit 0 when it is, 2 for a path that cannot be waited for, 3 when the
+    timeout passed first (or a reload rebuilt a link), 5 when a target
+    refused it."""
+    req: dict[str, Any] = {"cmd": "wait", "paths": [os.path.abspath(p) for p in args.paths]}
+    if args.peer is not None:
+        req["peer"] = args.peer
+    reply = request(sock, req)
+    if not reply.get("ok"):
+        print(f"replicatorctl: wait: {reply.get('error')}", file=sys.stderr)
+        return USAGE if reply.get("usage") else UNREACHABLE
+    wid = reply["id"]
+    deadline = None if args.timeout <= 0 else time.monotonic() + args.timeout
+    tty = sys.stderr.isatty()
+    try:
+        while True:
+            left = POLL if deadline is None else deadline - time.monotonic()
+            st = _call(sock, {"cmd": "wait-poll", "id": wid, "max": min(POLL, max(0.0, left))})
+            if st["state"] != "waiting" or left <= 0:
+                break
+            if tty:
+                print("\r" + "; ".join(st["reasons"]), end="", file=sys.stderr, flush=True)
+            if not st.get("waited"):  # the daemon had no long poll free
+                time.sleep(min(0.25, max(0.0, left)))
+    except KeyboardInterrupt:
+        _cancel(sock, wid)
+        raise
+    if tty:
+        print(file=sys.stderr)
+    state = st["state"]
+    if state == "done":
+        held = (f"{p} ({pr['entries']} entries)" for p, pr in sorted(st["peers"].items()))
+        print("durable on " + ", ".join(held))
+        return OK
+    if state == "waiting":
+        _cancel(sock, wid)
+        print(f"replicatorctl: wait: timed out after {args.timeout:g} s", file=sys.stderr)
+    for r in st["reasons"]:
+        print(f"replicatorctl: wait: {r}", file=sys.stderr)
+    return {"refused": REFUSED, "waiting": TIMED_OUT, "interrupted": TIMED_OUT}.get(
+        state, UNREACHABLE
+    )
+
+
+#: A wait's poll waits in the daemon this long at most.
+POLL = 2.0
+
+
+def _cancel(sock: str, wid: int) -> None:
+    with contextlib.suppress(ControlError, OSError):
+        request(sock, {"cmd": "wait-cancel", "id": wid}, timeout=5)
 
 
 def _status(sock: str, args: argparse.Namespace) -> int:

@@ -124,7 +124,16 @@ class FileSends:
             )
         self._wire.queue(frame)
         self._inflight.track(
-            op, Record(F.File, key, since, EntryState.from_stat(s.st), size=s.size, live=live)
+            op,
+            Record(
+                F.File,
+                key,
+                since,
+                EntryState.from_stat(s.st),
+                size=s.size,
+                live=live,
+                sent=time.monotonic(),
+            ),
         )
         self._stats.ops_sent += 1
         self.streams.add(s)
@@ -244,7 +253,10 @@ class FileSends:
         self._send_xattrs(r, s.fd)
         self._wire.queue(frame)
         self._inflight.track(
-            op, Record(F.File, key, s.since, EntryState.from_stat(s.st), size=s.size)
+            op,
+            Record(
+                F.File, key, s.since, EntryState.from_stat(s.st), size=s.size, sent=time.monotonic()
+            ),
         )
         self._stats.ops_sent += 1
         self.streams.add(s)

@@ -41,8 +41,8 @@ class Record:
     #: Started from the live lane (backlog.py); bulk ones count against
     #: the bulk window (window.py).
     live: bool = False
-    #: When it was sent (monotonic): its send-to-ack latency sizes the
-    #: bulk window.
+    #: When it was started (monotonic), after the source was looked at:
+    #: what it carries is the source as it was then or later (barrier.py).
     sent: float = 0.0
     #: Files, once their End went out: the source version sent and its
     #: block map (remembered when acknowledged; a Want sends ranges again).

@@ -22,6 +22,7 @@ each routed to the part that owns it:
 * ``pump.py``: what to send next, and sending it (files in chunks, renames);
 * ``reconciler.py``: opening and listing the mirrors, marking what differs;
 * ``answers.py``: what the peer's Ack and Error mean (pure);
+* ``barrier.py``: whether what a ``replicatorctl wait`` waits for is durable there;
 * ``linkstatus.py``: the gauges shown in status.
 
 They share the link's state (mirrors, backlog, in-flight operations, what
@@ -41,6 +42,7 @@ from typing import Any
 from . import frames as F
 from .answers import DIR_SETTLE, RETRY_MAX, RETRY_MIN, Answer, Answers
 from .backlog import Backlog, Store
+from .barrier import Barriers, Expect, Expected
 from .changes import Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
 from .errors import AuthFailed, LinkError, ProtocolError
@@ -165,6 +167,8 @@ class Link(threading.Thread):
             self._listed,
         )
         self._answers = Answers(self._inflight, self._remote, {m.id: m.name for m in mirrors}, peer)
+        #: Waits for paths to be durable on the peer (``replicatorctl wait``).
+        self._barriers = Barriers(peer, self.mirrors, self._remote, self._backlog, self._inflight)
         self._backoff: Backoff | None = None
         #: Draining before a stop: nothing new is sent until this time.
         self._drain_until: float | None = None
@@ -260,6 +264,7 @@ class Link(threading.Thread):
             except queue.Empty:
                 self._backlog.flush()
                 self._status.update(force=True)
+                self._barriers.step()  # drops waits nobody waits for any more
                 continue
             self._handle(msg)
             self._backlog.flush()
@@ -323,6 +328,7 @@ class Link(threading.Thread):
             worked = False if idle else self._pump.pump()
             if not idle:
                 worked = self._scrubs.step() or worked
+            worked = self._barriers.step() or worked
             now = time.monotonic()
             wire.heartbeat(now)
             wire.flush()
@@ -337,9 +343,9 @@ class Link(threading.Thread):
             due = self._backlog.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
-            sdue = self._scrubs.due()
-            if sdue is not None:
-                timeout = min(timeout, max(0.0, sdue - now))
+            for other in (self._scrubs.due(), self._barriers.due()):
+                if other is not None:
+                    timeout = min(timeout, max(0.0, other - now))
             try:
                 msg = self._mail.get(timeout=timeout)
             except queue.Empty:
@@ -409,6 +415,7 @@ class Link(threading.Thread):
         a = self._answers.ack(ev.op)
         self._answer(a)
         self._scrubs.answered(a.record, True)
+        self._barriers.acked(a.record)
 
     def _on_want(self, ev: F.Want) -> None:
         self._pump.want(ev.op, F.unpack_ranges(ev.ranges))
@@ -421,6 +428,8 @@ class Link(threading.Thread):
         self._answer(answer)
         if ev.code != F.ErrorCode.BASE_CHANGED:  # else it goes again, whole
             self._scrubs.answered(answer.record, False)
+        if answer.refused is not None:
+            self._barriers.refused(answer.record, answer.refused)
 
     def _answer(self, a: Answer) -> None:
         """Apply what an answer means (answers.py)."""
@@ -457,6 +466,8 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     Hashed: lambda link, msg: None,  # the main loop pumps again
     Pace: lambda link, msg: link._wire.pace(msg),
     Verify: lambda link, msg: link._scrubs.start(msg),
+    Expect: lambda link, msg: link._barriers.expect(msg),
+    Expected: lambda link, msg: link._barriers.expected(msg),
 }
 
 #: What the link does with each frame the peer sends (protocol.py checked

@@ -2,8 +2,9 @@
 
 The link thread writes ``LinkStats`` (stats.py) and the control thread reads
 it. Here: the queue, what is in flight, the lag, the send rate and each
-mirror's state, refreshed at most every 0.25 s (and when the link goes idle),
-and deletions withheld because a mirror's marker is missing.
+mirror's state (listed, and how many entries the peer holds), refreshed at
+most every 0.25 s (and when the link goes idle), and deletions withheld
+because a mirror's marker is missing.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ class LinkStatus:
         for mid, r in self._remote.items():
             m = self._mirrors[mid]
             ms = st.mirror(m.name)
-            ms.update(listed=r.listed)
+            # What the peer holds as far as the link knows: every Ack and
+            # listing keeps ``known`` current (the count of the last listing
+            # alone showed 0 there after a first sync of everything).
+            ms.update(listed=r.listed, remote_entries=len(r.known))
             if recheck and m.marker is not None and m.marker.ok():
                 ms.pop("marker_missing", None)
                 self._marker_warned.discard(m.name)

@@ -260,7 +260,9 @@ class Pump:
     ) -> bool:
         op: int = ev.op  # type: ignore[attr-defined]
         self._wire.queue(ev)
-        rec = Record(type(ev), key, since, state, dst, is_dir=is_dir, live=live)
+        rec = Record(
+            type(ev), key, since, state, dst, is_dir=is_dir, live=live, sent=time.monotonic()
+        )
         self._inflight.track(op, rec)
         self._stats.ops_sent += 1
         return True

@@ -373,3 +373,38 @@ def test_wrong_key_shows_auth_failed(cluster: LocalCluster, tmp_path: Path) -> N
     r = ctl(a, "status")
     assert r.returncode == 3 and "auth_failed" in r.stderr
     assert "authentication" in (a.link("b")["last_error"] or "")
+
+
+def test_status_counts_are_current_right_after_the_first_sync(cluster: LocalCluster) -> None:
+    """Status said "to b: 204 entries here, 0 there" after the first sync
+    although b held all 204: the count of the peer's entries was the one of
+    its listing, before anything was sent. It follows every Ack now; the
+    count here says when it was taken."""
+    a, b = make_pair(cluster, rescan_interval=86400.0)
+    src = a.mirror_path("m")
+    for d in range(4):
+        (src / f"d{d}").mkdir()
+        for f in range(50):
+            (src / f"d{d}" / f"f{f}").write_bytes(b"x" * f)
+    cluster.start()
+    wait_same(src, b.mirror_path("m"))
+
+    def counts() -> tuple[int, int]:
+        lm = status_json(a)[1]["mirrors"]["m"]["links"]["b"]
+        return lm["source_entries"], lm["remote_entries"]
+
+    wait_for(lambda: counts() == (204, 204), 30, "both counts to be 204")
+    text = ctl(a, "status").stdout
+    assert "to b: 204 entries there; 204 here at the last scan" in text
+    log = a.log_path.read_text()
+    assert log.count("mirror m reconciled") == 1  # no rescan made them right
+    assert "reconciled: 204 entries here, 0 there, 204 to send" in log
+    # and it follows later changes too, without a rescan
+    (src / "d0" / "f0").unlink()
+    (src / "new").write_text("new")
+    wait_same(src, b.mirror_path("m"))
+    wait_for(lambda: counts()[1] == 204, 30, "204 there again")  # one gone, one new
+    (src / "new2").write_text("new")
+    wait_for(lambda: counts()[1] == 205, 30, "205 there")
+    b.stop()
+    wait_for(lambda: "(when the link was last up)" in ctl(a, "status").stdout, 30, "the label")
