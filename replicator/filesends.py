@@ -22,6 +22,7 @@ from . import frames as F
 from . import paths, xattrs
 from .answers import Effect, Forget, Remember, release
 from .backlog import Backlog, Key
+from .blockmap import BlockMap
 from .changes import Flag
 from .frames import EntryKind
 from .hashing import Hasher
@@ -76,16 +77,7 @@ class FileSends:
         rel = key[1]
         r = self._remote[m.id]
         op = self._new_op()
-        base = None
-        held = r.known.get(rel)
-        if (
-            self._maps is not None
-            and held is not None
-            and held.kind == EntryKind.FILE
-            and found.st.st_size >= DELTA_MIN
-            and held.size >= DELTA_MIN
-        ):
-            base = self._maps.get(m.name, rel, held.size, held.mtime_ns)
+        base = self._base(m, r, rel) if found.st.st_size >= DELTA_MIN else None
         try:
             begun = FileSend.begin(
                 op,
@@ -111,7 +103,6 @@ class FileSends:
             self._backlog.mark(key, (since, 0, again), RESEND_DELAY, persist=False)
             return False
         s, frame = begun
-        self._send_xattrs(r, s.fd)
         if s.resumed:
             self._stats.resumed_files += 1
             self._stats.resumed_bytes_skipped += s.resumed
@@ -122,22 +113,39 @@ class FileSends:
                 s.resumed,
                 s.size,
             )
+        self._go(r, s, frame, live)
+        return True
+
+    def _base(self, m: SourceMirror, r: RemoteMirror, rel: bytes) -> BlockMap | None:
+        """The map of the version of ``rel`` the peer holds, if we remember it
+        (a delta can be made against it)."""
+        held = r.known.get(rel)
+        if (
+            self._maps is None
+            or held is None
+            or held.kind != EntryKind.FILE
+            or held.size < DELTA_MIN
+        ):
+            return None
+        return self._maps.get(m.name, rel, held.size, held.mtime_ns)
+
+    def _go(self, r: RemoteMirror, s: FileSend, frame: F.File, live: bool = False) -> None:
+        """Send ``s``: its extended attributes (if the peer applies them), its
+        File frame, then its data (Streams); in flight until answered."""
+        self._send_xattrs(r, s.fd)
         self._wire.queue(frame)
-        self._inflight.track(
-            op,
-            Record(
-                F.File,
-                key,
-                since,
-                EntryState.from_stat(s.st),
-                size=s.size,
-                live=live,
-                sent=time.monotonic(),
-            ),
+        rec = Record(
+            F.File,
+            s.key,
+            s.since,
+            EntryState.from_stat(s.st),
+            size=s.size,
+            live=live,
+            sent=time.monotonic(),
         )
+        self._inflight.track(s.op, rec)
         self._stats.ops_sent += 1
         self.streams.add(s)
-        return True
 
     def ended(self, s: FileSend) -> None:
         """``s`` was sent whole (End queued): remember what, for its answer."""
@@ -221,10 +229,7 @@ class FileSends:
             return "later"
         m = self._mirrors[mid]
         r = self._remote[mid]
-        held = r.known.get(rel)
-        base = None
-        if self._maps is not None and held is not None and held.size >= DELTA_MIN:
-            base = self._maps.get(m.name, rel, held.size, held.mtime_ns)
+        base = self._base(m, r, rel)
         found = Source(m.root).locate(rel)
         if found is None:
             return "gone"
@@ -250,16 +255,7 @@ class FileSends:
         if begun is None:
             return "gone"
         s, frame = begun
-        self._send_xattrs(r, s.fd)
-        self._wire.queue(frame)
-        self._inflight.track(
-            op,
-            Record(
-                F.File, key, s.since, EntryState.from_stat(s.st), size=s.size, sent=time.monotonic()
-            ),
-        )
-        self._stats.ops_sent += 1
-        self.streams.add(s)
+        self._go(r, s, frame)
         return "sent"
 
     def _send_xattrs(self, r: RemoteMirror, fd: int) -> None:

@@ -207,10 +207,10 @@ class Inbound:
     def hole(self, ev: F.Hole) -> list[Answer]:
         """A hole of a sparse file: the partial is extended over it, nothing
         is written (the replica stays sparse)."""
-        m = self.ops.get(ev.op)
-        p = None if m is None else m.files.get(ev.op)
-        if m is None or p is None:
+        target = self._file(ev.op)
+        if target is None:
             return []
+        m, p = target
         try:
             os.ftruncate(p.fd, ev.offset + ev.length)
         except OSError as e:
@@ -220,10 +220,10 @@ class Inbound:
 
     def copy(self, ev: F.Copy) -> list[Answer]:
         """A delta's range that is unchanged: copy it from the published file."""
-        m = self.ops.get(ev.op)
-        p = None if m is None else m.files.get(ev.op)
-        if m is None or p is None:
+        target = self._file(ev.op)
+        if target is None:
             return []  # refused or failed: nothing to copy into
+        m, p = target
         assert p.delta_base is not None  # the protocol allows Copy only in deltas
         try:
             transfer.copy_range(p.delta_base.fd, p.fd, ev.offset, ev.length)
@@ -236,10 +236,15 @@ class Inbound:
 
     def blocks(self, ev: F.Blocks) -> None:
         """Block digests of the sender's map (the protocol checked their order)."""
-        m = self.ops.get(ev.op)
-        p = None if m is None else m.files.get(ev.op)
-        if p is not None and p.theirs is not None:
-            p.theirs += ev.digests
+        target = self._file(ev.op)
+        if target is not None and target[1].theirs is not None:
+            target[1].theirs += ev.digests
+
+    def _file(self, op: int) -> tuple[ReceivingMirror, PartialFile] | None:
+        """The mirror and partial file of ``op`` (None: refused or failed)."""
+        m = self.ops.get(op)
+        p = None if m is None else m.files.get(op)
+        return None if m is None or p is None else (m, p)
 
     def abort(self, op: int) -> None:
         m = self.ops.pop(op, None)
@@ -282,11 +287,9 @@ class Inbound:
     def chunk(self, ev: F.Chunk) -> None:
         """A Chunk starts: its payload goes to its file at its offset (or is
         drained, if the file failed or was refused)."""
-        m = self.ops.get(ev.op)
-        p = None if m is None else m.files.get(ev.op)
-        self._target = None if m is None or p is None else (m, p)
-        if p is not None and p.mend_at is not None:
-            p.mend_at = ev.offset  # a range asked for again (Want)
+        self._target = target = self._file(ev.op)
+        if target is not None and target[1].mend_at is not None:
+            target[1].mend_at = ev.offset  # a range asked for again (Want)
 
     def write_inline(self, data: bytes) -> list[Answer]:
         """Payload that arrived with its header, already in Python."""

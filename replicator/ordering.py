@@ -189,9 +189,10 @@ class _Files:
 
     def end(self, ev: F.End) -> None:
         f = self._get(ev.op, "End")
-        complete = (not f.mend if f.mend is not None else f.next_offset == f.size) and (
-            f.mend is not None or f.count <= 1 or f.blocks == f.count
-        )
+        if f.mend is not None:  # a Want answered: every range sent again
+            complete = not f.mend
+        else:  # all data, and the block digests of a file of several blocks
+            complete = f.next_offset == f.size and (f.count <= 1 or f.blocks == f.count)
         if not complete or len(ev.digest) != DIGEST_SIZE[f.algo]:
             raise self.err(
                 F.ErrorCode.UNEXPECTED,
