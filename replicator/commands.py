@@ -43,6 +43,8 @@ class Node(Protocol):
     config_path: str | None
     started: float
     reloads: int
+    #: Where /metrics is served, None without an endpoint.
+    metrics_address: str | None
     links: LinkSet
     listener: Listener
     watching: WatchSupervisor
@@ -179,7 +181,9 @@ class Commands:
             "pid": os.getpid(),
             "started": node.started,
             "uptime": time.time() - node.started,
-            "listen": cfg.node.listen,
+            # Where the sockets are bound now (a reload may have moved them).
+            "listen": node.listener.address,
+            "metrics_listen": node.metrics_address,
             "config": node.config_path,
             "reloads": node.reloads,
             "links": link_status,

@@ -38,7 +38,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from . import __version__, config, janitor, logs, metrics
+from . import __version__, config, janitor, logs, metrics, nodereload
 from .commands import Commands
 from .config import Config
 from .control import ControlServer
@@ -116,15 +116,6 @@ def unsafe_sysctls(proc: str = "/proc/sys") -> list[str]:
     return out
 
 
-def _listen_hint(e: OSError) -> str:
-    """What to check when the listen address cannot be bound."""
-    if e.errno == errno.EADDRNOTAVAIL:
-        return " (no interface of this host has that address, or IPv6 is disabled)"
-    if e.errno == errno.EAFNOSUPPORT:
-        return " (IPv6 is not available on this host: /proc/sys/net/ipv6)"
-    return ""
-
-
 class Daemon:
     """The parts of one node, and their start, reload, supervision and stop."""
 
@@ -149,6 +140,8 @@ class Daemon:
         self.reload_requests = Reloads(self.wakeup.set, self.stopping)
         self.janitor = Janitor(cfg.node.partial_max_age, self.router.receiving)
         self._metrics: object | None = None
+        #: Where ``_metrics`` serves (status), None without an endpoint.
+        self.metrics_address: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -161,14 +154,13 @@ class Daemon:
         try:
             self.listener.bind()
         except OSError as e:
-            raise ConfigError(
-                f"node.listen: cannot listen on {node.listen}: {e.strerror}{_listen_hint(e)}"
-            ) from None
+            raise nodereload.bind_error("listen", node.listen, e) from None
         self.watching.apply(self.cfg)
         self.listener.start()
         self.links.apply(self.cfg, self.keys, self.markers)
         if node.metrics_listen:
             self._metrics = metrics.serve(node.metrics_listen, self.status)
+            self.metrics_address = node.metrics_listen if self._metrics else None
         self.control.start()  # last: a status reply means the node is fully up
         log.info(
             "node %s listening on %s; pushing to %s; version %s",
@@ -178,10 +170,12 @@ class Daemon:
             __version__,
         )
 
-    def _ensure_markers(self) -> None:
-        for name, m in self.cfg.mirrors.items():
+    def _ensure_markers(self, cfg: Config | None = None) -> None:
+        """A marker in every mirror of ``cfg`` (default: the running config)."""
+        cfg = cfg or self.cfg
+        for name, m in cfg.mirrors.items():
             if name not in self.markers or self.markers[name].root != os.fsencode(m.path):
-                marker = Marker(self.cfg.node.state_dir, name, m.path)
+                marker = Marker(cfg.node.state_dir, name, m.path)
                 try:
                     marker.ensure()
                 except OSError as e:
@@ -216,8 +210,7 @@ class Daemon:
         for s in sessions:
             s.done.wait(max(0.1, deadline - time.monotonic()))
         self.control.close()
-        if self._metrics is not None:
-            self._metrics.shutdown()  # type: ignore[attr-defined]
+        metrics.stop(self._metrics)
         log.info("node %s stopped", self.cfg.node.name)
 
     # -- reload ------------------------------------------------------------------
@@ -230,12 +223,22 @@ class Daemon:
     def reload(self) -> str:
         """Re-read the config file and apply it (on the main thread only:
         ``reload_requests.request`` from others). Links whose peer or mirrors
-        did not change stay up. An invalid config changes nothing: the error
-        is raised (ConfigError/KeyFileError) and the old config keeps running."""
+        did not change stay up, and so do sessions; [node] changes are applied
+        live where they can be (nodereload.py). An invalid config, one that
+        changes what needs a restart, or a new address that cannot be bound
+        changes nothing: the error is raised (ConfigError/KeyFileError) and
+        the old config keeps running."""
         new, keys = load_config(self.config_path, self.cfg)
+        node = nodereload.plan(self.cfg.node, new.node)
+        fresh = nodereload.Fresh.open(node, self.cfg.node, new.node, self.status)
+        try:
+            self._ensure_markers(new)
+        except BaseException:
+            fresh.close()
+            raise
         old_cfg, old_keys = self.cfg, self.keys
         self.cfg, self.keys = new, keys
-        self._ensure_markers()
+        self._apply_node(node, fresh)
         links = self.links.apply(new, keys, self.markers)
         self.watching.apply(new)
         for s in stale_sessions(self.listener.sessions(), old_cfg, old_keys, new, keys):
@@ -248,8 +251,25 @@ class Daemon:
         self.janitor.run_soon()  # peers or mirrors may have gone
         self.reloads += 1
         summary = f"reloaded {self.config_path}: {links.summary()}"
+        if node.live:
+            summary += "; node settings applied live: " + ", ".join(node.live)
         log.info("%s", summary)
         return summary
+
+    def _apply_node(self, changes: nodereload.NodeChanges, fresh: nodereload.Fresh) -> None:
+        """Switch to what ``fresh`` opened, then close the old; post new
+        timings to the live links and sessions (the running config is the new one)."""
+        node = self.cfg.node
+        if fresh.listen is not None:
+            self.listener.rebind(fresh.listen, node.listen)
+            log.info("listening on %s (rebound by the reload)", node.listen)
+        if fresh.metrics_changed:
+            old, self._metrics = self._metrics, fresh.metrics
+            self.metrics_address = node.metrics_listen if fresh.metrics else None
+            metrics.stop(old)
+        if changes.retime:
+            nodereload.retime(node, self.links.snapshot().values(), self.listener.sessions())
+        nodereload.apply_rest(changes, node, self.janitor)
 
     # -- supervision -----------------------------------------------------------------
 

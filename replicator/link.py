@@ -59,7 +59,7 @@ from .reconciler import Reconciler
 from .remote import RemoteMirror
 from .scrub import Scrubs, Verify
 from .stats import LinkStats
-from .wire import Backoff, Down, Pace, Received, Wire
+from .wire import Backoff, Down, Pace, Received, Retime, Wire
 
 __all__ = [
     "DIR_SETTLE",
@@ -169,7 +169,9 @@ class Link(threading.Thread):
         self._answers = Answers(self._inflight, self._remote, {m.id: m.name for m in mirrors}, peer)
         #: Waits for paths to be durable on the peer (``replicatorctl wait``).
         self._barriers = Barriers(peer, self.mirrors, self._remote, self._backlog, self._inflight)
-        self._backoff: Backoff | None = None
+        #: Waits between connection attempts; reset once the peer served a
+        #: whole manifest (``_listed``).
+        self._backoff = Backoff(node.backoff_initial, node.backoff_max)
         #: Draining before a stop: nothing new is sent until this time.
         self._drain_until: float | None = None
         #: Scrubs (``replicatorctl verify``), on request and periodic.
@@ -208,6 +210,11 @@ class Link(threading.Thread):
         connection, not by reconnecting (from another thread)."""
         self._mail.post(Pace(rate))
 
+    def retime(self, node: NodeConfig) -> None:
+        """A reload changed the [node] timings or verify_rate: apply them to
+        the live connection, not by reconnecting (from another thread)."""
+        self._mail.post(Retime(node))
+
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()
 
@@ -220,13 +227,12 @@ class Link(threading.Thread):
     # -- thread ------------------------------------------------------------------------
 
     def run(self) -> None:
-        backoff = Backoff(self.node.backoff_initial, self.node.backoff_max)
         try:
             while not self._stopping:
                 self.stats.set_state("connecting")
                 self.stats.next_retry = None
                 try:
-                    self._serve(backoff)
+                    self._serve()
                 except AuthFailed as e:
                     self._fail("auth_failed", str(e), logging.ERROR)
                 except (LinkError, ProtocolError, OSError) as e:
@@ -239,7 +245,7 @@ class Link(threading.Thread):
                     self._teardown()
                 if self._stopping:
                     break
-                delay = backoff.next()
+                delay = self._backoff.next()
                 self.stats.next_retry = time.time() + delay
                 self._idle_until(time.monotonic() + delay)
         finally:
@@ -270,10 +276,9 @@ class Link(threading.Thread):
             self._backlog.flush()
             self._status.update()
 
-    def _serve(self, backoff: Backoff) -> None:
+    def _serve(self) -> None:
         wire = self._wire
         wire.connect(lambda: self._stopping)
-        self._backoff = backoff  # reset once the peer served a whole manifest
         self.stats.connects += 1
         self.stats.set_state("connected")
         self.stats.last_error = None
@@ -285,10 +290,9 @@ class Link(threading.Thread):
         self._main_loop()
 
     def _listed(self) -> None:
-        if self._backoff is not None:
-            # Only now: a peer that accepts the handshake and then fails
-            # (crashes on some operation) must not be retried at full speed.
-            self._backoff.reset()
+        # Only now: a peer that accepts the handshake and then fails
+        # (crashes on some operation) must not be retried at full speed.
+        self._backoff.reset()
 
     def _teardown(self) -> None:
         self._scrubs.stop_all("the connection to the peer was lost; run it again")
@@ -300,7 +304,6 @@ class Link(threading.Thread):
         self._status.update(force=True)
 
     def _main_loop(self) -> None:
-        hb = self.node.heartbeat_interval
         wire = self._wire
         wire.last_ping = 0.0
         while not self._stopping:
@@ -339,6 +342,7 @@ class Link(threading.Thread):
             stale = self._status.update(force=not worked and not self._inflight)
             if worked or more_bulk:
                 continue
+            hb = self.node.heartbeat_interval  # a reload may change it
             timeout = hb if stale is None else min(hb, stale)
             due = self._backlog.next_due()
             if due is not None:
@@ -443,6 +447,22 @@ class Link(threading.Thread):
             self._log.at(**a.log.fields).log(a.log.level, a.log.msg, *a.log.args)
         self._pump.apply(a.effects)
 
+    def _on_retime(self, msg: Retime) -> None:
+        node = self.node = msg.node
+        self._wire.retime(node)
+        self._backoff.retime(node.backoff_initial, node.backoff_max)
+        self._scrubs.set_rate(node.verify_rate * 1024 * 1024)
+        self._log.info(
+            "link to %s: new timings applied (heartbeat %g s, dead after %g s, "
+            "backoff %g-%g s, verify %g MiB/s)",
+            self.peer,
+            node.heartbeat_interval,
+            node.dead_after,
+            node.backoff_initial,
+            node.backoff_max,
+            node.verify_rate,
+        )
+
     def _on_ping(self, ev: F.Ping) -> None:
         self._wire.queue(F.Pong(ev.nonce))
 
@@ -465,6 +485,7 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     Stop: Link._on_stop,
     Hashed: lambda link, msg: None,  # the main loop pumps again
     Pace: lambda link, msg: link._wire.pace(msg),
+    Retime: Link._on_retime,
     Verify: lambda link, msg: link._scrubs.start(msg),
     Expect: lambda link, msg: link._barriers.expect(msg),
     Expected: lambda link, msg: link._barriers.expected(msg),

@@ -20,6 +20,10 @@ cannot start) is logged, rate-limited, and the loop goes on, backing off
 while the process is out of file descriptors. Refusals are logged at most
 ``TALLY_BURST`` lines per ``TALLY_WINDOW``, then as one line with counts.
 
+A reload that changes the listen address opens the new socket itself and
+hands it over (``rebind``): the accept loop moves to it, the old one is
+closed, sessions accepted on it go on.
+
 This module never reads frames itself and never touches a mirror: sessions do.
 """
 
@@ -135,6 +139,14 @@ def _has_input(sock: socket.socket) -> bool:
         return False
 
 
+def _close_listening(ls: socket.socket | None) -> None:
+    """Shut down (wakes a thread waiting on it) and close a listening socket."""
+    if ls is not None:
+        with contextlib.suppress(OSError):
+            ls.shutdown(socket.SHUT_RDWR)
+        ls.close()
+
+
 def session_fd_budget(sessions: int) -> int:
     """File descriptors one inbound session may hold when ``sessions``
     authenticated sessions may run at once under this process's limit."""
@@ -186,13 +198,18 @@ class Listener:
         self._thread = threading.Thread(target=self._accept_loop, name="listener", daemon=True)
         self._thread.start()
 
+    def rebind(self, sock: socket.socket, address: str) -> None:
+        """Accept on ``sock``, a listening socket on ``address`` the caller
+        opened (a reload), from now on; the old socket is closed. Sessions
+        accepted on it go on; connections it had queued and not accepted
+        yet are refused (their peers retry, on the new address)."""
+        old, self._sock, self.address = self._sock, sock, address
+        _close_listening(old)  # wakes the accept loop, which takes the new one
+
     def close(self) -> None:
         """Stop accepting (sessions go on until shut down)."""
         ls, self._sock = self._sock, None
-        if ls is not None:
-            with contextlib.suppress(OSError):
-                ls.shutdown(socket.SHUT_RDWR)
-            ls.close()
+        _close_listening(ls)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
 
@@ -259,6 +276,8 @@ class Listener:
             except OSError as e:
                 if self._sock is None or self.stopping.is_set():
                     return
+                if self._sock is not ls:
+                    continue  # rebound: ls was closed under the loop
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # The connection stays in the backlog: without a pause
                     # the loop would spin on it.
@@ -272,6 +291,8 @@ class Listener:
                 )
                 continue
             except Exception as e:
+                if self._sock is not ls:
+                    continue  # rebound: a closed ls can fail otherwise (ValueError)
                 self.errors.note("-", type(e).__name__, logging.ERROR, f"accept failed: {e!r}")
                 backoff = min(MAX_BACKOFF, max(0.01, backoff * 2))
                 continue

@@ -198,7 +198,8 @@ class StatusCollector:
 
 
 def serve(address: str, status: Status) -> object | None:
-    """Start the endpoint; returns the server (None if the library is missing)."""
+    """Start the endpoint; returns the server (None if the library is
+    missing); OSError if ``address`` cannot be bound."""
     try:
         from prometheus_client import start_http_server
         from prometheus_client.core import CollectorRegistry
@@ -214,3 +215,11 @@ def serve(address: str, status: Status) -> object | None:
     server, _thread = start_http_server(port, host, registry=registry)
     log.info("metrics on http://%s/metrics", address)
     return server
+
+
+def stop(server: object | None) -> None:
+    """Stop a server ``serve`` returned and close its socket (the address
+    refuses connections from then on)."""
+    if server is not None:
+        server.shutdown()  # type: ignore[attr-defined]
+        server.server_close()  # type: ignore[attr-defined]

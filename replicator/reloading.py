@@ -6,7 +6,8 @@ Only the main thread reloads, in ``handle``: one reload serves the SIGHUP and
 every request that came since the last one, so reloads never overlap. What
 a reload does to the running parts is the daemon's (``Daemon.reload``); the
 checks it starts with (``load_config``) and the sessions it closes
-(``stale_sessions``) are here.
+(``stale_sessions``) are here; what a new [node] section means is
+nodereload.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import config
+from . import config, nodereload
 from .config import Config
 from .errors import ConfigError, KeyFileError
 from .sdnotify import Notifier
@@ -126,20 +127,16 @@ class Reloads:
 def load_config(path: str | None, running: Config) -> tuple[Config, dict[str, bytes]]:
     """The config file at ``path`` and its keys, checked; ConfigError or
     KeyFileError if they are invalid or change what only a restart can
-    change (the [node] section of the ``running`` config)."""
+    change (the [node] fields of the ``running`` config in
+    nodereload.RESTART_ONLY, each named with why)."""
     if path is None:
         raise ConfigError("no config file to reload from")
     new = config.load(path)
     config.check_filesystem(new, path)
     keys = config.read_keys(new, path)
-    if new.node != running.node:
-        fields = type(new.node).model_fields
-        changed = [k for k in fields if getattr(new.node, k) != getattr(running.node, k)]
-        raise ConfigError(
-            f"{path}: "
-            + ", ".join(f"node.{k}" for k in changed)
-            + " changed: the [node] section needs a restart (systemctl restart replicatord)"
-        )
+    refused = nodereload.refusal(nodereload.plan(running.node, new.node), path)
+    if refused is not None:
+        raise ConfigError(refused)
     return new, keys
 
 

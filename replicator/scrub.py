@@ -507,6 +507,11 @@ class Scrubs:
                 self._show(mid)
         return worked
 
+    def set_rate(self, rate: float) -> None:
+        """Bytes per second for scrubs started from now on (a reload); one
+        under way keeps the rate it started with."""
+        self._rate = rate
+
     def due(self) -> float | None:
         """When the link should look again (a scrub waiting for its rate)."""
         dues = [d for d in (s.due() for s in self._runs.values()) if d is not None]

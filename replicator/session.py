@@ -23,6 +23,7 @@ gets a fatal Error frame and the connection closes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ from typing import Protocol
 
 from . import frames as F
 from . import net, transfer
-from .config import Config
+from .config import Config, NodeConfig
 from .errors import LinkError, RemoteProtocolError
 from .inbound import GroupCommit, Inbound
 from .logs import Fields
@@ -95,6 +96,8 @@ class Session:
         self.sock = sock
         self.addr = addr
         self.cfg = config
+        #: The [node] timings: ``cfg.node``, until a reload changes them (``retime``).
+        self.node = config.node
         self.keys = keys
         #: Set when the daemon stops: the loop leaves (shutdown() wakes it).
         self.stopping = stop
@@ -127,6 +130,17 @@ class Session:
         except OSError:
             pass
 
+    def retime(self, node: NodeConfig) -> None:
+        """A reload changed the [node] timings (from another thread): the
+        loop reads them from its next turn, the socket's keepalive and
+        send timeouts and the payload timeout follow dead_after now."""
+        self.node = node
+        with contextlib.suppress(OSError):  # going down anyway
+            net.tune(self.sock, node.dead_after)
+        splicer = self._splicer
+        if splicer is not None:
+            splicer.timeout = node.dead_after
+
     @property
     def introduced(self) -> bool:
         """The peer sent a valid Hello (it may still fail to authenticate)."""
@@ -153,7 +167,7 @@ class Session:
     def run(self) -> None:
         who = self.addr
         try:
-            net.tune(self.sock, self.cfg.node.dead_after)
+            net.tune(self.sock, self.node.dead_after)
             self._handshake()
             who = f"peer {self.peer!r} ({self.addr})"
             self._log.info("%s connected", who)
@@ -207,7 +221,7 @@ class Session:
                 self.stats.peer = ev.peer
                 self._log = Fields(log, PEER=ev.peer)
                 self.host.established(self)  # may refuse: LinkError/RemoteProtocolError
-                self._splicer = transfer.Splicer(self.sock, self.cfg.node.dead_after)
+                self._splicer = transfer.Splicer(self.sock, self.node.dead_after)
                 self._in = Inbound(
                     self.cfg,
                     ev.peer,
@@ -231,10 +245,10 @@ class Session:
         # or 256 KiB of file data would be copied into Python to find one
         # header (measured: 12 % of the receiver's CPU on big files).
         peek_size = net.PEEK_SIZE
-        node = self.cfg.node
         last_rx = time.monotonic()
         sock, conn = self.sock, self.conn
         while not self.stopping.is_set():
+            node = self.node  # a reload may change it (retime)
             busy = self._side_work()
             wait = 0.0 if busy else node.heartbeat_interval
             if not net.wait_readable(sock, wait):

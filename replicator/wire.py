@@ -56,6 +56,13 @@ class Pace:
     rate: int
 
 
+@dataclass(frozen=True)
+class Retime:
+    """New [node] timings (a reload), for the live connection and the next ones."""
+
+    node: NodeConfig
+
+
 class Backoff:
     """Exponential backoff with ±20 % jitter."""
 
@@ -70,6 +77,11 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = self.initial
+
+    def retime(self, initial: float, maximum: float) -> None:
+        """New bounds; the wait under way stays, the next one is within them."""
+        self.initial, self.maximum = initial, maximum
+        self.current = min(maximum, max(initial, self.current))
 
 
 class Wire:
@@ -169,11 +181,11 @@ class Wire:
 
     def _read(self, sock: socket.socket, gen: int) -> None:
         """Reader thread: post what arrives; report the link down."""
-        dead_after = self._node.dead_after
         last = time.monotonic()
         try:
             while True:
                 if not net.wait_readable(sock, 0.5):
+                    dead_after = self._node.dead_after  # a reload may change it
                     if time.monotonic() - last > dead_after:
                         self._post(Down(gen, f"no answer from the peer for {dead_after:.0f} s"))
                         break
@@ -225,6 +237,15 @@ class Wire:
             show_rate(before),
             applied,
         )
+
+    def retime(self, node: NodeConfig) -> None:
+        """New timings: the reader and the heartbeat read them from now on,
+        the live socket's keepalive and send timeouts follow dead_after."""
+        self._node = node
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # going down: the next one gets it
+                net.tune(sock, node.dead_after)
 
     def queue(self, ev: F.Event) -> None:
         conn = self.conn

@@ -140,7 +140,7 @@ def test_a_request_that_is_not_served_in_time_says_so() -> None:
     assert not reply["ok"] and "did not finish" in reply["error"]
 
 
-def test_load_config_refuses_a_node_change(tmp_path: Path) -> None:
+def test_load_config_refuses_a_restart_only_node_change(tmp_path: Path) -> None:
     for name in ("m1", "m2"):
         (tmp_path / name).mkdir()
     for key in ("a-b.key", "b-c.key"):
@@ -152,8 +152,13 @@ def test_load_config_refuses_a_node_change(tmp_path: Path) -> None:
     new, keys = load_config(str(path), cfg(text))
     assert new == cfg(text) and set(keys) == {"a", "c"}
     path.write_text(text.replace('name = "b"', 'name = "b2"'))
-    with pytest.raises(ConfigError, match=r"node\.name changed"):
+    with pytest.raises(ConfigError, match=r"node\.name changed.*systemctl restart replicatord"):
         load_config(str(path), cfg(text))
+    # What a reload applies live passes the checks.
+    live = text.replace('listen = "127.0.0.1:7302"', 'listen = "127.0.0.1:7309"\ndead_after = 3.0')
+    path.write_text(live)
+    new, _ = load_config(str(path), cfg(text))
+    assert (new.node.listen, new.node.dead_after) == ("127.0.0.1:7309", 3.0)
     with pytest.raises(ConfigError, match="no config file"):
         load_config(None, cfg())
 
