@@ -258,7 +258,8 @@ class Daemon:
 
     def _apply_node(self, changes: nodereload.NodeChanges, fresh: nodereload.Fresh) -> None:
         """Switch to what ``fresh`` opened, then close the old; post new
-        timings to the live links and sessions (the running config is the new one)."""
+        timings to the live links and sessions, the partial files' age to
+        the janitor (the running config is the new one)."""
         node = self.cfg.node
         if fresh.listen is not None:
             self.listener.rebind(fresh.listen, node.listen)
@@ -269,7 +270,7 @@ class Daemon:
             metrics.stop(old)
         if changes.retime:
             nodereload.retime(node, self.links.snapshot().values(), self.listener.sessions())
-        nodereload.apply_rest(changes, node, self.janitor)
+        self.janitor.max_age = node.partial_max_age  # its next run: right after the reload
 
     # -- supervision -----------------------------------------------------------------
 

@@ -29,7 +29,6 @@ from typing import Any
 from . import metrics, net
 from .config import NodeConfig
 from .errors import ConfigError
-from .janitor import Janitor
 from .link import Link
 from .session import Session
 
@@ -162,9 +161,3 @@ def retime(node: NodeConfig, links: Iterable[Link], sessions: Iterable[Session])
         link.retime(node)
     for s in sessions:
         s.retime(node)
-
-
-def apply_rest(changes: NodeChanges, node: NodeConfig, janitor: Janitor) -> None:
-    """The live fields that are neither addresses nor timings of links."""
-    if "partial_max_age" in changes.live:
-        janitor.max_age = node.partial_max_age

@@ -39,6 +39,13 @@ def _accepts(port: int) -> bool:
     return True
 
 
+def _replicates(a: LocalNode, b: LocalNode, name: str) -> None:
+    """A new file on a arrives on b."""
+    src, dst = a.mirror_path("m"), b.mirror_path("m")
+    fill(src / name, 100_000)
+    wait_same(src, dst)
+
+
 def _reload(node: LocalNode) -> Any:
     node.write_config()
     return ctl(node, "reload")
@@ -55,9 +62,7 @@ def _held_port() -> socket.socket:
 def test_a_new_listen_address_is_rebound_and_sessions_stay(cluster: LocalCluster) -> None:
     a, b = make_pair(cluster)
     cluster.start()
-    src, dst = a.mirror_path("m"), b.mirror_path("m")
-    fill(src / "f1", 100_000)
-    wait_same(src, dst)
+    _replicates(a, b, "f1")
     before = _sessions_from(b, "a")
     assert len(before) == 1 and a.link("b")["connects"] == 1
 
@@ -70,8 +75,7 @@ def test_a_new_listen_address_is_rebound_and_sessions_stay(cluster: LocalCluster
     assert not _accepts(old_port)
     assert _accepts(b.port)
     # The session a opened before goes on, and a replicates over it.
-    fill(src / "f2", 100_000)
-    wait_same(src, dst)
+    _replicates(a, b, "f2")
     assert _sessions_from(b, "a") == before
     assert a.link("b")["connects"] == 1
 
@@ -89,14 +93,12 @@ def test_a_new_listen_address_is_rebound_and_sessions_stay(cluster: LocalCluster
         30,
         "b to hold only a's new session",
     )
-    fill(src / "f3", 100_000)
-    wait_same(src, dst)
+    _replicates(a, b, "f3")
 
 
 def test_a_listen_address_in_use_refuses_the_whole_reload(cluster: LocalCluster) -> None:
     a, b = make_pair(cluster)
     cluster.start()
-    src, dst = a.mirror_path("m"), b.mirror_path("m")
     old = b.address
     before = _sessions_from(b, "a")
     reloads = b.status()["reloads"]
@@ -115,8 +117,7 @@ def test_a_listen_address_in_use_refuses_the_whole_reload(cluster: LocalCluster)
         assert "extra" not in st["mirrors"]
         assert "applied live" not in b.log_path.read_text()
         assert _accepts(int(old.rsplit(":", 1)[1]))
-        fill(src / "f1", 100_000)
-        wait_same(src, dst)
+        _replicates(a, b, "f1")
         assert _sessions_from(b, "a") == before and a.link("b")["connects"] == 1
     finally:
         held.close()
@@ -141,15 +142,12 @@ def test_name_and_state_dir_need_a_restart(cluster: LocalCluster) -> None:
     st = b.status()
     assert (st["node"], st["listen"], st["reloads"]) == ("b", old, reloads)
     assert not _accepts(b.port)
-    src, dst = a.mirror_path("m"), b.mirror_path("m")
-    fill(src / "f1", 100_000)
-    wait_same(src, dst)
+    _replicates(a, b, "f1")
 
 
 def test_timings_reach_the_live_link_and_session(cluster: LocalCluster) -> None:
     a, b = make_pair(cluster)
     cluster.start()
-    src, dst = a.mirror_path("m"), b.mirror_path("m")
     before = _sessions_from(b, "a")
     timings = {
         "heartbeat_interval": 0.5,
@@ -168,8 +166,7 @@ def test_timings_reach_the_live_link_and_session(cluster: LocalCluster) -> None:
     assert "new timings applied (heartbeat 0.5 s, dead after 4 s, backoff 0.5-5 s" in (
         a.log_path.read_text()
     )
-    fill(src / "f1", 100_000)
-    wait_same(src, dst)
+    _replicates(a, b, "f1")
     assert _sessions_from(b, "a") == before and a.link("b")["connects"] == 1
 
     # The live session judges the peer by the new dead_after: with a now

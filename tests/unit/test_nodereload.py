@@ -1,19 +1,25 @@
 """What a reload does with a new [node] section, without a daemon: which
 fields apply live and which are refused (and how the refusal reads), the
-new addresses bound before anything switches, the backoff's new bounds."""
+new addresses bound before anything switches (in-process loopback sockets),
+the listener's accept loop handed over to a new socket, the backoff's new
+bounds."""
 
 from __future__ import annotations
 
 import errno
 import socket
+import threading
+from typing import cast
 
 import pytest
 
-from replicator import nodereload
+from replicator import net, nodereload
 from replicator.config import NodeConfig
 from replicator.errors import ConfigError
-from replicator.localcluster import free_port
+from replicator.listener import Listener
+from replicator.localcluster import free_port, wait_for
 from replicator.nodereload import LIVE, RESTART_ONLY, TIMING, Fresh, NodeChanges, plan, refusal
+from replicator.session import Session
 from replicator.wire import Backoff
 
 BASE = NodeConfig(name="b", listen="127.0.0.1:7302")
@@ -168,3 +174,53 @@ def test_backoff_takes_new_bounds() -> None:
 def test_bind_error_hints() -> None:
     e = nodereload.bind_error("listen", "10.9.9.9:1", OSError(errno.EADDRNOTAVAIL, "nope"))
     assert "EADDRNOTAVAIL" in str(e) and "no interface of this host" in str(e)
+
+
+class _Accepted:
+    """Stands in for a Session: records where it came from and hangs up."""
+
+    peer = ""
+    introduced = False
+
+    def __init__(self, sock: socket.socket, where: str, got: list[str]) -> None:
+        self.sock, self.where, self._got = sock, where, got
+
+    def run(self) -> None:
+        self._got.append(self.where)
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_the_listener_moves_its_accept_loop_to_a_new_socket() -> None:
+    got: list[str] = []
+    stopping = threading.Event()
+    first = f"127.0.0.1:{free_port()}"
+    listener = Listener(
+        first,
+        lambda sock, where: cast(Session, _Accepted(sock, where, got)),
+        stopping,
+    )
+    listener.start()
+    try:
+        c1 = socket.create_connection(net.parse_address(first))
+        wait_for(lambda: len(got) == 1, 10, "the first connection accepted")
+        second = f"127.0.0.1:{free_port()}"
+        listener.rebind(net.listen_socket(second, nodereload.BACKLOG), second)
+        assert listener.address == second
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(net.parse_address(first))
+        c2 = socket.create_connection(net.parse_address(second))
+        wait_for(lambda: len(got) == 2, 10, "a connection to the new socket accepted")
+        assert listener.alive() and listener.dead() == []
+        # The old socket closed under the loop is not an accept error.
+        assert listener.status()["accept_errors"] == 0
+        c1.close()
+        c2.close()
+    finally:
+        stopping.set()
+        listener.close()
