@@ -114,7 +114,7 @@ def render(st: dict[str, Any]) -> str:
         f"{dot} replicatord node {st['node']} — version {st['version']}, pid {st['pid']}, "
         f"up {fmt_age(st['uptime'])}",
         f"    listening on {st['listen']}"
-        + (f", metrics on {st['metrics_listen']}" if st.get("metrics_listen") else "")
+        + (f"; metrics on {st['metrics_listen']}" if st.get("metrics_listen") else "")
         + f"; config {st.get('config') or '-'}"
         f" (reloaded {st.get('reloads', 0)} times)",
     ]

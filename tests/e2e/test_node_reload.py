@@ -171,17 +171,21 @@ def test_timings_reach_the_live_link_and_session(cluster: LocalCluster) -> None:
 
     # The live session judges the peer by the new dead_after: with a now
     # pinging less often than b waits, b drops the session a opened before.
+    # b first: until a's reload, a pings every 0.5 s, and b still waits 4 s.
+    b.node_extra["dead_after"] = 1.0
     a.node_extra["heartbeat_interval"] = 30.0
     a.node_extra["dead_after"] = 60.0
-    b.node_extra["dead_after"] = 1.0
-    for node in (a, b):
+    for node in (b, a):
         assert _reload(node).returncode == 0
     wait_for(
         lambda: "no frame from the peer for 1 s" in b.log_path.read_text(),
         30,
         "b to drop the silent session",
     )
-    wait_for(lambda: before[0] not in dict(_sessions_from(b, "a")), 30, "the old session gone")
+    wait_for(lambda: before[0] not in _sessions_from(b, "a"), 30, "the old session gone")
+    # The session a opened before went by the new dead_after, not the old
+    # one (a session opened after the reload gets it anyway).
+    assert "no frame from the peer for 4 s" not in b.log_path.read_text()
 
 
 def _serves_metrics(port: int) -> bool:
@@ -211,6 +215,7 @@ def test_the_metrics_address_is_rebound(cluster: LocalCluster) -> None:
     assert r.returncode == 0 and "applied live: metrics_listen" in r.stdout, r.stdout + r.stderr
     assert _serves_metrics(second) and not _serves_metrics(first)
     assert a.status()["metrics_listen"] == f"127.0.0.1:{second}"
+    assert f"; metrics on 127.0.0.1:{second};" in ctl(a, "status").stdout
 
     # An address in use: refused, the endpoint stays where it was.
     held = _held_port()
