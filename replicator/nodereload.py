@@ -30,6 +30,7 @@ from . import metrics, net
 from .config import NodeConfig
 from .errors import ConfigError
 from .link import Link
+from .listener import BACKLOG
 from .session import Session
 
 #: Fields only a restart can change, and why.
@@ -44,9 +45,6 @@ TIMING = ("heartbeat_interval", "dead_after", "backoff_initial", "backoff_max", 
 LIVE = ("listen", "metrics_listen", *TIMING, "verify_rate", "partial_max_age")
 
 RESTART = "restart the daemon (systemctl restart replicatord)"
-
-#: The listening socket's queue of connections (as the listener's own).
-BACKLOG = 128
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def test_the_listener_moves_its_accept_loop_to_a_new_socket() -> None:
         c1 = socket.create_connection(net.parse_address(first))
         wait_for(lambda: len(got) == 1, 10, "the first connection accepted")
         second = f"127.0.0.1:{free_port()}"
-        listener.rebind(net.listen_socket(second, nodereload.BACKLOG), second)
+        listener.rebind(net.listen_socket(second, 16), second)
         assert listener.address == second
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(net.parse_address(first))
