@@ -115,7 +115,9 @@ class MirrorConfig(_Strict):
     #: What this node applies as a pushing peer declared it; the rest it
     #: keeps its own (docs/security.md): "owners" (uid/gid, when running as
     #: root), "special_bits" (setuid, setgid, sticky). Default: neither.
-    preserve: list[Literal["owners", "special_bits", "xattrs", "acls", "security_xattrs"]] = []
+    preserve: list[
+        Literal["owners", "special_bits", "xattrs", "acls", "security_xattrs", "hardlinks"]
+    ] = []
     #: The digest of block maps this node sends for this mirror (every file
     #: is verified against its map before it is published; blockmap.py):
     #: "xxh3-128" (fast), or "blake3" (cryptographic; needs the blake3 package).

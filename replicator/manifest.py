@@ -64,6 +64,9 @@ class Preserve(enum.IntFlag):
     XATTRS = 4
     ACLS = 8
     SECURITY_XATTRS = 16
+    #: Hard-link groups (hardlinks.py): a sending mirror's choice, never in
+    #: an ``Opened``.
+    HARDLINKS = 32
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> Preserve:

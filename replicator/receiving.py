@@ -301,7 +301,7 @@ class ReceivingMirror:
     # -- namespace operations --------------------------------------------------
 
     def namespace(self, ev: F.Event, attrs: Pairs | None = None) -> list[Answer]:
-        """Apply Mkdir, Symlink, Meta, Delete or Rename (durable, and acked,
+        """Apply Mkdir, Symlink, Meta, Delete, Rename or HardLink (durable, and acked,
         with the next commit)."""
         op: int = ev.op  # type: ignore[attr-defined]
         shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
@@ -331,7 +331,7 @@ class ReceivingMirror:
                 F.EntryKind.SYMLINK, 0o777, 0, ev.mtime_ns, ev.uid, ev.gid, ev.target
             )
             out += self._tell(ev.path, state)
-        elif isinstance(ev, F.Meta):
+        elif isinstance(ev, F.Meta | F.HardLink):
             st = self._local(paths.check(ev.path))
             if st is not None:
                 out += self._tell(ev.path, st)
@@ -348,6 +348,13 @@ class ReceivingMirror:
             if self.maps is not None:  # the rows would only be refused later
                 self.maps.forget(ev.src)
                 self.maps.forget(ev.dst)
+            return True
+        if isinstance(ev, F.HardLink):
+            parts, target = paths.check(ev.path), paths.check(ev.target)
+            out += self.commit()  # the target may be a file waiting in this round
+            pub.hardlink(ev, parts, target)
+            if self.maps is not None:
+                self.maps.forget(ev.path)
             return True
         parts = paths.check(ev.path)  # type: ignore[attr-defined]
         if not isinstance(ev, (F.Mkdir, F.Symlink, F.Meta, F.Delete)):

@@ -1,0 +1,182 @@
+"""Hard-link groups of a source mirror (``preserve = ["hardlinks"]``): which
+names of a multiply-linked regular file go as ``HardLink`` frames, and to
+which name.
+
+A group is the names, inside one mirror, of one regular file with more than
+one link: (st_dev, st_ino). The link notes every such file it looks at
+(``Groups.note``). A name whose group-mates it has not seen yet (an
+``os.link`` of an old file, a change after a restart) makes it walk the
+mirror once for that inode and link count (``Groups.search``), noting every
+multiply-linked file on the way. Names outside the mirror are never seen:
+across mirrors a link is just a separate file.
+
+``plan`` is pure: a name goes as a link to a mate the peer holds in the same
+version (size and mtime: the inode's, so the mate's data there is this
+data), waits while a mate's operation is in flight (it is looked at again
+when that is answered), or goes as data. ``Links`` adds the I/O: it checks on
+our disk that a mate still is the same inode before it links to it.
+
+Never: follow a symlink on the way to a mate (``paths.Source`` walks by
+directory fds, no-follow); link to a name the peer refused as a target.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+
+from .codes import EntryKind
+from .manifest import EntryState, Excludes
+from .paths import Source
+
+#: (st_dev, st_ino) of a file.
+Ino = tuple[int, int]
+
+
+class Plan(enum.Enum):
+    #: Send the name's data (no mate the peer holds in this version).
+    DATA = "data"
+    #: Send a HardLink to the mate returned with it.
+    LINK = "link"
+    #: A mate's operation is in flight: look again once it is answered.
+    WAIT = "wait"
+
+
+def plan(
+    rel: bytes,
+    state: EntryState,
+    mates: Iterable[bytes],
+    held: Mapping[bytes, EntryState],
+    busy: Callable[[bytes], bool],
+) -> tuple[Plan, bytes]:
+    """How name ``rel`` (in ``state``) of a group goes, given its ``mates``,
+    what the peer ``held`` and which paths are ``busy`` in flight; with the
+    mate to link to or wait for (else b"")."""
+    waiting = b""
+    for mate in sorted(mates):
+        if mate == rel:
+            continue
+        if busy(mate):
+            waiting = waiting or mate
+            continue
+        there = held.get(mate)
+        if (
+            there is not None
+            and there.kind is EntryKind.FILE
+            and (there.size, there.mtime_ns) == (state.size, state.mtime_ns)
+        ):
+            return Plan.LINK, mate
+    if waiting:
+        return Plan.WAIT, waiting
+    return Plan.DATA, b""
+
+
+def multi(st: os.stat_result) -> bool:
+    """A regular file with more than one name."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+
+
+class Groups:
+    """The hard-link groups seen in one mirror, by inode."""
+
+    def __init__(self) -> None:
+        self._names: dict[Ino, set[bytes]] = {}
+        self._of: dict[bytes, Ino] = {}
+        #: (st_dev, st_ino, st_nlink) already searched for: a walk finds a
+        #: group's names again only after its link count changed.
+        self._searched: set[tuple[int, int, int]] = set()
+
+    def note(self, rel: bytes, st: os.stat_result) -> None:
+        """``rel`` is ``st`` now (in or out of a group)."""
+        ino = (st.st_dev, st.st_ino)
+        if self._of.get(rel) == ino and multi(st):
+            return
+        self.drop(rel)
+        if multi(st):
+            self._names.setdefault(ino, set()).add(rel)
+            self._of[rel] = ino
+
+    def drop(self, rel: bytes) -> None:
+        """``rel`` is gone (or no longer in its group)."""
+        ino = self._of.pop(rel, None)
+        if ino is None:
+            return
+        names = self._names[ino]
+        names.discard(rel)
+        if not names:
+            del self._names[ino]
+
+    def mates(self, rel: bytes) -> set[bytes]:
+        """The other names of ``rel``'s group seen so far."""
+        ino = self._of.get(rel)
+        return set() if ino is None else self._names[ino] - {rel}
+
+    def search(self, root: bytes, excludes: Excludes, st: os.stat_result) -> bool:
+        """Walk the mirror for ``st``'s other names unless this inode was
+        searched at this link count; True if it walked."""
+        key = (st.st_dev, st.st_ino, st.st_nlink)
+        if key in self._searched:
+            return False
+        for rel, found, _, _ in Source(root).walk(excludes):
+            if multi(found):
+                self.note(rel, found)
+                self._searched.add((found.st_dev, found.st_ino, found.st_nlink))
+        self._searched.add(key)
+        return True
+
+
+class Links:
+    """Hard-link planning of one link's mirrors (the pump asks it)."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, Groups] = {}
+        #: Names the peer refused a HardLink for: they go as data from now on.
+        self._refused: set[tuple[int, bytes]] = set()
+
+    def groups(self, mid: int) -> Groups:
+        return self._groups.setdefault(mid, Groups())
+
+    def gone(self, mid: int, rel: bytes) -> None:
+        self.groups(mid).drop(rel)
+
+    def refused(self, mid: int, rel: bytes) -> None:
+        self._refused.add((mid, rel))
+
+    def mates(
+        self, mid: int, root: bytes, excludes: Excludes, rel: bytes, st: os.stat_result
+    ) -> set[bytes]:
+        """The other names of ``rel`` (found as ``st``) in the mirror, each
+        checked to be the same inode on our disk right now."""
+        g = self.groups(mid)
+        g.note(rel, st)
+        if not multi(st):
+            return set()
+        if len(g.mates(rel)) < st.st_nlink - 1:
+            g.search(root, excludes, st)
+        src = Source(root)
+        out = set()
+        for mate in g.mates(rel):
+            found = src.locate(mate)
+            if found is None:
+                g.drop(mate)
+                continue
+            found.close()
+            g.note(mate, found.st)
+            if (found.st.st_dev, found.st.st_ino) == (st.st_dev, st.st_ino):
+                out.add(mate)
+        return out
+
+    def plan(
+        self,
+        mid: int,
+        rel: bytes,
+        state: EntryState,
+        mates: set[bytes],
+        held: Mapping[bytes, EntryState],
+        busy: Callable[[bytes], bool],
+    ) -> tuple[Plan, bytes]:
+        if (mid, rel) in self._refused:
+            return Plan.DATA, b""
+        return plan(rel, state, mates, held, busy)
