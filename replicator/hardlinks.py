@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from .codes import EntryKind
 from .manifest import EntryState, Excludes
@@ -71,6 +71,58 @@ def plan(
     if waiting:
         return Plan.WAIT, waiting
     return Plan.DATA, b""
+
+
+def first_names(
+    entries: Iterable[tuple[bytes, EntryState, os.stat_result]],
+) -> Iterator[tuple[bytes, EntryState, bytes]]:
+    """Each entry of a manifest with its hint (``Entry.target`` of a file):
+    for a name of a multiply-linked file, the first name listed of its
+    inode, unless it is that first name; else b"" (the receiver's side)."""
+    heads: dict[Ino, bytes] = {}
+    for rel, state, st in entries:
+        hint = b""
+        if multi(st):
+            hint = heads.setdefault((st.st_dev, st.st_ino), rel)
+        yield rel, state, b"" if hint == rel else hint
+
+
+def regroup(
+    source: Mapping[bytes, Ino],
+    heads: Mapping[bytes, bytes],
+    held: Collection[bytes],
+    present: Callable[[bytes], bool],
+) -> set[bytes]:
+    """The names the peer holds whose hard-link grouping there differs from
+    ours; forgotten, they are sent again: a name that should be linked as a
+    link (``plan``), one that should not as data (a publish replaces the
+    name: the link there breaks).
+
+    ``source``: our multiply-linked names and their inodes; ``heads``: the
+    peer's hints (a name → the first name of its inode there);
+    ``present``: whether a name is a file here (only those are resent)."""
+
+    def there(name: bytes) -> bytes:
+        return heads.get(name, name)
+
+    out: set[bytes] = set()
+    by_inode: dict[Ino, list[bytes]] = {}
+    for name, ino in source.items():
+        if name in held:
+            by_inode.setdefault(ino, []).append(name)
+    for names in by_inode.values():
+        names.sort()
+        out.update(n for n in names[1:] if there(n) != there(names[0]))
+    by_head: dict[bytes, set[bytes]] = {}
+    for name, head in heads.items():
+        by_head.setdefault(head, {head}).add(name)
+    for group in by_head.values():
+        names = sorted(n for n in group if n in held)
+        if not names:
+            continue
+        ours = source.get(names[0])
+        out.update(n for n in names[1:] if (ours is None or source.get(n) != ours) and present(n))
+    return out
 
 
 def multi(st: os.stat_result) -> bool:

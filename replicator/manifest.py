@@ -167,6 +167,14 @@ def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[by
     (relative path, state). Walks by directory fds with no-follow
     (``paths.walk``); vanishing entries are skipped; a missing ``top``
     yields nothing."""
+    for rel, state, _ in scan_stat(root, excludes, top):
+        yield rel, state
+
+
+def scan_stat(
+    root: bytes, excludes: Excludes, top: bytes = b""
+) -> Iterator[tuple[bytes, EntryState, os.stat_result]]:
+    """``scan``, with each entry's lstat (its inode: hardlinks.py)."""
     for rel, st, dir_fd, name in Source(root).walk(excludes, top):
         target = b""
         if stat.S_ISLNK(st.st_mode):
@@ -176,4 +184,4 @@ def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[by
                 continue  # replaced since it was listed
         state = EntryState.from_stat(st, target)
         if state is not None:
-            yield rel, state
+            yield rel, state, st

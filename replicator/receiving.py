@@ -31,8 +31,9 @@ from .config import Config
 from .conflictlog import ConflictLog, Recorder
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
+from .hardlinks import first_names
 from .inbox import Inbox, PartialFile, apply_error
-from .manifest import EntryState, Excludes, Preserve, scan
+from .manifest import EntryState, Excludes, Preserve, scan_stat
 from .maps import PublishedMaps, database
 from .publisher import Publisher
 from .stats import SessionStats
@@ -397,10 +398,11 @@ class ReceivingMirror:
         """The mirror's entries and the resumable partials held for the
         peer, then ListEnd (commit first, so the listing shows it)."""
         count = 0
-        for rel, st in scan(os.fsencode(self.root.path), Excludes(())):
-            yield F.Entry(
-                mid, st.kind, st.mode, st.size, st.mtime_ns, st.uid, st.gid, rel, st.target
-            )
+        walk = scan_stat(os.fsencode(self.root.path), Excludes(()))
+        for rel, st, hint in first_names(walk):
+            # A file's target: the first name of its inode, if it has more.
+            target = st.target or hint
+            yield F.Entry(mid, st.kind, st.mode, st.size, st.mtime_ns, st.uid, st.gid, rel, target)
             count += 1
         for held in self.inbox.partials():
             yield F.Partial(mid, held.held, held.version, held.path)
