@@ -136,9 +136,9 @@ class Groups:
     def __init__(self) -> None:
         self._names: dict[Ino, set[bytes]] = {}
         self._of: dict[bytes, Ino] = {}
-        #: (st_dev, st_ino, st_nlink) already searched for: a walk finds a
-        #: group's names again only after its link count changed.
-        self._searched: set[tuple[int, int, int]] = set()
+        #: Link counts an inode was searched at: a walk finds a group's names
+        #: again only after its link count changed or one of them went.
+        self._searched: dict[Ino, set[int]] = {}
 
     def note(self, rel: bytes, st: os.stat_result) -> None:
         """``rel`` is ``st`` now (in or out of a group)."""
@@ -155,6 +155,7 @@ class Groups:
         ino = self._of.pop(rel, None)
         if ino is None:
             return
+        self._searched.pop(ino, None)
         names = self._names[ino]
         names.discard(rel)
         if not names:
@@ -168,14 +169,14 @@ class Groups:
     def search(self, root: bytes, excludes: Excludes, st: os.stat_result) -> bool:
         """Walk the mirror for ``st``'s other names unless this inode was
         searched at this link count; True if it walked."""
-        key = (st.st_dev, st.st_ino, st.st_nlink)
-        if key in self._searched:
+        ino = (st.st_dev, st.st_ino)
+        if st.st_nlink in self._searched.get(ino, ()):
             return False
         for rel, found, _, _ in Source(root).walk(excludes):
             if multi(found):
                 self.note(rel, found)
-                self._searched.add((found.st_dev, found.st_ino, found.st_nlink))
-        self._searched.add(key)
+                self._searched.setdefault((found.st_dev, found.st_ino), set()).add(found.st_nlink)
+        self._searched.setdefault(ino, set()).add(st.st_nlink)
         return True
 
 
@@ -205,8 +206,15 @@ class Links:
         g.note(rel, st)
         if not multi(st):
             return set()
-        if len(g.mates(rel)) < st.st_nlink - 1:
-            g.search(root, excludes, st)
+        out = self._check(g, root, rel, st)
+        if len(out) < st.st_nlink - 1 and g.search(root, excludes, st):
+            out = self._check(g, root, rel, st)
+        return out
+
+    @staticmethod
+    def _check(g: Groups, root: bytes, rel: bytes, st: os.stat_result) -> set[bytes]:
+        """The mates of ``rel`` that are its inode on disk (the others are
+        noted as they are now)."""
         src = Source(root)
         out = set()
         for mate in g.mates(rel):
