@@ -114,7 +114,8 @@ class MirrorConfig(_Strict):
     two_way: bool = False
     #: What this node applies as a pushing peer declared it; the rest it
     #: keeps its own (docs/security.md): "owners" (uid/gid, when running as
-    #: root), "special_bits" (setuid, setgid, sticky). Default: neither.
+    #: root), "special_bits" (setuid, setgid, sticky), extended attributes
+    #: and ACLs; and, as a sender, "hardlinks" (hardlinks.py). Default: none.
     preserve: list[
         Literal["owners", "special_bits", "xattrs", "acls", "security_xattrs", "hardlinks"]
     ] = []
