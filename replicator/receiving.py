@@ -352,7 +352,8 @@ class ReceivingMirror:
             return True
         if isinstance(ev, F.HardLink):
             parts, target = paths.check(ev.path), paths.check(ev.target)
-            out += self.commit()  # the target may be a file waiting in this round
+            if pub.blocks(target) or pub.blocks(parts):
+                out += self.commit()  # the target is a file waiting in this round
             pub.hardlink(ev, parts, target)
             if self.maps is not None:
                 self.maps.forget(ev.path)
