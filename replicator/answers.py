@@ -91,7 +91,15 @@ class Forget:
     key: Key
 
 
-Effect = Mark | MarkTree | Done | Unpark | Remember | Forget
+@dataclass(frozen=True)
+class NoLink:
+    """The peer refused to make ``key`` a hard link: send its data from now
+    on (hardlinks.Links.refused)."""
+
+    key: Key
+
+
+Effect = Mark | MarkTree | Done | Unpark | Remember | Forget | NoLink
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,21 @@ class Answers:
             if rec.is_dir:
                 a.effects.append(MarkTree(mid, rec.dst, rec.since))
             a.effects.append(Mark(rec.key, info))
+        elif rec.kind is F.HardLink:
+            # The peer does not hold the target as we thought: it is looked
+            # at again, and this name goes as data from now on (no loss, and
+            # no loop of links the peer keeps refusing).
+            assert rec.dst is not None
+            self._remote[mid].forget(rec.dst)
+            a.log = Line(
+                logging.INFO,
+                "peer %s could not link %s to %s: %s; sending its data",
+                (self._peer, show(rel), show(rec.dst), ev.message),
+                where,
+            )
+            a.effects.append(NoLink(rec.key))
+            a.effects.append(Mark(rec.key, info))
+            a.effects.append(Mark((mid, rec.dst), info))
         elif code is F.ErrorCode.RESUME_MISMATCH:
             self._remote[mid].partials.pop(rel, None)
             a.effects.append(Mark(rec.key, info))

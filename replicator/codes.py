@@ -51,6 +51,10 @@ class ErrorCode(enum.IntEnum):
     #: The received file did not match the sender's block map, even after its
     #: bad blocks were sent again; the partial was discarded.
     VERIFY_FAILED = 19
+    #: A HardLink's target is not a published regular file of this mirror
+    #: holding the version the sender named (gone, replaced, changed, or not
+    #: a regular file): send the data of the name instead.
+    LINK_TARGET = 20
 
 
 #: Codes that describe a transient condition on the receiver: the sender keeps

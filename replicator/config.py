@@ -114,8 +114,11 @@ class MirrorConfig(_Strict):
     two_way: bool = False
     #: What this node applies as a pushing peer declared it; the rest it
     #: keeps its own (docs/security.md): "owners" (uid/gid, when running as
-    #: root), "special_bits" (setuid, setgid, sticky). Default: neither.
-    preserve: list[Literal["owners", "special_bits", "xattrs", "acls", "security_xattrs"]] = []
+    #: root), "special_bits" (setuid, setgid, sticky), extended attributes
+    #: and ACLs; and, as a sender, "hardlinks" (hardlinks.py). Default: none.
+    preserve: list[
+        Literal["owners", "special_bits", "xattrs", "acls", "security_xattrs", "hardlinks"]
+    ] = []
     #: The digest of block maps this node sends for this mirror (every file
     #: is verified against its map before it is published; blockmap.py):
     #: "xxh3-128" (fast), or "blake3" (cryptographic; needs the blake3 package).

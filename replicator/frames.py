@@ -443,6 +443,24 @@ class Xattr(Event):
     value: bytes
 
 
+# Hard links (preserve = ["hardlinks"], hardlinks.py)
+
+
+@_frame(30, "op:u32 mirror:u16 size:u64 mtime_ns:i64 path:path target:path")
+@dataclass(frozen=True)
+class HardLink(Event):
+    """Make ``path`` another name of the published regular file at
+    ``target`` (same mirror), which must be the ``size``-byte version with
+    mtime ``mtime_ns``; otherwise refuse with LINK_TARGET (send the data)."""
+
+    op: int
+    mirror: int
+    size: int
+    mtime_ns: int
+    path: bytes
+    target: bytes
+
+
 # Scrub (replicatorctl verify)
 
 
@@ -482,7 +500,7 @@ def unpack_ranges(raw: bytes) -> list[tuple[int, int]]:
 
 
 #: Frames that carry an operation id acknowledged by Ack / refused by Error.
-OPERATIONS: tuple[type[Event], ...] = (File, Mkdir, Symlink, Delete, Rename, Meta)
+OPERATIONS: tuple[type[Event], ...] = (File, Mkdir, Symlink, Delete, Rename, Meta, HardLink)
 
 
 # --- codec ------------------------------------------------------------------

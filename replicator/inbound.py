@@ -32,7 +32,7 @@ from .checking import CheckJob
 from .config import Config
 from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
 from .inbox import PartialFile
-from .manifest import EntryState
+from .manifest import EntryState, Preserve
 from .owners import OwnerMap
 from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
 from .stats import SessionStats
@@ -155,7 +155,7 @@ class Inbound:
             return self._freed, F.Opened(ev.mirror, r.code, 0, r.message), r
         self.mirrors[ev.mirror] = m
         self.stats.mirrors.append(ev.name)
-        return self._freed, F.Opened(ev.mirror, 0, m.inbox.preserve, ""), None
+        return self._freed, F.Opened(ev.mirror, 0, m.inbox.preserve & ~Preserve.HARDLINKS, ""), None
 
     def mirror(self, mid: int) -> ReceivingMirror:
         return self.mirrors[mid]  # the protocol checked the id is open
@@ -274,7 +274,9 @@ class Inbound:
             self.checks.popleft()
         return frames, None
 
-    def namespace(self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename) -> list[Answer]:
+    def namespace(
+        self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename | F.HardLink
+    ) -> list[Answer]:
         m = self.mirror(ev.mirror)
         if m.owner_names:
             ev = self.owners.map_in(ev)

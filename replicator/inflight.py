@@ -111,6 +111,10 @@ class InFlight:
         """An operation on ``key`` itself is in flight."""
         return key in self._busy
 
+    def op_on(self, key: Key) -> int | None:
+        """The operation in flight on ``key`` (as its path or destination)."""
+        return self._busy.get(key)
+
     # -- the rules -----------------------------------------------------------
 
     def admit(self, key: Key) -> tuple[Admit, int]:

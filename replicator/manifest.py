@@ -64,6 +64,9 @@ class Preserve(enum.IntFlag):
     XATTRS = 4
     ACLS = 8
     SECURITY_XATTRS = 16
+    #: Hard-link groups (hardlinks.py): a sending mirror's choice, never in
+    #: an ``Opened``.
+    HARDLINKS = 32
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> Preserve:
@@ -164,6 +167,14 @@ def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[by
     (relative path, state). Walks by directory fds with no-follow
     (``paths.walk``); vanishing entries are skipped; a missing ``top``
     yields nothing."""
+    for rel, state, _ in scan_stat(root, excludes, top):
+        yield rel, state
+
+
+def scan_stat(
+    root: bytes, excludes: Excludes, top: bytes = b""
+) -> Iterator[tuple[bytes, EntryState, os.stat_result]]:
+    """``scan``, with each entry's lstat (its inode: hardlinks.py)."""
     for rel, st, dir_fd, name in Source(root).walk(excludes, top):
         target = b""
         if stat.S_ISLNK(st.st_mode):
@@ -173,4 +184,4 @@ def scan(root: bytes, excludes: Excludes, top: bytes = b"") -> Iterator[tuple[by
                 continue  # replaced since it was listed
         state = EntryState.from_stat(st, target)
         if state is not None:
-            yield rel, state
+            yield rel, state, st

@@ -26,6 +26,12 @@ _LINK = [
     ("operations_acked_total", "ops_acked", "Operations acknowledged durable", "counter"),
     ("files_aborted_total", "files_aborted", "Files aborted because the source changed", "counter"),
     ("renames_total", "renames", "Renames sent as renames", "counter"),
+    (
+        "hardlinks_sent_total",
+        "hardlinks_sent",
+        "Hard-link names sent as links",
+        "counter",
+    ),
     ("resumed_files_total", "resumed_files", "Transfers resumed at an offset", "counter"),
     ("delta_files_total", "delta_files", "Files sent as deltas of the peer's version", "counter"),
     (

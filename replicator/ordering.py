@@ -42,6 +42,7 @@ ACCEPTOR_RECEIVES: frozenset[type[F.Event]] = frozenset(
         F.Delete,
         F.Rename,
         F.Meta,
+        F.HardLink,
         F.Check,
         F.Owner,
         F.Xattr,
@@ -324,7 +325,7 @@ class InitiatorRules:
                 files.abort(ev.op)
                 files.answered(ev.op)
                 self.unacked.discard(ev.op)
-            case F.Mkdir() | F.Symlink() | F.Delete() | F.Rename() | F.Meta():
+            case F.Mkdir() | F.Symlink() | F.Delete() | F.Rename() | F.Meta() | F.HardLink():
                 if ev.op in self.unacked:
                     raise LocalProtocolError(f"operation id {ev.op} in use")
                 self.unacked.add(ev.op)
@@ -432,7 +433,7 @@ class AcceptorRules:
                 files.abort(ev.op)
                 files.answered(ev.op)
                 self.unacked.discard(ev.op)  # an aborted file needs no answer
-            case F.Mkdir() | F.Symlink() | F.Delete() | F.Rename() | F.Meta():
+            case F.Mkdir() | F.Symlink() | F.Delete() | F.Rename() | F.Meta() | F.HardLink():
                 self._in_open_mirror(t, ev.mirror)
                 self._new_op(ev.op)
             case F.Check():

@@ -13,6 +13,7 @@ aborted it; write anywhere but through ``paths.Root``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -261,6 +262,52 @@ class Publisher:
             self._note_dir(parent)
             self._round.ops.append(ev.op)
 
+    def hardlink(self, ev: F.HardLink, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
+        """Make ``parts`` another name of the published regular file at
+        ``target``: linked to a temp name beside it, checked, renamed over
+        it, durable with the round's directory sync (like a symlink)."""
+        with self._with_errors(ev.path):
+            self.root.forget()  # walk again: a cached directory may have moved
+            tparent, tname = self._link_target(ev, target)
+            parent = self._parent(parts, self._round)
+            name = parts[-1]
+            tmp = TEMP_PREFIX + hashlib.sha256(name).hexdigest()[:16].encode() + b".hln"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent)
+            # linkat without AT_SYMLINK_FOLLOW: a name swapped for a symlink
+            # since the check would be linked itself, never what it points to.
+            os.link(tname, tmp, src_dir_fd=tparent, dst_dir_fd=parent, follow_symlinks=False)
+            made = os.stat(tmp, dir_fd=parent, follow_symlinks=False)
+            if not _same_version(made, ev):
+                os.unlink(tmp, dir_fd=parent)
+                raise ApplyError(F.ErrorCode.LINK_TARGET, f"{show(ev.target)} changed meanwhile")
+            self._clear_for(parent, name, want_dir=False)
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self._note_dir(parent)
+            self._round.ops.append(ev.op)
+
+    def _link_target(self, ev: F.HardLink, target: tuple[bytes, ...]) -> tuple[int, bytes]:
+        """The parent fd and name of ``ev``'s target, reached without
+        following a symlink, if it is the regular file and version named."""
+        if target[-1].startswith(TEMP_PREFIX):
+            raise ApplyError(F.ErrorCode.LINK_TARGET, f"{show(ev.target)} is not published")
+        try:
+            tparent = self.root.parent(target, create=False)
+            st = os.stat(target[-1], dir_fd=tparent, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            raise ApplyError(
+                F.ErrorCode.LINK_TARGET, f"no file {show(ev.target)} in the mirror to link to"
+            ) from e
+        if not stat.S_ISREG(st.st_mode):
+            raise ApplyError(F.ErrorCode.LINK_TARGET, f"{show(ev.target)} is not a regular file")
+        if not _same_version(st, ev):
+            raise ApplyError(
+                F.ErrorCode.LINK_TARGET, f"{show(ev.target)} is not the version to link to"
+            )
+        return tparent, target[-1]
+
     def meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
         with self._with_errors(ev.path):
             parent = self.root.parent(parts, create=False)
@@ -334,6 +381,10 @@ class Publisher:
         for fd in self._round.dirs.values():
             os.close(fd)
         self._round = _Round()
+
+
+def _same_version(st: os.stat_result, ev: F.HardLink) -> bool:
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (ev.size, ev.mtime_ns)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from .answers import (
     Forget,
     Mark,
     MarkTree,
+    NoLink,
     Remember,
     Unpark,
 )
@@ -34,11 +35,12 @@ from .backlog import LIVE, LIVE_RUN, Backlog, Info, Key
 from .changes import Flag, Moved
 from .filesends import RESEND_DELAY, FileSends
 from .frames import EntryKind
+from .hardlinks import Links, Plan, multi
 from .hashing import Hasher
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
 from .logs import Fields
-from .manifest import Change, EntryState, scan
+from .manifest import Change, EntryState, Preserve, scan
 from .maps import SentMaps
 from .mirror import SourceMirror
 from .paths import Located, Source
@@ -95,6 +97,8 @@ class Pump:
         self.streams = self.files.streams
         #: How many bulk operations may be in flight (window.py).
         self.bulk_window = BulkWindow(ceiling=WINDOW)
+        #: Hard-link groups of the mirrors that preserve them (hardlinks.py).
+        self.links = Links()
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -199,6 +203,7 @@ class Pump:
             self._backlog.mark(key, info, SETTLE_RETRY, persist=False)
             return False
         if action is Action.DELETE:
+            self.links.gone(mid, rel)
             if not m.deletes_allowed():
                 self._status.marker_missing(m, 1)
                 self._backlog.done(key)
@@ -221,8 +226,40 @@ class Pump:
             ev = F.Symlink(self._op(), mid, src.mtime_ns, src.uid, src.gid, rel, src.target)
         else:
             assert found is not None
+            if m.preserve & Preserve.HARDLINKS and multi(found.st):
+                return self._group_member(m, key, info, found, src)
             return self.files.start(m, key, since, found, live)
         return self._send_op(ev, key, since, src, live=live)
+
+    def _group_member(
+        self, m: SourceMirror, key: Key, info: Info, found: Located, src: EntryState
+    ) -> bool:
+        """A name of a hard-link group changed: a link to a mate the peer
+        holds in this version, or (later) to one in flight, or its data;
+        after its data, every mate is looked at again (to link it anew: the
+        peer's new version replaced only this name)."""
+        mid, rel = key
+        since, _, flags = info
+        mates = self.links.mates(mid, m.root, m.excludes, rel, found.st)
+        busy = self._inflight.busy
+        how, mate = self.links.plan(
+            mid, rel, src, mates, self._remote[mid].known, lambda p: busy((mid, p))
+        )
+        if how is Plan.WAIT:
+            op = self._inflight.op_on((mid, mate))
+            assert op is not None
+            self._inflight.wait(op, key, info)
+            return False
+        if how is Plan.LINK:
+            ev = F.HardLink(self._op(), mid, src.size, src.mtime_ns, rel, mate)
+            self._stats.hardlinks_sent += 1
+            return self._send_op(ev, key, since, src, dst=mate, live=bool(flags & LIVE))
+        started = self.files.start(m, key, since, found, bool(flags & LIVE))
+        op = self._inflight.op_on(key)
+        if started and op is not None:
+            for mate in mates:
+                self._inflight.wait(op, (mid, mate), (since, 0, Flag.DATA))
+        return started
 
     def repair(self, mid: int, rel: bytes, bad: list[tuple[int, int]]) -> str:
         """A scrub found the peer's copy of ``rel`` damaged (filesends.py)."""
@@ -329,6 +366,8 @@ class Pump:
                 bl.unpark(e.key)
             elif isinstance(e, Remember | Forget):
                 self.files.remember(e)
+            elif isinstance(e, NoLink):
+                self.links.refused(*e.key)
 
     def reset(self) -> None:
         """The connection is gone: stop sending files, and what was in flight

@@ -31,8 +31,9 @@ from .config import Config
 from .conflictlog import ConflictLog, Recorder
 from .conflicts import Verdict, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
+from .hardlinks import first_names
 from .inbox import Inbox, PartialFile, apply_error
-from .manifest import EntryState, Excludes, Preserve, scan
+from .manifest import EntryState, Excludes, Preserve, scan_stat
 from .maps import PublishedMaps, database
 from .publisher import Publisher
 from .stats import SessionStats
@@ -301,7 +302,7 @@ class ReceivingMirror:
     # -- namespace operations --------------------------------------------------
 
     def namespace(self, ev: F.Event, attrs: Pairs | None = None) -> list[Answer]:
-        """Apply Mkdir, Symlink, Meta, Delete or Rename (durable, and acked,
+        """Apply Mkdir, Symlink, Meta, Delete, Rename or HardLink (durable, and acked,
         with the next commit)."""
         op: int = ev.op  # type: ignore[attr-defined]
         shown: bytes = getattr(ev, "path", None) or getattr(ev, "src", b"") or b""
@@ -331,7 +332,7 @@ class ReceivingMirror:
                 F.EntryKind.SYMLINK, 0o777, 0, ev.mtime_ns, ev.uid, ev.gid, ev.target
             )
             out += self._tell(ev.path, state)
-        elif isinstance(ev, F.Meta):
+        elif isinstance(ev, F.Meta | F.HardLink):
             st = self._local(paths.check(ev.path))
             if st is not None:
                 out += self._tell(ev.path, st)
@@ -348,6 +349,14 @@ class ReceivingMirror:
             if self.maps is not None:  # the rows would only be refused later
                 self.maps.forget(ev.src)
                 self.maps.forget(ev.dst)
+            return True
+        if isinstance(ev, F.HardLink):
+            parts, target = paths.check(ev.path), paths.check(ev.target)
+            if pub.blocks(target) or pub.blocks(parts):
+                out += self.commit()  # the target is a file waiting in this round
+            pub.hardlink(ev, parts, target)
+            if self.maps is not None:
+                self.maps.forget(ev.path)
             return True
         parts = paths.check(ev.path)  # type: ignore[attr-defined]
         if not isinstance(ev, (F.Mkdir, F.Symlink, F.Meta, F.Delete)):
@@ -390,10 +399,11 @@ class ReceivingMirror:
         """The mirror's entries and the resumable partials held for the
         peer, then ListEnd (commit first, so the listing shows it)."""
         count = 0
-        for rel, st in scan(os.fsencode(self.root.path), Excludes(())):
-            yield F.Entry(
-                mid, st.kind, st.mode, st.size, st.mtime_ns, st.uid, st.gid, rel, st.target
-            )
+        walk = scan_stat(os.fsencode(self.root.path), Excludes(()))
+        for rel, st, hint in first_names(walk):
+            # A file's target: the first name of its inode, if it has more.
+            target = st.target or hint
+            yield F.Entry(mid, st.kind, st.mode, st.size, st.mtime_ns, st.uid, st.gid, rel, target)
             count += 1
         for held in self.inbox.partials():
             yield F.Partial(mid, held.held, held.version, held.path)

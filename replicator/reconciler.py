@@ -12,16 +12,19 @@ first listing on a connection is complete (``RemoteMirror.listed``).
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from . import frames as F
 from .backlog import Backlog
 from .changes import Flag
+from .hardlinks import Ino, multi, regroup
 from .linkstatus import LinkStatus
 from .logs import Fields
-from .manifest import Preserve, scan
+from .manifest import EntryState, Preserve, scan_stat
 from .mirror import SourceMirror
+from .paths import Source
 from .plan import reconcile
 from .remote import RemoteMirror
 from .stats import LinkStats
@@ -77,6 +80,7 @@ class Reconciler:
         self._list_ids += 1
         r.list_id = self._list_ids
         r.listing = {}
+        r.heads_listing = {}
         r.partials = {}
         r.next_scan = float("inf")
         self._send(F.List(mid, r.list_id))
@@ -117,11 +121,13 @@ class Reconciler:
             return
         t0 = time.monotonic()
         r.known, r.listing = r.listing, None
+        r.heads, r.heads_listing = r.heads_listing, {}
         r.listed = True
         self._listed()
         now = time.time()
+        groups: dict[bytes, Ino] = {}
         diff = reconcile(
-            scan(m.root, m.excludes),
+            _noting(scan_stat(m.root, m.excludes), groups, bool(m.preserve & Preserve.HARDLINKS)),
             r.known,
             lambda a, b: m.compare(a, b, r.preserve),
             m.two_way,
@@ -131,6 +137,13 @@ class Reconciler:
         for rel, size in diff.send:
             self._backlog.mark((m.id, rel), (now, size, Flag.DATA), persist=False)
         marked = len(diff.send)
+        if m.preserve & Preserve.HARDLINKS:
+            src = Source(m.root)
+            for rel in regroup(groups, r.heads, r.known, lambda p: src.lstat(p) is not None):
+                # Linked differently there: sent again, as a link or as data.
+                r.known.pop(rel, None)
+                self._backlog.mark((m.id, rel), (now, 0, Flag.DATA), persist=False)
+                marked += 1
         if diff.gone and not m.deletes_allowed():
             self._status.marker_missing(m, len(diff.gone))
         else:
@@ -156,3 +169,16 @@ class Reconciler:
             marked,
             dur,
         )
+
+
+def _noting(
+    walk: Iterable[tuple[bytes, EntryState, os.stat_result]],
+    groups: dict[bytes, Ino],
+    hardlinks: bool,
+) -> Iterator[tuple[bytes, EntryState]]:
+    """The walk for ``plan.reconcile``, noting the inode of every
+    multiply-linked file in ``groups`` on the way (with ``hardlinks``)."""
+    for rel, state, st in walk:
+        if hardlinks and multi(st):
+            groups[rel] = (st.st_dev, st.st_ino)
+        yield rel, state

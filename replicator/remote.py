@@ -28,6 +28,10 @@ class RemoteMirror:
     listing: dict[bytes, EntryState] | None = None
     list_id: int = 0
     known: dict[bytes, EntryState] = field(default_factory=dict)
+    #: Hard links there, from the last manifest (``Entry.target`` of a file):
+    #: a name → the first name of its inode (hardlinks.regroup).
+    heads: dict[bytes, bytes] = field(default_factory=dict)
+    heads_listing: dict[bytes, bytes] = field(default_factory=dict)
     partials: dict[bytes, F.Partial] = field(default_factory=dict)
     #: Files sent as metadata on an attribute change alone (plan.META_GUESS)
     #: since their data last was: a later close sends the data.
@@ -49,8 +53,13 @@ class RemoteMirror:
                 kind = F.EntryKind(ev.kind)
             except ValueError:
                 return
+            target = ev.target
+            if kind is F.EntryKind.FILE:
+                if target:
+                    self.heads_listing[ev.path] = target
+                target = b""
             self.listing[ev.path] = EntryState(
-                kind, ev.mode, ev.size, ev.mtime_ns, ev.uid, ev.gid, ev.target
+                kind, ev.mode, ev.size, ev.mtime_ns, ev.uid, ev.gid, target
             )
 
     def acked(self, path: bytes, state: EntryState) -> None:

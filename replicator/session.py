@@ -391,7 +391,7 @@ class Session:
                 self._answer(inbound.end(ev.op, ev.digest))
             case F.Abort():
                 inbound.abort(ev.op)
-            case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename():
+            case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename() | F.HardLink():
                 self._answer(inbound.namespace(ev))
             case F.Check():
                 cannot = inbound.check(ev)

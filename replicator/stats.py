@@ -39,6 +39,8 @@ class LinkStats:
     ops_acked: int = 0
     files_aborted: int = 0
     renames: int = 0
+    #: Names of hard-link groups sent as HardLink frames (no data).
+    hardlinks_sent: int = 0
     resumed_files: int = 0
     resumed_bytes_skipped: int = 0
     #: Files sent as deltas, and the bytes the peer copied from its own

@@ -75,6 +75,7 @@ WIRE = {
     27: ("Hole", "op:u32 offset:u64 length:u64"),
     28: ("Owner", "kind:u8 id:u32 name:name"),
     29: ("Xattr", "more:u8 name:name value:data"),
+    30: ("HardLink", "op:u32 mirror:u16 size:u64 mtime_ns:i64 path:path target:path"),
 }
 
 ALL_FRAMES = [F.EVENTS[k] for k in sorted(F.EVENTS)]
@@ -104,7 +105,9 @@ def test_constants() -> None:
         F.ErrorCode.BASE_CHANGED,
         F.ErrorCode.VERIFY_FAILED,
     } == F.RETRYABLE
-    assert (F.File, F.Mkdir, F.Symlink, F.Delete, F.Rename, F.Meta) == F.OPERATIONS
+    assert F.ErrorCode.LINK_TARGET == 20 and F.ErrorCode.LINK_TARGET not in F.RETRYABLE
+    ops = (F.File, F.Mkdir, F.Symlink, F.Delete, F.Rename, F.Meta, F.HardLink)
+    assert ops == F.OPERATIONS
 
 
 @pytest.mark.parametrize(
@@ -123,6 +126,12 @@ def test_constants() -> None:
         (
             F.Mkdir(1, 1, 0o755, -1, 0, 0, b""),
             "0d 00 0000 0000001c 00000001 0001 000001ed ffffffffffffffff 00000000 00000000 0000",
+        ),
+        # a hard link (docs/protocol.md §5.4)
+        (
+            F.HardLink(5, 1, 3, -1, b"a/b", b"c"),
+            "1e 00 0000 0000001e 00000005 0001 0000000000000003 ffffffffffffffff"
+            " 0003 612f62 0001 63",
         ),
         # protocol version 3: block maps
         (
@@ -421,6 +430,7 @@ SAMPLES: list[tuple[F.Event, Role, Callable[[Connection, Connection], None]]] = 
     (F.Delete(6, 1, b"gone"), ACC, with_open),
     (F.Rename(6, 1, b"old", b"new/\x80"), ACC, with_open),
     (F.Meta(6, 1, 0o640, 123, 4, 5, b"m"), ACC, with_open),
+    (F.HardLink(6, 1, 2**64 - 1, -(2**63), b"d/\xfe", b"t/a"), ACC, with_open),
     (F.Ack(5), INI, with_op),
     (F.Ping(2**64 - 1), ACC, nothing),
     (F.Ping(0), INI, nothing),
@@ -690,6 +700,15 @@ BAD: list[tuple[str, bytes, F.ErrorCode]] = [
     ("End stray byte", frame(F.End.KIND, bytes(4) + b"\x10" + bytes(17)), M),
     ("File without base", frame(F.File.KIND, bytes(47) + b"\x00"), M),
     ("File truncated base", frame(F.File.KIND, bytes(47) + b"\x00\x10" + bytes(15)), M),
+    ("HardLink short", frame(F.HardLink.KIND, bytes(21)), M),
+    ("HardLink no target", frame(F.HardLink.KIND, bytes(22) + b"\0\1p"), M),
+    ("HardLink truncated target", frame(F.HardLink.KIND, bytes(22) + b"\0\1p\0\2t"), M),
+    ("HardLink stray byte", frame(F.HardLink.KIND, bytes(22) + b"\0\1p\0\1t\0"), M),
+    (
+        "HardLink target 4097",
+        frame(F.HardLink.KIND, bytes(22) + b"\0\1p\x10\x01" + bytes(4097)),
+        TL,
+    ),
 ]
 
 
@@ -758,6 +777,7 @@ OVERSIZE: list[tuple[str, F.Event]] = [
     ("path 4097", F.Delete(1, 1, b"p" * 4097)),
     ("target 4097", F.Symlink(1, 1, 0, 0, 0, b"l", b"t" * 4097)),
     ("dst 4097", F.Rename(1, 1, b"a", b"d" * 4097)),
+    ("link target 4097", F.HardLink(1, 1, 0, 0, b"l", b"t" * 4097)),
 ]
 
 

@@ -179,6 +179,31 @@ def test_acceptor_mirrors() -> None:
     assert acc.received(make(F.List)) == 0
 
 
+def test_a_hard_link_is_an_operation_of_an_open_mirror() -> None:
+    """HardLink (initiator → acceptor) needs its mirror open, takes a fresh
+    operation id and is answered by Ack or Error like any operation."""
+    acc = AcceptorRules()
+    with pytest.raises(RemoteProtocolError, match="HardLink for mirror id 1, which is not open"):
+        acc.received(make(F.HardLink))
+    acc.sending(F.Opened(1, 0, 0, ""))
+    acc.received(make(F.HardLink, op=3))
+    assert acc.unacked == {3}
+    with pytest.raises(RemoteProtocolError) as e:
+        acc.received(make(F.HardLink, op=3))  # the id is in use
+    assert e.value.code is E.UNEXPECTED
+    acc.sending(F.Error(E.LINK_TARGET, 3, 0, "send the data"))
+    assert acc.unacked == set()
+    ini = InitiatorRules()
+    ini.sending(make(F.Open))
+    ini.sending(make(F.HardLink, op=4))
+    with pytest.raises(LocalProtocolError):
+        ini.sending(make(F.HardLink, op=4))
+    ini.received(F.Ack(4))
+    assert ini.unacked == set()
+    with pytest.raises(RemoteProtocolError):
+        ini.received(F.Ack(4))  # answered already
+
+
 def test_acceptor_file_chunks_end_ack() -> None:
     acc = opened_acceptor()
     assert acc.received(make(F.File, size=10, offset=2)) == 0
