@@ -45,6 +45,29 @@ class _Round:
     nbytes: int = 0
     tree_grew: bool = False
     paths: set[tuple[bytes, ...]] = field(default_factory=set)
+    #: Of ``files``, those from the peer's live lane.
+    live: int = 0
+
+    def add(self, p: PartialFile) -> None:
+        self.files.append(p)
+        self.nbytes += p.size
+        self.paths.add(p.parts)
+        self.live += p.live
+
+    def split_live(self) -> _Round:
+        """Take the live files out into a round of their own. Only files:
+        namespace operations were applied in arrival order, so a round that
+        has some goes whole."""
+        assert not self.ops
+        live, bulk = _Round(), _Round()
+        for p in self.files:
+            (live if p.live else bulk).add(p)
+        self.files, self.nbytes, self.paths, self.live = bulk.files, bulk.nbytes, bulk.paths, 0
+        return live
+
+    def holds(self, parts: tuple[bytes, ...]) -> bool:
+        """A file of this round will be published at ``parts`` or above it."""
+        return bool(self.paths) and any(parts[:i] in self.paths for i in range(1, len(parts) + 1))
 
 
 @dataclass(frozen=True)
@@ -74,37 +97,50 @@ class Publisher:
     def pending_bytes(self) -> int:
         return self._round.nbytes
 
-    def _note_dir(self, fd: int) -> None:
+    @property
+    def pending_live(self) -> int:
+        """Files from the peer's live lane waiting (PartialFile.live)."""
+        return self._round.live
+
+    def _note_dir(self, fd: int, r: _Round | None = None) -> None:
+        """Directory ``fd``'s entries changed: sync it with round ``r`` (the
+        one being committed) or else the pending one."""
+        dirs = (self._round if r is None else r).dirs
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if key not in self._round.dirs:
-            self._round.dirs[key] = os.dup(fd)
+        if key not in dirs:
+            dirs[key] = os.dup(fd)
 
     def add_file(self, p: PartialFile, decision: Decision | None = None) -> None:
         """``p`` is complete: publish it with the next commit round (in a
         two-way mirror, as ``decision`` says)."""
         p.finish()
         p.decision = decision
-        self._round.files.append(p)
-        self._round.nbytes += p.size
-        self._round.paths.add(p.parts)
+        self._round.add(p)
 
     def blocks(self, parts: tuple[bytes, ...]) -> bool:
         """Whether a file waiting in this round will be published at
         ``parts`` or at one of its parents: an operation there must wait for
         the round, or the late rename would undo it."""
-        paths = self._round.paths
-        return bool(paths) and any(parts[:i] in paths for i in range(1, len(parts) + 1))
+        return self._round.holds(parts)
 
     def add_noop(self, op: int) -> None:
         """Acknowledge ``op`` with the next round without changing anything."""
         self._round.ops.append(op)
 
-    def commit(self) -> Outcome:
-        """Make everything pending durable and visible; report what to ack."""
-        r, self._round = self._round, _Round()
+    def commit(self, live_only: bool = False) -> Outcome:
+        """Make everything pending durable and visible; report what to ack.
+        ``live_only``: only the live files (when the round holds no
+        namespace operations; else everything), each with its own fsync and
+        its directory's: a syncfs would also flush the bulk data being
+        written, which is what makes a live commit under load slow."""
+        alone = live_only and not self._round.ops
+        if alone:
+            r = self._round.split_live()
+        else:
+            r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        files = self._sync_files(r.files, failed)
+        files = self._sync_files(r.files, failed, syncfs_ok=not alone)
         acked: list[int] = []
         remember: list[tuple[bytes, Identity, BlockMap]] = []
         for p in files:
@@ -141,7 +177,7 @@ class Publisher:
                     "cannot remember block maps of %d published files: %s", len(remember), e
                 )
         try:
-            self._sync_dirs(r)
+            self._sync_dirs(r, syncfs_ok=not alone)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in acked + r.ops)
@@ -157,9 +193,9 @@ class Publisher:
         return Outcome(r.ops + acked, failed)
 
     def _sync_files(
-        self, files: list[PartialFile], failed: list[tuple[int, ApplyError]]
+        self, files: list[PartialFile], failed: list[tuple[int, ApplyError]], syncfs_ok: bool
     ) -> list[PartialFile]:
-        if len(files) >= SYNCFS_MIN:
+        if syncfs_ok and len(files) >= SYNCFS_MIN:
             try:
                 syncfs(self.inbox.fd)
                 return files
@@ -194,7 +230,7 @@ class Publisher:
                 os.link(name, copy, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
         self._clear_for(parent, name, want_dir=False)
         os.rename(p.name + b".part", name, src_dir_fd=self.inbox.fd, dst_dir_fd=parent)
-        self._note_dir(parent)
+        self._note_dir(parent, r)
 
     def _parent(self, parts: tuple[bytes, ...], r: _Round) -> int:
         try:
@@ -213,10 +249,12 @@ class Publisher:
             self.root.forget()
             remove_at(parent, name)
 
-    def _sync_dirs(self, r: _Round) -> None:
+    def _sync_dirs(self, r: _Round, syncfs_ok: bool) -> None:
         if not r.dirs:
             return
-        if r.tree_grew or len(r.dirs) >= SYNCFS_MIN:
+        # Directories made for this round: only a syncfs makes the whole
+        # new chain durable (their parents' entries too).
+        if r.tree_grew or (syncfs_ok and len(r.dirs) >= SYNCFS_MIN):
             syncfs(self.root.fd)
             return
         for fd in r.dirs.values():
