@@ -47,6 +47,8 @@ class _Round:
     paths: set[tuple[bytes, ...]] = field(default_factory=set)
     #: Of ``files``, those from the peer's live lane.
     live: int = 0
+    #: Paths the namespace operations of ``ops`` changed.
+    op_paths: set[tuple[bytes, ...]] = field(default_factory=set)
 
     def add(self, p: PartialFile) -> None:
         self.files.append(p)
@@ -54,11 +56,24 @@ class _Round:
         self.paths.add(p.parts)
         self.live += p.live
 
+    def applied(self, op: int, *paths: tuple[bytes, ...]) -> None:
+        """Namespace operation ``op`` changed ``paths``; it is acked with
+        this round."""
+        self.ops.append(op)
+        self.op_paths.update(paths)
+
+    def live_apart(self) -> bool:
+        """Whether the live files can be published before the rest: no
+        operation of this round changed a path at or above one of them (its
+        effect must be durable, and acked, first)."""
+        made = self.op_paths
+        return not made or not any(
+            p.live and any(p.parts[:i] in made for i in range(1, len(p.parts) + 1))
+            for p in self.files
+        )
+
     def split_live(self) -> _Round:
-        """Take the live files out into a round of their own. Only files:
-        namespace operations were applied in arrival order, so a round that
-        has some goes whole."""
-        assert not self.ops
+        """Take the live files out into a round of their own (live_apart)."""
         live, bulk = _Round(), _Round()
         for p in self.files:
             (live if p.live else bulk).add(p)
@@ -102,6 +117,11 @@ class Publisher:
         """Files from the peer's live lane waiting (PartialFile.live)."""
         return self._round.live
 
+    @property
+    def pending_bulk(self) -> int:
+        """Files not from the live lane waiting."""
+        return len(self._round.files) - self._round.live
+
     def _note_dir(self, fd: int, r: _Round | None = None) -> None:
         """Directory ``fd``'s entries changed: sync it with round ``r`` (the
         one being committed) or else the pending one."""
@@ -130,11 +150,12 @@ class Publisher:
 
     def commit(self, live_only: bool = False) -> Outcome:
         """Make everything pending durable and visible; report what to ack.
-        ``live_only``: only the live files (when the round holds no
-        namespace operations; else everything), each with its own fsync and
-        its directory's: a syncfs would also flush the bulk data being
-        written, which is what makes a live commit under load slow."""
-        alone = live_only and not self._round.ops
+        ``live_only``: only the live files (unless a pending namespace
+        operation changed a path at or above one of them: then everything),
+        each with its own fsync and its directory's: a syncfs would also
+        flush the bulk data being written, which is what makes a live commit
+        under load slow."""
+        alone = live_only and self._round.live_apart()
         if alone:
             r = self._round.split_live()
         else:
@@ -281,7 +302,7 @@ class Publisher:
                 self._round.tree_grew = True
             self._set_meta(parent, name, ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def symlink(self, ev: F.Symlink, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -297,14 +318,14 @@ class Publisher:
             self._clear_for(parent, name, want_dir=False)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
         with self._with_errors(ev.path):
             parent = self.root.parent(parts, create=False)
             self._set_meta(parent, parts[-1], ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def delete(self, ev: F.Delete, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -316,7 +337,7 @@ class Publisher:
             if parent >= 0:
                 remove_at(parent, parts[-1])
                 self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def rename(self, ev: F.Rename, src: tuple[bytes, ...], dst: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.src):
@@ -329,7 +350,7 @@ class Publisher:
             self.root.forget()
             self._note_dir(sparent)
             self._note_dir(dparent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, src, dst)
 
     def _set_meta(
         self,

@@ -402,8 +402,7 @@ class ReceivingMirror:
     def bulk_under_way(self) -> bool:
         """Files not from the peer's live lane are being received or wait
         to be published (groupcommit.py)."""
-        pub = self.publisher
-        return pub.pending > pub.pending_live or any(not p.live for p in self.files.values())
+        return bool(self.publisher.pending_bulk) or any(not p.live for p in self.files.values())
 
     def commit(self, live_only: bool = False) -> list[Answer]:
         """Publish what is pending (``live_only``: the live files;

@@ -98,7 +98,7 @@ def test_with_no_bulk_work_a_live_commit_is_one_round_for_all(tmp_path: Path, sy
     operations go with them."""
     inb = make_inbound(tmp_path)
     inb.open(F.Open(1, "m"))
-    assert inb.namespace(F.Mkdir(1, 1, 0o755, 10**18, os.getuid(), os.getgid(), b"d")) == []
+    assert inb.namespace(mkdir(1, b"d")) == []
     ops = list(range(2, 2 + publisher.SYNCFS_MIN))
     for op in ops:
         receive(inb, live(file_ev(op, b"f%d" % op, b"new")), b"new")
@@ -107,15 +107,32 @@ def test_with_no_bulk_work_a_live_commit_is_one_round_for_all(tmp_path: Path, sy
     inb.close()
 
 
-def test_a_round_with_namespace_operations_goes_whole(tmp_path: Path) -> None:
-    """Namespace operations were applied in arrival order: their acks and
-    the files' keep it, so nothing is split off."""
+def mkdir(op: int, path: bytes) -> F.Mkdir:
+    return F.Mkdir(op, 1, 0o755, 10**18, os.getuid(), os.getgid(), path)
+
+
+def test_a_live_file_under_a_pending_namespace_operation_waits_for_it(tmp_path: Path) -> None:
+    """The directory must be durable (and acked) before the file in it: the
+    round goes whole, in effect order."""
     inb = make_inbound(tmp_path)
     inb.open(F.Open(1, "m"))
     receive(inb, file_ev(1, b"bulk", b"b"), b"b")
-    assert inb.namespace(F.Mkdir(2, 1, 0o755, 10**18, os.getuid(), os.getgid(), b"d")) == []
-    receive(inb, live(file_ev(3, b"live", b"l")), b"l")
+    assert inb.namespace(mkdir(2, b"d")) == []
+    receive(inb, live(file_ev(3, b"d/live", b"l")), b"l")
     assert inb.commit(live_only=True) == [Ack(2), Ack(1), Ack(3)]
+    inb.close()
+
+
+def test_a_live_file_goes_ahead_of_unrelated_namespace_operations(tmp_path: Path) -> None:
+    inb = make_inbound(tmp_path)
+    inb.open(F.Open(1, "m"))
+    (tmp_path / "m" / "old").mkdir()
+    receive(inb, file_ev(1, b"bulk", b"b"), b"b")
+    assert inb.namespace(mkdir(2, b"d")) == []
+    receive(inb, live(file_ev(3, b"old/live", b"l")), b"l")
+    assert inb.commit(live_only=True) == [Ack(3)]
+    assert inb.pending() == (2, 1, 0)
+    assert inb.commit() == [Ack(2), Ack(1)]
     inb.close()
 
 
