@@ -17,18 +17,17 @@ import dataclasses
 import errno
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
 
 from . import frames as F
 from . import transfer, xattrs
-from .checking import CheckJob
+from .checkqueue import CheckQueue
 from .config import Config
-from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
+from .errors import Refused, RemoteProtocolError, SinkError
 from .inbox import PartialFile
 from .manifest import EntryState
 from .owners import OwnerMap
-from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
+from .receiving import OP_FDS, Answer, ReceivingMirror, admit
 from .stats import SessionStats
 from .xattrs import Pending
 
@@ -71,8 +70,8 @@ class Inbound:
         self._target: tuple[ReceivingMirror, PartialFile] | None = None
         #: Answers of a commit made while opening a mirror (make_room).
         self._freed: list[Answer] = []
-        #: Scrub checks being answered, a slice at a time (checking.py).
-        self.checks: deque[CheckJob] = deque()
+        #: Scrub checks being answered, a slice at a time.
+        self.checks = CheckQueue()
         #: The peer's users and groups by name (owners.py).
         self.owners = OwnerMap(peer)
         #: Extended attributes sent for the next operation (xattrs.py).
@@ -214,29 +213,6 @@ class Inbound:
         if m is not None:
             m.abort(op)
 
-    def check(self, ev: F.Check) -> Refuse | None:
-        """A scrub's Check: answered a slice at a time (``check_step``), or
-        refused at once."""
-        job = self.mirror(ev.mirror).check(ev)
-        if isinstance(job, Refuse):
-            return job
-        self.checks.append(job)
-        return None
-
-    def check_step(self) -> tuple[list[F.Checked], Refuse | None]:
-        """Read the next slice of the file the first Check asks about
-        (checking.py): its Checked frames, or why it cannot go on."""
-        job = self.checks[0]
-        try:
-            frames = job.step()
-        except (OSError, SourceShrank) as e:
-            job.close()
-            self.checks.popleft()
-            return [], Refuse(job.op, F.ErrorCode.IO_ERROR, f"cannot check it: {e}")
-        if job.done:
-            self.checks.popleft()
-        return frames, None
-
     def namespace(self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename) -> list[Answer]:
         m = self.mirror(ev.mirror)
         if m.owner_names:
@@ -314,9 +290,7 @@ class Inbound:
         return out
 
     def close(self) -> None:
-        for job in self.checks:
-            job.close()
-        self.checks.clear()
+        self.checks.close()
         # Complete files are still worth publishing: the sender will see them
         # in the next manifest and not send them again.
         for m in self.mirrors.values():

@@ -161,7 +161,7 @@ class Publisher:
         else:
             r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        files = self._sync_files(r.files, failed, syncfs_ok=not alone)
+        files = _sync_files(self.inbox.fd, r.files, failed, syncfs_ok=not alone)
         acked: list[int] = []
         remember: list[tuple[bytes, Identity, BlockMap]] = []
         for p in files:
@@ -198,7 +198,7 @@ class Publisher:
                     "cannot remember block maps of %d published files: %s", len(remember), e
                 )
         try:
-            self._sync_dirs(r, syncfs_ok=not alone)
+            _sync_dirs(self.root.fd, r, syncfs_ok=not alone)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in acked + r.ops)
@@ -212,25 +212,6 @@ class Publisher:
         # it (an entry's ack after its parent's tells it the parent's mtime
         # changed on the replica).
         return Outcome(r.ops + acked, failed)
-
-    def _sync_files(
-        self, files: list[PartialFile], failed: list[tuple[int, ApplyError]], syncfs_ok: bool
-    ) -> list[PartialFile]:
-        if syncfs_ok and len(files) >= SYNCFS_MIN:
-            try:
-                syncfs(self.inbox.fd)
-                return files
-            except OSError:
-                pass  # find out which file(s) failed, one by one
-        ok = []
-        for p in files:
-            try:
-                os.fsync(p.fd)
-                ok.append(p)
-            except OSError as e:
-                failed.append((p.op, apply_error(e, show(p.path))))
-                p.discard()
-        return ok
 
     def _place(self, p: PartialFile, r: _Round) -> None:
         """Rename ``p`` into place (or beside it, as its decision says)."""
@@ -269,17 +250,6 @@ class Publisher:
         if stat.S_ISDIR(st.st_mode) and not want_dir:
             self.root.forget()
             remove_at(parent, name)
-
-    def _sync_dirs(self, r: _Round, syncfs_ok: bool) -> None:
-        if not r.dirs:
-            return
-        # Directories made for this round: only a syncfs makes the whole
-        # new chain durable (their parents' entries too).
-        if r.tree_grew or (syncfs_ok and len(r.dirs) >= SYNCFS_MIN):
-            syncfs(self.root.fd)
-            return
-        for fd in r.dirs.values():
-            os.fsync(fd)
 
     # -- namespace operations (applied now, durable with the next round) ----
 
@@ -393,6 +363,40 @@ class Publisher:
         for fd in self._round.dirs.values():
             os.close(fd)
         self._round = _Round()
+
+
+def _sync_files(
+    fs_fd: int, files: list[PartialFile], failed: list[tuple[int, ApplyError]], syncfs_ok: bool
+) -> list[PartialFile]:
+    """Make the data of ``files`` durable (one syncfs of ``fs_fd``'s
+    filesystem for many, if ``syncfs_ok``); those that failed go to ``failed``."""
+    if syncfs_ok and len(files) >= SYNCFS_MIN:
+        try:
+            syncfs(fs_fd)
+            return files
+        except OSError:
+            pass  # find out which file(s) failed, one by one
+    ok = []
+    for p in files:
+        try:
+            os.fsync(p.fd)
+            ok.append(p)
+        except OSError as e:
+            failed.append((p.op, apply_error(e, show(p.path))))
+            p.discard()
+    return ok
+
+
+def _sync_dirs(fs_fd: int, r: _Round, syncfs_ok: bool) -> None:
+    if not r.dirs:
+        return
+    # Directories made for this round: only a syncfs makes the whole
+    # new chain durable (their parents' entries too).
+    if r.tree_grew or (syncfs_ok and len(r.dirs) >= SYNCFS_MIN):
+        syncfs(fs_fd)
+        return
+    for fd in r.dirs.values():
+        os.fsync(fd)
 
 
 @contextlib.contextmanager

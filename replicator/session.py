@@ -341,7 +341,7 @@ class Session:
         if inbound.verifying():
             self._answer(inbound.verify_step())
         if inbound.checks:
-            frames, refused = inbound.check_step()
+            frames, refused = inbound.checks.step()
             for frame in frames:
                 self._queue(frame)
             if refused is not None:
@@ -383,7 +383,7 @@ class Session:
             case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename():
                 self._answer(inbound.namespace(ev))
             case F.Check():
-                cannot = inbound.check(ev)
+                cannot = inbound.checks.add(inbound.mirror(ev.mirror).check(ev))
                 if cannot is not None:
                     self._refuse(cannot)
             case F.Owner():
