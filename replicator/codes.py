@@ -73,6 +73,13 @@ RETRYABLE = frozenset(
 )
 
 
+#: Bit 31 of a ``File`` frame's ``mode``: the sender's live lane started
+#: this file (a change its watcher saw; backlog.py). The receiver publishes
+#: it within ``groupcommit.COMMIT_DELAY`` on its own, leaving bulk files to
+#: their big groups (groupcommit.py). The other bits are permission bits.
+FILE_LIVE = 1 << 31
+
+
 class EntryKind(enum.IntEnum):
     FILE = 1
     DIR = 2

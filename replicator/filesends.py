@@ -14,6 +14,7 @@ Runs on the link's thread, like the pump it serves.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -131,9 +132,12 @@ class FileSends:
 
     def _go(self, r: RemoteMirror, s: FileSend, frame: F.File, live: bool = False) -> None:
         """Send ``s``: its extended attributes (if the peer applies them), its
-        File frame, then its data (Streams); in flight until answered."""
+        File frame (flagged ``FILE_LIVE`` for the live lane), then its data
+        (Streams); in flight until answered."""
         self._send_xattrs(r, s.fd)
-        self._wire.queue(frame)
+        self._wire.queue(
+            dataclasses.replace(frame, mode=frame.mode | F.FILE_LIVE) if live else frame
+        )
         rec = Record(
             F.File,
             s.key,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 # The protocol's numbers live in codes.py; they are used as frames.ErrorCode etc.
+from .codes import FILE_LIVE as FILE_LIVE
 from .codes import RETRYABLE as RETRYABLE
 from .codes import AbortReason as AbortReason
 from .codes import EntryKind as EntryKind
@@ -233,7 +234,8 @@ class ListEnd(Event):
 class File(Event):
     """Begin (offset 0) or resume sending a ``size``-byte file; its block map
     (``algo``, ``block_size``; blockmap.py) comes before End. ``base``: the
-    file digest of the version published at ``path`` this is a delta of."""
+    file digest of the version published at ``path`` this is a delta of.
+    ``mode``: permission bits, and ``FILE_LIVE`` for a live change."""
 
     op: int
     mirror: int

@@ -6,35 +6,28 @@ name once per connection) and keeps the session within its descriptor
 budget. It never touches the socket: like the mirrors, it returns
 ``Answer``s (and the Opened frame of an open) for the session to send.
 
-``GroupCommit`` decides when the files and directories waiting in the
-mirrors are published and acknowledged (one sync round for many of them):
-
-- at once when nothing more is coming right now — the socket has no input
-  (idle latency stays at one round trip plus one sync);
-- when a group is large (``GROUP_OPS`` operations, ``GROUP_BYTES`` bytes);
-- and at the latest ``COMMIT_DELAY`` after the first of them completed,
-  whatever the socket is doing: a small file that arrived between the
-  chunks of a big one, or in the middle of a cold sync, is published within
-  milliseconds instead of when the stream pauses.
+When they are published is ``groupcommit.GroupCommit``'s call; ``commit``
+publishes everything or only the live files (each fsynced on its own, so
+bulk data being written is not flushed with them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
 
 from . import frames as F
 from . import transfer, xattrs
-from .checking import CheckJob
+from .checkqueue import CheckQueue
 from .config import Config
-from .errors import Refused, RemoteProtocolError, SinkError, SourceShrank
+from .errors import Refused, RemoteProtocolError, SinkError
 from .inbox import PartialFile
 from .manifest import EntryState, Preserve
 from .owners import OwnerMap
-from .receiving import OP_FDS, Answer, ReceivingMirror, Refuse, admit
+from .receiving import OP_FDS, Answer, ReceivingMirror, admit
 from .stats import SessionStats
 from .xattrs import Pending
 
@@ -43,42 +36,6 @@ log = logging.getLogger(__name__)
 #: Opens a session may have refused (unknown or forbidden mirrors) before
 #: the connection is closed: each one is logged.
 MAX_REFUSED_OPENS = 32
-#: Commit a group once it holds this many operations or bytes.
-GROUP_OPS = 1024
-GROUP_BYTES = 256 * 1024 * 1024
-#: Seconds a completed file waits at most for company before its group is
-#: published, even while the socket stays busy.
-COMMIT_DELAY = 0.005
-
-
-class GroupCommit:
-    """When to publish what is pending (see the module docstring). Pure:
-    the caller says what is pending and whether more input is at hand."""
-
-    def __init__(
-        self, delay: float = COMMIT_DELAY, ops: int = GROUP_OPS, nbytes: int = GROUP_BYTES
-    ) -> None:
-        self.delay = delay
-        self.ops = ops
-        self.nbytes = nbytes
-        #: Monotonic time the oldest pending operation was first seen.
-        self.since: float | None = None
-
-    def due(self, pending: int, pending_bytes: int, now: float, more_at_hand: bool) -> bool:
-        if not pending:
-            self.since = None
-            return False
-        if self.since is None:
-            self.since = now
-        return (
-            not more_at_hand
-            or pending >= self.ops
-            or pending_bytes >= self.nbytes
-            or now - self.since >= self.delay
-        )
-
-    def committed(self) -> None:
-        self.since = None
 
 
 class Inbound:
@@ -113,8 +70,8 @@ class Inbound:
         self._target: tuple[ReceivingMirror, PartialFile] | None = None
         #: Answers of a commit made while opening a mirror (make_room).
         self._freed: list[Answer] = []
-        #: Scrub checks being answered, a slice at a time (checking.py).
-        self.checks: deque[CheckJob] = deque()
+        #: Scrub checks being answered, a slice at a time.
+        self.checks = CheckQueue()
         #: The peer's users and groups by name (owners.py).
         self.owners = OwnerMap(peer)
         #: Extended attributes sent for the next operation (xattrs.py).
@@ -166,13 +123,18 @@ class Inbound:
         m = self.mirror(ev.mirror)
         if m.owner_names:
             ev = self.owners.map_in(ev)
+        live = bool(ev.mode & F.FILE_LIVE)
+        if live:
+            ev = dataclasses.replace(ev, mode=ev.mode & ~F.FILE_LIVE)
         attrs = self.xattrs.take()
         out = self.fit_fd_budget()
         self.ops[ev.op] = m
         out += m.begin(ev)
         p = m.files.get(ev.op)
-        if p is not None and m.inbox.preserve & xattrs.ANY:
-            p.xattrs = attrs
+        if p is not None:
+            p.live = live
+            if m.inbox.preserve & xattrs.ANY:
+                p.xattrs = attrs
         return out
 
     def xattr(self, ev: F.Xattr) -> None:
@@ -251,29 +213,6 @@ class Inbound:
         if m is not None:
             m.abort(op)
 
-    def check(self, ev: F.Check) -> Refuse | None:
-        """A scrub's Check: answered a slice at a time (``check_step``), or
-        refused at once."""
-        job = self.mirror(ev.mirror).check(ev)
-        if isinstance(job, Refuse):
-            return job
-        self.checks.append(job)
-        return None
-
-    def check_step(self) -> tuple[list[F.Checked], Refuse | None]:
-        """Read the next slice of the file the first Check asks about
-        (checking.py): its Checked frames, or why it cannot go on."""
-        job = self.checks[0]
-        try:
-            frames = job.step()
-        except (OSError, SourceShrank) as e:
-            job.close()
-            self.checks.popleft()
-            return [], Refuse(job.op, F.ErrorCode.IO_ERROR, f"cannot check it: {e}")
-        if job.done:
-            self.checks.popleft()
-        return frames, None
-
     def namespace(
         self, ev: F.Mkdir | F.Symlink | F.Meta | F.Delete | F.Rename | F.HardLink
     ) -> list[Answer]:
@@ -333,21 +272,27 @@ class Inbound:
 
     # -- publishing ----------------------------------------------------------
 
-    def pending(self) -> tuple[int, int]:
-        """Operations and bytes waiting for a commit round."""
-        ms = self.mirrors.values()
-        return sum(m.publisher.pending for m in ms), sum(m.publisher.pending_bytes for m in ms)
+    def pending(self) -> tuple[int, int, int]:
+        """Operations, bytes and live files waiting for a commit round."""
+        pubs = [m.publisher for m in self.mirrors.values()]
+        return (
+            sum(p.pending for p in pubs),
+            sum(p.pending_bytes for p in pubs),
+            sum(p.pending_live for p in pubs),
+        )
 
-    def commit(self) -> list[Answer]:
+    def commit(self, live_only: bool = False) -> list[Answer]:
+        """Publish what is pending; ``live_only``: only the live files while
+        bulk files are being received or wait (else there is nothing to keep
+        apart and one round for all is cheapest)."""
+        alone = live_only and any(m.bulk_under_way() for m in self.mirrors.values())
         out: list[Answer] = []
         for m in self.mirrors.values():
-            out += m.commit()
+            out += m.commit(alone)
         return out
 
     def close(self) -> None:
-        for job in self.checks:
-            job.close()
-        self.checks.clear()
+        self.checks.close()
         # Complete files are still worth publishing: the sender will see them
         # in the next manifest and not send them again.
         for m in self.mirrors.values():

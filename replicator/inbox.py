@@ -159,6 +159,9 @@ class PartialFile:
     #: The extended attributes it gets before it is published (None: the
     #: mirror does not preserve them).
     xattrs: list[tuple[str, bytes]] | None = None
+    #: Sent by the peer's live lane (``FILE_LIVE``): published on its own,
+    #: within milliseconds (groupcommit.py).
+    live: bool = False
 
     @property
     def fd(self) -> int:

@@ -46,6 +46,44 @@ class _Round:
     nbytes: int = 0
     tree_grew: bool = False
     paths: set[tuple[bytes, ...]] = field(default_factory=set)
+    #: Of ``files``, those from the peer's live lane.
+    live: int = 0
+    #: Paths the namespace operations of ``ops`` changed.
+    op_paths: set[tuple[bytes, ...]] = field(default_factory=set)
+
+    def add(self, p: PartialFile) -> None:
+        self.files.append(p)
+        self.nbytes += p.size
+        self.paths.add(p.parts)
+        self.live += p.live
+
+    def applied(self, op: int, *paths: tuple[bytes, ...]) -> None:
+        """Namespace operation ``op`` changed ``paths``; it is acked with
+        this round."""
+        self.ops.append(op)
+        self.op_paths.update(paths)
+
+    def live_apart(self) -> bool:
+        """Whether the live files can be published before the rest: no
+        operation of this round changed a path at or above one of them (its
+        effect must be durable, and acked, first)."""
+        made = self.op_paths
+        return not made or not any(
+            p.live and any(p.parts[:i] in made for i in range(1, len(p.parts) + 1))
+            for p in self.files
+        )
+
+    def split_live(self) -> _Round:
+        """Take the live files out into a round of their own (live_apart)."""
+        live, bulk = _Round(), _Round()
+        for p in self.files:
+            (live if p.live else bulk).add(p)
+        self.files, self.nbytes, self.paths, self.live = bulk.files, bulk.nbytes, bulk.paths, 0
+        return live
+
+    def holds(self, parts: tuple[bytes, ...]) -> bool:
+        """A file of this round will be published at ``parts`` or above it."""
+        return bool(self.paths) and any(parts[:i] in self.paths for i in range(1, len(parts) + 1))
 
 
 @dataclass(frozen=True)
@@ -75,37 +113,56 @@ class Publisher:
     def pending_bytes(self) -> int:
         return self._round.nbytes
 
-    def _note_dir(self, fd: int) -> None:
+    @property
+    def pending_live(self) -> int:
+        """Files from the peer's live lane waiting (PartialFile.live)."""
+        return self._round.live
+
+    @property
+    def pending_bulk(self) -> int:
+        """Files not from the live lane waiting."""
+        return len(self._round.files) - self._round.live
+
+    def _note_dir(self, fd: int, r: _Round | None = None) -> None:
+        """Directory ``fd``'s entries changed: sync it with round ``r`` (the
+        one being committed) or else the pending one."""
+        dirs = (self._round if r is None else r).dirs
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if key not in self._round.dirs:
-            self._round.dirs[key] = os.dup(fd)
+        if key not in dirs:
+            dirs[key] = os.dup(fd)
 
     def add_file(self, p: PartialFile, decision: Decision | None = None) -> None:
         """``p`` is complete: publish it with the next commit round (in a
         two-way mirror, as ``decision`` says)."""
         p.finish()
         p.decision = decision
-        self._round.files.append(p)
-        self._round.nbytes += p.size
-        self._round.paths.add(p.parts)
+        self._round.add(p)
 
     def blocks(self, parts: tuple[bytes, ...]) -> bool:
         """Whether a file waiting in this round will be published at
         ``parts`` or at one of its parents: an operation there must wait for
         the round, or the late rename would undo it."""
-        paths = self._round.paths
-        return bool(paths) and any(parts[:i] in paths for i in range(1, len(parts) + 1))
+        return self._round.holds(parts)
 
     def add_noop(self, op: int) -> None:
         """Acknowledge ``op`` with the next round without changing anything."""
         self._round.ops.append(op)
 
-    def commit(self) -> Outcome:
-        """Make everything pending durable and visible; report what to ack."""
-        r, self._round = self._round, _Round()
+    def commit(self, live_only: bool = False) -> Outcome:
+        """Make everything pending durable and visible; report what to ack.
+        ``live_only``: only the live files (unless a pending namespace
+        operation changed a path at or above one of them: then everything),
+        each with its own fsync and its directory's: a syncfs would also
+        flush the bulk data being written, which is what makes a live commit
+        under load slow."""
+        alone = live_only and self._round.live_apart()
+        if alone:
+            r = self._round.split_live()
+        else:
+            r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        files = self._sync_files(r.files, failed)
+        files = _sync_files(self.inbox.fd, r.files, failed, syncfs_ok=not alone)
         acked: list[int] = []
         remember: list[tuple[bytes, Identity, BlockMap]] = []
         for p in files:
@@ -142,7 +199,7 @@ class Publisher:
                     "cannot remember block maps of %d published files: %s", len(remember), e
                 )
         try:
-            self._sync_dirs(r)
+            _sync_dirs(self.root.fd, r, syncfs_ok=not alone)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in acked + r.ops)
@@ -156,25 +213,6 @@ class Publisher:
         # it (an entry's ack after its parent's tells it the parent's mtime
         # changed on the replica).
         return Outcome(r.ops + acked, failed)
-
-    def _sync_files(
-        self, files: list[PartialFile], failed: list[tuple[int, ApplyError]]
-    ) -> list[PartialFile]:
-        if len(files) >= SYNCFS_MIN:
-            try:
-                syncfs(self.inbox.fd)
-                return files
-            except OSError:
-                pass  # find out which file(s) failed, one by one
-        ok = []
-        for p in files:
-            try:
-                os.fsync(p.fd)
-                ok.append(p)
-            except OSError as e:
-                failed.append((p.op, apply_error(e, show(p.path))))
-                p.discard()
-        return ok
 
     def _place(self, p: PartialFile, r: _Round) -> None:
         """Rename ``p`` into place (or beside it, as its decision says)."""
@@ -195,7 +233,7 @@ class Publisher:
                 os.link(name, copy, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
         self._clear_for(parent, name, want_dir=False)
         os.rename(p.name + b".part", name, src_dir_fd=self.inbox.fd, dst_dir_fd=parent)
-        self._note_dir(parent)
+        self._note_dir(parent, r)
 
     def _parent(self, parts: tuple[bytes, ...], r: _Round) -> int:
         try:
@@ -213,15 +251,6 @@ class Publisher:
         if stat.S_ISDIR(st.st_mode) and not want_dir:
             self.root.forget()
             remove_at(parent, name)
-
-    def _sync_dirs(self, r: _Round) -> None:
-        if not r.dirs:
-            return
-        if r.tree_grew or len(r.dirs) >= SYNCFS_MIN:
-            syncfs(self.root.fd)
-            return
-        for fd in r.dirs.values():
-            os.fsync(fd)
 
     # -- namespace operations (applied now, durable with the next round) ----
 
@@ -244,7 +273,7 @@ class Publisher:
                 self._round.tree_grew = True
             self._set_meta(parent, name, ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def symlink(self, ev: F.Symlink, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -260,7 +289,7 @@ class Publisher:
             self._clear_for(parent, name, want_dir=False)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def hardlink(self, ev: F.HardLink, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
         """Make ``parts`` another name of the published regular file at
@@ -284,7 +313,7 @@ class Publisher:
             self._clear_for(parent, name, want_dir=False)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def _link_target(self, ev: F.HardLink, target: tuple[bytes, ...]) -> tuple[int, bytes]:
         """The parent fd and name of ``ev``'s target, reached without
@@ -313,7 +342,7 @@ class Publisher:
             parent = self.root.parent(parts, create=False)
             self._set_meta(parent, parts[-1], ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def delete(self, ev: F.Delete, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -325,7 +354,7 @@ class Publisher:
             if parent >= 0:
                 remove_at(parent, parts[-1])
                 self._note_dir(parent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, parts)
 
     def rename(self, ev: F.Rename, src: tuple[bytes, ...], dst: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.src):
@@ -338,7 +367,7 @@ class Publisher:
             self.root.forget()
             self._note_dir(sparent)
             self._note_dir(dparent)
-            self._round.ops.append(ev.op)
+            self._round.applied(ev.op, src, dst)
 
     def _set_meta(
         self,
@@ -385,6 +414,40 @@ class Publisher:
 
 def _same_version(st: os.stat_result, ev: F.HardLink) -> bool:
     return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (ev.size, ev.mtime_ns)
+
+
+def _sync_files(
+    fs_fd: int, files: list[PartialFile], failed: list[tuple[int, ApplyError]], syncfs_ok: bool
+) -> list[PartialFile]:
+    """Make the data of ``files`` durable (one syncfs of ``fs_fd``'s
+    filesystem for many, if ``syncfs_ok``); those that failed go to ``failed``."""
+    if syncfs_ok and len(files) >= SYNCFS_MIN:
+        try:
+            syncfs(fs_fd)
+            return files
+        except OSError:
+            pass  # find out which file(s) failed, one by one
+    ok = []
+    for p in files:
+        try:
+            os.fsync(p.fd)
+            ok.append(p)
+        except OSError as e:
+            failed.append((p.op, apply_error(e, show(p.path))))
+            p.discard()
+    return ok
+
+
+def _sync_dirs(fs_fd: int, r: _Round, syncfs_ok: bool) -> None:
+    if not r.dirs:
+        return
+    # Directories made for this round: only a syncfs makes the whole
+    # new chain durable (their parents' entries too).
+    if r.tree_grew or (syncfs_ok and len(r.dirs) >= SYNCFS_MIN):
+        syncfs(fs_fd)
+        return
+    for fd in r.dirs.values():
+        os.fsync(fd)
 
 
 @contextlib.contextmanager

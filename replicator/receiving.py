@@ -409,11 +409,18 @@ class ReceivingMirror:
             yield F.Partial(mid, held.held, held.version, held.path)
         yield F.ListEnd(mid, list_id, count)
 
-    def commit(self) -> list[Answer]:
-        """Publish what is pending: acks in effect order, then refusals."""
-        if not self.publisher.pending:
+    def bulk_under_way(self) -> bool:
+        """Files not from the peer's live lane are being received or wait
+        to be published (groupcommit.py)."""
+        return bool(self.publisher.pending_bulk) or any(not p.live for p in self.files.values())
+
+    def commit(self, live_only: bool = False) -> list[Answer]:
+        """Publish what is pending (``live_only``: the live files;
+        Publisher.commit): acks in effect order, then refusals."""
+        pub = self.publisher
+        if not pub.pending or (live_only and not pub.pending_live):
             return []
-        out = self.publisher.commit()
+        out = pub.commit(live_only)
         self.stats.commits += 1
         if self.recorder is not None:
             self.recorder.published(out.acked)

@@ -6,8 +6,9 @@ has been decoded and goes socket → pipe → file by splice. Small payloads tha
 arrived in the same read are written from the buffer (``node.inline_max``).
 
 Completed files are published in groups, and acknowledged only then:
-``inbound.GroupCommit`` says when (at once when nothing more is at hand,
-at the latest a few milliseconds after the first completed).
+``groupcommit.GroupCommit`` says when (at once when nothing more is at hand;
+live files at the latest a few milliseconds after the first completed, bulk
+ones in big groups).
 
 The session owns the socket, the handshake, the splice pipe and turns
 answers into frames; ``inbound.Inbound`` routes operations to the mirrors
@@ -35,7 +36,8 @@ from . import frames as F
 from . import net, transfer
 from .config import Config, NodeConfig
 from .errors import LinkError, RemoteProtocolError
-from .inbound import GroupCommit, Inbound
+from .groupcommit import Commit, GroupCommit
+from .inbound import Inbound
 from .logs import Fields
 from .manifest import EntryState
 from .paths import show
@@ -353,7 +355,7 @@ class Session:
         if inbound.verifying():
             self._answer(inbound.verify_step())
         if inbound.checks:
-            frames, refused = inbound.check_step()
+            frames, refused = inbound.checks.step()
             for frame in frames:
                 self._queue(frame)
             if refused is not None:
@@ -366,10 +368,11 @@ class Session:
         (GroupCommit); True if it was."""
         inbound = self._in
         assert inbound is not None
-        ops, nbytes = inbound.pending()
-        if not self._commits.due(ops, nbytes, time.monotonic(), more_at_hand):
+        ops, nbytes, live = inbound.pending()
+        due = self._commits.due(ops, nbytes, live, time.monotonic(), more_at_hand)
+        if due is None:
             return False
-        self._answer(inbound.commit())
+        self._answer(inbound.commit(live_only=due is Commit.LIVE))
         self._commits.committed()
         return True
 
@@ -394,7 +397,7 @@ class Session:
             case F.Mkdir() | F.Symlink() | F.Meta() | F.Delete() | F.Rename() | F.HardLink():
                 self._answer(inbound.namespace(ev))
             case F.Check():
-                cannot = inbound.check(ev)
+                cannot = inbound.checks.add(inbound.mirror(ev.mirror).check(ev))
                 if cannot is not None:
                     self._refuse(cannot)
             case F.Owner():

@@ -1,4 +1,4 @@
-"""Inbound (routing, opens, descriptor budget) and GroupCommit, without a socket."""
+"""Inbound (routing, opens, descriptor budget, commits), without a socket."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from replicator import frames as F
 from replicator import verifying
 from replicator.blockmap import MIN_BLOCK, XXH3_128, BlockMap, map_bytes
 from replicator.errors import RemoteProtocolError
-from replicator.inbound import MAX_REFUSED_OPENS, GroupCommit, Inbound
+from replicator.inbound import MAX_REFUSED_OPENS, Inbound
 from replicator.maps import DELTA_MIN
 from replicator.receiving import Ack, Answer, Mend, Refuse
 from replicator.stats import SessionStats
@@ -21,46 +21,6 @@ from replicator.verifying import MAX_MENDS
 from .test_receiving import PEER, file_ev, make_config, map_of
 
 DIGEST = b"d" * 16
-
-# -- GroupCommit ------------------------------------------------------------------------
-
-
-def test_nothing_pending_is_never_due() -> None:
-    g = GroupCommit(delay=0.005)
-    assert not g.due(0, 0, 100.0, more_at_hand=False)
-    assert g.since is None
-
-
-def test_due_at_once_when_nothing_more_is_at_hand() -> None:
-    g = GroupCommit(delay=0.005)
-    assert g.due(1, 10, 100.0, more_at_hand=False)
-
-
-def test_waits_for_company_while_input_is_at_hand_then_the_deadline_wins() -> None:
-    g = GroupCommit(delay=0.005, ops=1024, nbytes=1 << 30)
-    assert not g.due(1, 10, 100.000, more_at_hand=True)
-    assert not g.due(5, 50, 100.004, more_at_hand=True)
-    # the clock runs from the first pending operation, not the last
-    assert g.due(6, 60, 100.0051, more_at_hand=True)
-    g.committed()
-    assert g.since is None
-    assert not g.due(1, 10, 100.006, more_at_hand=True)  # a new group, a new clock
-
-
-def test_a_large_group_is_due_at_once() -> None:
-    g = GroupCommit(delay=10.0, ops=4, nbytes=100)
-    assert g.due(4, 1, 0.0, more_at_hand=True)
-    g.committed()
-    assert g.due(1, 100, 0.0, more_at_hand=True)
-
-
-def test_the_clock_restarts_when_something_else_published_the_group() -> None:
-    g = GroupCommit(delay=0.005)
-    assert not g.due(1, 1, 100.0, more_at_hand=True)
-    # e.g. a List committed the mirror: nothing pending any more
-    assert not g.due(0, 0, 100.1, more_at_hand=True)
-    assert not g.due(1, 1, 100.2, more_at_hand=True)
-
 
 # -- Inbound ----------------------------------------------------------------------------
 
@@ -88,10 +48,10 @@ def test_open_then_a_file_is_routed_acked_on_commit_and_published(tmp_path: Path
     inb.chunk(F.Chunk(7, 0, 5))
     assert inb.write_inline(b"hello") == []
     assert inb.end(7, map_of(b"hello").file_digest) == []
-    assert inb.pending() == (1, 5)
+    assert inb.pending() == (1, 5, 0)
     assert inb.commit() == [Ack(7)]
     assert (tmp_path / "m" / "f").read_bytes() == b"hello"
-    assert inb.pending() == (0, 0)
+    assert inb.pending() == (0, 0, 0)
     inb.close()
 
 
@@ -242,7 +202,7 @@ def test_a_damaged_file_is_mended_then_published(tmp_path: Path) -> None:
     inb.blocks(F.Blocks(7, 0, bmap.digests[:32]))
     inb.blocks(F.Blocks(7, 2, bmap.digests[32:]))
     assert inb.end(7, bmap.file_digest) == [Mend(7, [(BS, BS)])]
-    assert 7 in inb.ops and inb.pending() == (0, 0)  # still open: nothing to publish
+    assert 7 in inb.ops and inb.pending() == (0, 0, 0)  # still open: nothing to publish
     # the range again, in two chunks (the second one spliced)
     inb.chunk(F.Chunk(7, BS, 100))
     assert inb.write_inline(good[BS : BS + 100]) == []

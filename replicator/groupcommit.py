@@ -1,0 +1,75 @@
+"""When the receiver publishes what is waiting, and what (pure logic).
+
+Files and directories that arrived complete wait in the mirrors
+(publisher.py) to be published and acknowledged in groups: one sync round
+for many of them is where small-file speed comes from. ``GroupCommit``
+decides, from what is pending, whether more input is at hand and a clock
+the caller passes in:
+
+- **everything** (``Commit.ALL``) at once when nothing more is coming right
+  now — the socket has no input (idle latency stays at one round trip plus
+  one sync) — or when the group is large (``GROUP_OPS`` operations,
+  ``GROUP_BYTES`` bytes). While input keeps coming, bulk work (a cold
+  sync, a big file) waits for that: its groups stay big.
+- **the live files only** (``Commit.LIVE``) at the latest ``COMMIT_DELAY``
+  after the first of them completed, whatever the socket is doing. Live
+  files are those the sender's live lane started (``frames.FILE_LIVE``):
+  a change its watcher saw. A small file written between the chunks of a
+  big one, or in the middle of a cold sync, is published within
+  milliseconds — each fsynced on its own with its directory
+  (``Publisher.commit(live_only=True)``), so the bulk's dirty data is not
+  flushed with it (a syncfs would).
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Commit a group once it holds this many operations or bytes.
+GROUP_OPS = 1024
+GROUP_BYTES = 256 * 1024 * 1024
+#: Seconds a completed live file waits at most for company before it is
+#: published, even while the socket stays busy.
+COMMIT_DELAY = 0.005
+
+
+class Commit(enum.Enum):
+    #: Everything pending, in one round.
+    ALL = 1
+    #: Only the live files (the round goes whole if namespace operations or
+    #: no bulk work wait with them: Inbound.commit).
+    LIVE = 2
+
+
+class GroupCommit:
+    """When to publish what is pending (see the module docstring). Pure:
+    the caller says what is pending and whether more input is at hand."""
+
+    def __init__(
+        self, delay: float = COMMIT_DELAY, ops: int = GROUP_OPS, nbytes: int = GROUP_BYTES
+    ) -> None:
+        self.delay = delay
+        self.ops = ops
+        self.nbytes = nbytes
+        #: Monotonic time the oldest pending live file was first seen.
+        self.since: float | None = None
+
+    def due(
+        self, pending: int, pending_bytes: int, live: int, now: float, more_at_hand: bool
+    ) -> Commit | None:
+        """What to commit now, if anything: ``pending`` operations of
+        ``pending_bytes`` bytes wait, ``live`` of them live files."""
+        if not pending:
+            self.since = None
+            return None
+        if not more_at_hand or pending >= self.ops or pending_bytes >= self.nbytes:
+            return Commit.ALL
+        if not live:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+        return Commit.LIVE if now - self.since >= self.delay else None
+
+    def committed(self) -> None:
+        self.since = None
