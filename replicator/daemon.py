@@ -155,12 +155,15 @@ class Daemon:
             self.listener.bind()
         except OSError as e:
             raise nodereload.bind_error("listen", node.listen, e) from None
+        if node.metrics_listen:  # before any thread starts: a bad address exits cleanly
+            try:
+                self._metrics = metrics.serve(node.metrics_listen, self.status)
+            except OSError as e:
+                raise nodereload.bind_error("metrics_listen", node.metrics_listen, e) from None
+            self.metrics_address = node.metrics_listen if self._metrics else None
         self.watching.apply(self.cfg)
         self.listener.start()
         self.links.apply(self.cfg, self.keys, self.markers)
-        if node.metrics_listen:
-            self._metrics = metrics.serve(node.metrics_listen, self.status)
-            self.metrics_address = node.metrics_listen if self._metrics else None
         self.control.start()  # last: a status reply means the node is fully up
         log.info(
             "node %s listening on %s; pushing to %s; version %s",

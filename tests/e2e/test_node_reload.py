@@ -238,3 +238,22 @@ def test_the_metrics_address_is_rebound(cluster: LocalCluster) -> None:
     assert not _serves_metrics(second)
     assert a.status()["metrics_listen"] is None
     assert a.link("b")["connects"] == 1
+
+
+def test_metrics_address_in_use_at_start_is_named(cluster: LocalCluster) -> None:
+    """A metrics address that cannot be bound stops the start with an error
+    naming node.metrics_listen and the address (exit 2), before any link or
+    listener thread runs."""
+    a, _b = make_pair(cluster)
+    held = _held_port()
+    try:
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        a.node_extra["metrics_listen"] = address
+        a.start(wait=False)
+        assert a.proc is not None
+        assert a.proc.wait(timeout=60) == 2, a.log_tail()
+        out = a.log_tail()
+        assert f"node.metrics_listen: cannot listen on {address}" in out, out
+        assert "EADDRINUSE" in out, out
+    finally:
+        held.close()
