@@ -308,7 +308,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
         f"trees: {', '.join(map(str, args.trees))}; rounds: {args.rounds}; "
         f"fs: fresh ext4 per contender ({args.fs_size:g} GiB sparse loop, journaled)",
-        f"machine: {os.cpu_count()} CPUs, {os.uname().release}",
+        f"machine: {os.cpu_count()} CPUs, {os.uname().release}; daemons import "
+        f"{_load.daemon_import_path()}",
         "",
     ]
     tree = [r for r in results if r.what != "cold"]
