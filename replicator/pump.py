@@ -43,7 +43,7 @@ from .logs import Fields
 from .manifest import Change, EntryState, Preserve, scan
 from .maps import SentMaps
 from .mirror import SourceMirror
-from .paths import Located, Source
+from .paths import DirFds, Located, Source
 from .plan import Action, plan_path
 from .remote import RemoteMirror
 from .stats import LinkStats
@@ -99,6 +99,8 @@ class Pump:
         self.bulk_window = BulkWindow(ceiling=WINDOW)
         #: Hard-link groups of the mirrors that preserve them (hardlinks.py).
         self.links = Links()
+        #: Directories found during the current round, per mirror (closed at its end).
+        self._dirs: dict[int, DirFds] = {}
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -121,26 +123,30 @@ class Pump:
         deadline = start + ROUND_S
         # Live entries of every mirror first, then bulk within its window
         # (and one bulk start in every LIVE_RUN + 1 while both wait: pop()).
-        for only_live, limit in ((True, LIVE_STARTS), (False, STARTS_PER_ROUND)):
-            for mid, m in self._mirrors.items():
-                if not self._remote[mid].listed or m.paused:
-                    continue  # nothing is sent before we know what the peer holds
-                bulk = not only_live and window.allows(self._inflight.bulk)
-                while (
-                    bl.has_ready(mid, bulk)
-                    and started < limit
-                    and time.monotonic() < deadline
-                    and conn.unacked() < WINDOW
-                    and conn.open_files() < F.MAX_OPEN_FILES - 1
-                ):
-                    if not corked:
-                        net.cork(sock, True)
-                        corked = True
-                    key, info = bl.pop(mid, bulk)
-                    if self._try_start(key, info):
-                        started += 1
-                        worked = True
+        try:
+            for only_live, limit in ((True, LIVE_STARTS), (False, STARTS_PER_ROUND)):
+                for mid, m in self._mirrors.items():
+                    if not self._remote[mid].listed or m.paused:
+                        continue  # nothing is sent before we know what the peer holds
                     bulk = not only_live and window.allows(self._inflight.bulk)
+                    while (
+                        bl.has_ready(mid, bulk)
+                        and started < limit
+                        and time.monotonic() < deadline
+                        and conn.unacked() < WINDOW
+                        and conn.open_files() < F.MAX_OPEN_FILES - 1
+                    ):
+                        if not corked:
+                            net.cork(sock, True)
+                            corked = True
+                        key, info = bl.pop(mid, bulk)
+                        if self._try_start(key, info):
+                            started += 1
+                            worked = True
+                        bulk = not only_live and window.allows(self._inflight.bulk)
+        finally:
+            for dirs in self._dirs.values():
+                dirs.close()
         if corked:
             self._wire.flush()
             net.cork(sock, False)
@@ -166,7 +172,10 @@ class Pump:
         m = self._mirrors[key[0]]
         # One confined walk per path: the file is opened, and later checked,
         # through the directory fd this lookup found.
-        found = None if m.excludes(key[1]) else Source(m.root).locate(key[1])
+        dirs = self._dirs.get(key[0])
+        if dirs is None:
+            dirs = self._dirs[key[0]] = DirFds(m.root)
+        found = None if m.excludes(key[1]) else Source(m.root, dirs).locate(key[1])
         try:
             return self._start_found(key, info, found)
         finally:

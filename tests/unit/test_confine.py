@@ -16,7 +16,7 @@ import pytest
 from replicator.frames import EntryKind
 from replicator.manifest import Excludes, lstat_entry, scan
 from replicator.marker import Marker
-from replicator.paths import Source, walk
+from replicator.paths import DirFds, Source, walk
 
 from ..helpers import make_deep
 
@@ -178,3 +178,70 @@ def test_marker_is_read_confined(tmp_path: Path, trees: tuple[Path, Path]) -> No
     os.rename(marker, root / "marker.saved")
     os.mkfifo(marker)
     assert not m.ok()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dir_fds_find_what_a_fresh_walk_finds(trees: tuple[Path, Path]) -> None:
+    """A lookup through DirFds (one pump round) gives what an uncached one
+    gives, symlinked components included, and holds no fd once closed."""
+    root, outside = trees
+    for d in ("a", "a/b", "a/b/c", "z"):
+        (root / d).mkdir()
+    for f in ("top", "a/f", "a/b/f", "a/b/c/f", "z/f"):
+        (root / f).write_bytes(f.encode())
+    os.symlink(outside, root / "a" / "out")
+    os.symlink("b", root / "a" / "b2")
+    before = _fds()
+    dirs = DirFds(os.fsencode(root))
+    cached, fresh = Source(os.fsencode(root), dirs), Source(os.fsencode(root))
+    paths = [b"a/b/c/f", b"a/b/f", b"a/f", b"top", b"z/f", b"a/b/c", b"a/out/secret.txt"]
+    paths += [b"a/b2/f", b"a/missing/f", b"a/f/under-a-file", b"a/b/c/f"]
+    for path in paths:
+        got, want = cached.lstat(path), fresh.lstat(path)
+        assert (got is None) == (want is None), path
+        if got is not None and want is not None:
+            assert (got[0].st_ino, got[1]) == (want[0].st_ino, want[1]), path
+    opened = cached.open_file(b"a/b/c/f")
+    assert opened is not None
+    os.close(opened[0])
+    assert _fds() > before  # a/b/c, a/b, a and the root are held
+    dirs.close()
+    assert _fds() == before
+
+
+def test_dir_fds_do_not_outlive_their_round(trees: tuple[Path, Path]) -> None:
+    """Within a round a held directory answers; after ``close``, a
+    directory renamed meanwhile (or swapped for a symlink to the outside)
+    is looked up anew and names nothing."""
+    root, outside = trees
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"mine")
+    dirs = DirFds(os.fsencode(root))
+    src = Source(os.fsencode(root), dirs)
+    assert src.lstat(b"d/f") is not None
+    os.rename(root / "d", root / "d.old")
+    os.symlink(outside, root / "d")
+    os.symlink(outside / "secret.txt", outside / "f")
+    found = src.lstat(b"d/f")  # the same round: the directory found first
+    assert found is not None and found[1] == b""
+    dirs.close()
+    assert src.lstat(b"d/f") is None  # a new round walks again: a symlink, not entered
+    assert src.lstat(b"d.old/f") is not None
+    dirs.close()
+
+
+def test_dir_fds_hold_a_bounded_number(tmp_path: Path) -> None:
+    for i in range(DirFds.MAX + 10):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_bytes(b"x")
+    before = _fds()
+    dirs = DirFds(os.fsencode(tmp_path))
+    src = Source(os.fsencode(tmp_path), dirs)
+    for i in range(DirFds.MAX + 10):
+        assert src.lstat(f"d{i}/f".encode()) is not None
+        assert _fds() <= before + DirFds.MAX
+    dirs.close()
+    assert _fds() == before
