@@ -30,6 +30,7 @@ SQLite connection.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import sqlite3
 import time
@@ -348,6 +349,11 @@ class Backlog:
     def next_due(self) -> float | None:
         """Monotonic time of the next delayed entry, if any."""
         return self._later[0][0] if self._later else None
+
+    def upcoming(self, mid: int, n: int) -> list[Key]:
+        """The next ``n`` (at most) bulk entries of mirror ``mid`` ready now,
+        in the order ``pop`` gives them (not taken)."""
+        return list(itertools.islice(self._bulk.queues[mid], n))
 
     def has_ready(self, mid: int, bulk: bool = True) -> bool:
         """Whether ``pop(mid, bulk)`` has something to give."""

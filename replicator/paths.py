@@ -185,6 +185,28 @@ class DirFds:
         head, _, name = rel.rpartition(b"/")
         return os.dup(self._dir(head)), name
 
+    def readahead(self, rel: bytes, length: int) -> None:
+        """Ask the kernel to read the first ``length`` bytes of ``rel`` into
+        the page cache in the background, if it is a regular file (opened
+        no-follow, and only after lstat said so: never a device or fifo).
+        Errors are ignored: it is only a hint."""
+        head, _, name = rel.rpartition(b"/")
+        try:
+            dfd = self._dir(head)
+            if not stat.S_ISREG(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                return
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd
+            )
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def _dir(self, rel: bytes) -> int:
         fds = self._fds
         held = fds.get(rel)

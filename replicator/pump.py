@@ -16,6 +16,7 @@ never reads from the connection and never interprets the peer's answers
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from . import frames as F
@@ -43,6 +44,7 @@ from .logs import Fields
 from .manifest import Change, EntryState, Preserve, scan
 from .maps import SentMaps
 from .mirror import SourceMirror
+from .outgoing import HASH_INLINE_MAX
 from .paths import DirFds, Located, Source
 from .plan import Action, plan_path
 from .remote import RemoteMirror
@@ -63,6 +65,8 @@ STARTS_PER_ROUND = 256
 ROUND_S = 0.005
 #: Of those, live ones first, leaving room for bulk (backlog.LIVE_RUN).
 LIVE_STARTS = STARTS_PER_ROUND - STARTS_PER_ROUND // (LIVE_RUN + 1)
+#: Bulk entries read ahead of the rounds that will start them (``_read_ahead``).
+READ_AHEAD = 512
 #: A file still being written (plan.SETTLE_NS) is looked at again after this long.
 SETTLE_RETRY = 0.1
 
@@ -101,6 +105,8 @@ class Pump:
         self.links = Links()
         #: Directories found during the current round, per mirror (closed at its end).
         self._dirs: dict[int, DirFds] = {}
+        #: Bulk entries read ahead lately (``_read_ahead``), oldest first.
+        self._ahead: OrderedDict[Key, None] = OrderedDict()
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -144,6 +150,8 @@ class Pump:
                             started += 1
                             worked = True
                         bulk = not only_live and window.allows(self._inflight.bulk)
+            if started:
+                self._read_ahead()
         finally:
             for dirs in self._dirs.values():
                 dirs.close()
@@ -151,6 +159,33 @@ class Pump:
             self._wire.flush()
             net.cork(sock, False)
         return self.streams.step_all() or worked
+
+    def _read_ahead(self) -> None:
+        """Start reading the files the next rounds will start (bulk: a tree
+        moved in, a cold sync), so that hashing them on this thread finds
+        them in the page cache instead of waiting for the disk one file at
+        a time (issue 13: 270 µs per entry of a real tree, cache cold)."""
+        ahead = self._ahead
+        for mid, m in self._mirrors.items():
+            if not self._remote[mid].listed or m.paused:
+                continue
+            dirs = None
+            for key in self._backlog.upcoming(mid, READ_AHEAD):
+                if key in ahead:
+                    continue
+                ahead[key] = None
+                if not m.excludes(key[1]):
+                    if dirs is None:
+                        dirs = self._dirs_of(mid)
+                    dirs.readahead(key[1], HASH_INLINE_MAX)
+        while len(ahead) > 2 * READ_AHEAD:
+            ahead.popitem(last=False)
+
+    def _dirs_of(self, mid: int) -> DirFds:
+        dirs = self._dirs.get(mid)
+        if dirs is None:
+            dirs = self._dirs[mid] = DirFds(self._mirrors[mid].root)
+        return dirs
 
     def _try_start(self, key: Key, info: Info) -> bool:
         verdict, op = self._inflight.admit(key)
@@ -172,10 +207,7 @@ class Pump:
         m = self._mirrors[key[0]]
         # One confined walk per path: the file is opened, and later checked,
         # through the directory fd this lookup found.
-        dirs = self._dirs.get(key[0])
-        if dirs is None:
-            dirs = self._dirs[key[0]] = DirFds(m.root)
-        found = None if m.excludes(key[1]) else Source(m.root, dirs).locate(key[1])
+        found = None if m.excludes(key[1]) else Source(m.root, self._dirs_of(key[0])).locate(key[1])
         try:
             return self._start_found(key, info, found)
         finally:

@@ -150,3 +150,18 @@ def test_lane_status_counts_files_bytes_and_the_oldest(tmp_path: Path) -> None:
         "bulk": {"files": 1, "bytes": 7, "oldest": 3.0},
     }
     assert bl.files() == 3
+
+
+def test_upcoming_lists_the_next_bulk_entries_without_taking_them(tmp_path: Path) -> None:
+    bl = Backlog({1: "m", 2: "n"})
+    for i in range(5):
+        bl.mark((1, b"cold%d" % i), (1.0 + i, 0, 1))
+    bl.mark((1, b"live"), (10.0, 0, 1 | LIVE))
+    bl.mark((2, b"other"), (1.0, 0, 1))
+    bl.mark((1, b"later"), (1.0, 0, 1), delay=60)
+    assert bl.upcoming(1, 3) == [(1, b"cold0"), (1, b"cold1"), (1, b"cold2")]
+    assert bl.upcoming(1, 100) == [(1, b"cold%d" % i) for i in range(5)]  # not live, not delayed
+    assert bl.upcoming(1, 100) == [(1, b"cold%d" % i) for i in range(5)]  # nothing taken
+    bl.pop(1)  # the live entry
+    assert bl.pop(1)[0] == (1, b"cold0")
+    assert bl.upcoming(1, 1) == [(1, b"cold1")]

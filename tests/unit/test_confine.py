@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from replicator.frames import EntryKind
+from replicator.localcluster import wait_for
 from replicator.manifest import Excludes, lstat_entry, scan
 from replicator.marker import Marker
 from replicator.paths import DirFds, Source, walk
@@ -245,3 +246,50 @@ def test_dir_fds_hold_a_bounded_number(tmp_path: Path) -> None:
         assert _fds() <= before + DirFds.MAX
     dirs.close()
     assert _fds() == before
+
+
+def _cached(path: Path) -> bool:
+    """Whether the first page of ``path`` is in the page cache now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_readahead_reads_regular_files_only(trees: tuple[Path, Path]) -> None:
+    """``DirFds.readahead`` brings a regular file into the page cache; it
+    never opens through a symlink, and a missing path, a fifo or a
+    directory are no error."""
+    root, outside = trees
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(os.urandom(1 << 16))
+    (outside / "big").write_bytes(os.urandom(1 << 16))
+    os.symlink(outside / "big", root / "d" / "link")
+    os.symlink(outside, root / "out")
+    os.mkfifo(root / "d" / "fifo")
+    for p in (root / "d" / "f", outside / "big"):
+        _evict(p)
+    if _cached(root / "d" / "f"):
+        pytest.skip("this filesystem keeps clean pages cached (tmpfs?)")
+    dirs = DirFds(os.fsencode(root))
+    try:
+        for rel in (b"d/link", b"out/big", b"d/fifo", b"d", b"d/missing", b"nodir/f"):
+            dirs.readahead(rel, 1 << 20)
+        assert not _cached(outside / "big")
+        dirs.readahead(b"d/f", 1 << 20)
+        wait_for(lambda: _cached(root / "d" / "f"), 10, "the readahead")
+    finally:
+        dirs.close()
