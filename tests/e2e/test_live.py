@@ -147,6 +147,33 @@ def test_mv_directory_within_into_and_out_of_tree(
     assert not (dst / "d2" / "sub").exists()
 
 
+def test_tree_moved_in_with_a_directory_swapped_mid_transfer(
+    live: tuple[LocalNode, Path, Path], tmp_path: Path
+) -> None:
+    """A tree moved in is sent path by path, the sender keeping directory
+    fds only for one pump round (paths.DirFds): a directory replaced by
+    another of the same name once its first files arrived must be looked
+    up anew, so its new files (same names, other content) are sent."""
+    _, src, dst = live
+    staged = tmp_path / "staged"
+    for d in range(20):
+        sub = staged / f"d{d:02d}" / "deep" / "er"
+        sub.mkdir(parents=True)
+        for i in range(100):
+            (sub / f"f{i:03d}").write_bytes(b"old %d %d\n" % (d, i) * 50)
+    os.rename(staged, src / "tree")
+    first = dst / "tree" / "d00" / "deep" / "er"
+    wait_for(lambda: first.is_dir() and any(first.iterdir()), 30, "the first files")
+    os.rename(src / "tree" / "d00", tmp_path / "old-d00")
+    new = src / "tree" / "d00.new" / "deep" / "er"
+    new.mkdir(parents=True)
+    for i in range(100):
+        (new / f"f{i:03d}").write_bytes(b"NEW %d\n" % i * 50)
+    os.rename(src / "tree" / "d00.new", src / "tree" / "d00")
+    wait_same(src, dst)
+    assert (dst / "tree" / "d00" / "deep" / "er" / "f000").read_bytes().startswith(b"NEW")
+
+
 def test_rm_rf_tree(live: tuple[LocalNode, Path, Path]) -> None:
     _, src, dst = live
     for d in range(5):
