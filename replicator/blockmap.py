@@ -283,6 +283,17 @@ def map_fd(
     shorter, or if ``cancelled()`` (asked between blocks) says so."""
     if buf is None:
         buf = thread_buffer()
+    if 0 < size <= min(block_size, len(buf)):
+        # One block that fits the buffer (most files of a real tree): one
+        # pread and one digest, without the general machinery (issue 13).
+        view = memoryview(buf)[:size]
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], got)
+            if n == 0:
+                raise SourceShrank(f"the file ended at {got} bytes while hashing up to {size}")
+            got += n
+        return BlockMap(algo, size, block_size, digest_of(algo, view))
     p = Progress(algo, size, block_size)
     p.feed_fd(fd, size, buf, cancelled)
     return p.result()

@@ -138,8 +138,15 @@ def test_an_empty_file_has_no_blocks_but_a_digest() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [DATA, DATA[: 2 * BS], DATA[:1], DATA[: BS + 1]],
-    ids=["blocks and a tail", "whole blocks", "one byte", "a block and a byte"],
+    [DATA, DATA[: 2 * BS], DATA[:1], DATA[: BS + 1], DATA[:1900], DATA[:BS]],
+    ids=[
+        "blocks and a tail",
+        "whole blocks",
+        "one byte",
+        "a block and a byte",
+        "a small file",
+        "one whole block",
+    ],
 )
 def test_map_fd_equals_map_bytes(data: bytes, fd_of: object) -> None:
     fd = fd_of(data)  # type: ignore[operator]
@@ -230,6 +237,8 @@ def test_map_fd_of_a_file_shorter_than_its_size_raises(fd_of: object) -> None:
         map_fd(fd, len(DATA), XXH3_128, BS)
     with pytest.raises(SourceShrank):
         map_fd(fd_of(b""), 1, XXH3_128, BS)  # type: ignore[operator]
+    with pytest.raises(SourceShrank, match="ended at 100 "):  # within one block
+        map_fd(fd_of(DATA[:100]), 200, XXH3_128, BS)  # type: ignore[operator]
     p = Progress(XXH3_128, len(DATA), BS)
     with pytest.raises(SourceShrank):
         p.feed_fd(fd, len(DATA), thread_buffer())
