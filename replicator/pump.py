@@ -107,6 +107,9 @@ class Pump:
         self._dirs: dict[int, DirFds] = {}
         #: Bulk entries read ahead lately (``_read_ahead``), oldest first.
         self._ahead: OrderedDict[Key, None] = OrderedDict()
+        #: Paths started since the last read-ahead (it looks again every
+        #: READ_AHEAD / 4 starts: listing 512 entries every round cost more).
+        self._started_since_ahead = READ_AHEAD
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -150,7 +153,9 @@ class Pump:
                             started += 1
                             worked = True
                         bulk = not only_live and window.allows(self._inflight.bulk)
-            if started:
+            self._started_since_ahead += started
+            if self._started_since_ahead >= READ_AHEAD // 4:
+                self._started_since_ahead = 0
                 self._read_ahead()
         finally:
             for dirs in self._dirs.values():
