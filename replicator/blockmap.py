@@ -270,6 +270,19 @@ def _read_blocks(
         yield None
 
 
+def read_block(fd: int, size: int, buf: bytearray) -> memoryview:
+    """The first ``size`` bytes of ``fd`` (at most ``len(buf)``), read
+    into ``buf``; SourceShrank if the file is shorter."""
+    view = memoryview(buf)[:size]
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            raise SourceShrank(f"the file ended at {got} bytes while hashing up to {size}")
+        got += n
+    return view
+
+
 def map_fd(
     fd: int,
     size: int,
@@ -286,13 +299,7 @@ def map_fd(
     if 0 < size <= min(block_size, len(buf)):
         # One block that fits the buffer (most files of a real tree): one
         # pread and one digest, without the general machinery (issue 13).
-        view = memoryview(buf)[:size]
-        got = 0
-        while got < size:
-            n = os.preadv(fd, [view[got:]], got)
-            if n == 0:
-                raise SourceShrank(f"the file ended at {got} bytes while hashing up to {size}")
-            got += n
+        view = read_block(fd, size, buf)
         return BlockMap(algo, size, block_size, digest_of(algo, view))
     p = Progress(algo, size, block_size)
     p.feed_fd(fd, size, buf, cancelled)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from . import frames as F
 from . import transfer
 from .backlog import Key
-from .blockmap import BlockMap, block_size_for, map_fd
+from .blockmap import BlockMap, block_size_for, digest_of, map_fd, read_block, thread_buffer
 from .errors import SourceShrank
 from .fd import OwnedFd
 from .hashing import Hasher, Job
@@ -57,6 +57,10 @@ def chunk_size(rate: int) -> int:
 #: Files up to this size are hashed at once, on the link's thread (under a
 #: millisecond for 1 MiB); larger ones on the hasher thread.
 HASH_INLINE_MAX = 1 << 20
+#: A file up to this size is read once, for its block map and its payload,
+#: and its payload goes out with the frames around it (no sendfile: two
+#: syscalls and a TCP push per small file saved; issue 13).
+SEND_INLINE_MAX = 16 << 10
 #: Block digests per Blocks frame.
 DIGESTS_PER_FRAME = F.MAX_DATA // 32
 
@@ -176,6 +180,9 @@ class FileSend:
     mend_digest: bytes | None = None
     #: A repair (scrub): byte ranges sent even where the base matches.
     force: tuple[tuple[int, int], ...] = ()
+    #: A small file's whole content, read with its block map: sent from
+    #: memory (SEND_INLINE_MAX).
+    data: bytes | None = None
 
     @classmethod
     def begin(
@@ -210,8 +217,12 @@ class FileSend:
         if base is not None and base.block_size != bs:
             base = None  # too far grown for its base's blocks: nothing could be copied
         bmap = job = None
+        data = None
         try:
-            if size <= HASH_INLINE_MAX or hasher is None:
+            if 0 < size <= SEND_INLINE_MAX and base is None and held is None and bs >= size:
+                data = bytes(read_block(file.fd, size, thread_buffer()))
+                bmap = BlockMap(algo, size, bs, digest_of(algo, data))
+            elif size <= HASH_INLINE_MAX or hasher is None:
                 bmap = map_fd(file.fd, size, algo, bs)
             else:
                 job = hasher.submit(file.fd, size, algo, bs)
@@ -230,6 +241,8 @@ class FileSend:
         if base is None:
             runs = [(SEND, offset, size - offset)] if size > offset else []
             s.todo = deque(split_holes(runs, holes(file.fd, st)))
+            if data is not None and list(s.todo) == [(SEND, 0, size)]:
+                s.data = data  # no holes to keep: sent from memory
         else:
             s.todo = None
         frame = F.File(
@@ -349,6 +362,8 @@ class FileSend:
         if not todo:
             return self._verdict(), 0
         _, off, run = todo[0]
+        if self.data is not None and off == 0 and run == len(self.data) <= chunk:
+            return self._send_data(conn, wbuf)
         n = min(chunk, run)
         if off and self.size > CHUNK and changed(self.st, os.fstat(self.fd)):
             return Step.CHANGED, 0  # a big file: notice a change early, not at the end
@@ -372,6 +387,22 @@ class FileSend:
         self.offset = off + n
         if todo:
             return Step.MORE, n
+        return self._verdict(), n
+
+    def _send_data(self, conn: Connection, wbuf: bytearray) -> tuple[Step, int]:
+        """The whole small file from memory: its Chunk and payload join the
+        frames queued in ``wbuf`` (sent when the round flushes)."""
+        data, self.data = self.data, None
+        assert data is not None and self.todo is not None
+        n = len(data)
+        header = conn.send(F.Chunk(self.op, 0, n))
+        self.frame_bytes += len(header)
+        wbuf += header
+        wbuf += data
+        conn.payload_sent(n)
+        self.payload_sent += n
+        self.todo.popleft()
+        self.offset = n
         return self._verdict(), n
 
     def finish(self, step: Step) -> list[F.Event]:

@@ -19,6 +19,9 @@ from .outgoing import FileSend, Step
 from .stats import LinkStats, Transfer
 from .wire import Wire
 
+#: Frames and small files' payloads queued beyond this are sent at once.
+FLUSH_AT = 256 << 10
+
 
 class Streams:
     def __init__(
@@ -57,13 +60,19 @@ class Streams:
         wire = self._wire
         conn, sock = wire.conn, wire.sock
         assert conn is not None and sock is not None
-        if s.left:
+        # sent from memory with the frames (FileSend.step): Wire.flush counts it
+        inline = s.data is not None and s.left <= wire.chunk
+        if s.left and not inline:
             self._stats.current = Transfer(paths.show(s.key[1]), s.mirror, s.offset, s.size)
             self._stats.bytes_sent += len(wire.buf)
         headers = s.frame_bytes
         copied, hole_bytes = s.copied, s.hole_bytes
         step, n = s.step(sock, conn, wire.buf, wire.chunk)
-        self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
+        if inline:
+            if len(wire.buf) >= FLUSH_AT:
+                wire.flush()
+        else:
+            self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
         self._stats.hole_bytes += s.hole_bytes - hole_bytes

@@ -4,6 +4,7 @@ with, the resume offset it picks, the frames it ends with (its block map)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from replicator import outgoing
 from replicator.blockmap import MIN_BLOCK, XXH3_128, BlockMap, map_bytes
 from replicator.outgoing import FileSend, Step, version_of
 from replicator.paths import Source
+from replicator.protocol import PAYLOAD
+
+from .test_protocol import established_pair
 
 
 def begin(
@@ -194,3 +198,54 @@ def test_holes_are_found_with_seek_data_and_split_out_of_runs(tmp_path: Path) ->
         assert holes(fd, os.fstat(fd)) == []
     finally:
         os.close(fd)
+
+
+def test_a_small_file_goes_out_from_memory_with_its_frames(tmp_path: Path) -> None:
+    """Read once for its block map and its payload: the Chunk and the bytes
+    join the queued frames (nothing is written to the socket by the step),
+    and the peer parses File, Chunk, payload, End as from sendfile."""
+    data = os.urandom(3000)
+    (tmp_path / "f").write_bytes(data)
+    pair = established_pair()
+    pair.open(3)
+    conn, peer = pair.initiator, pair.acceptor
+    s, frame = begin(tmp_path, b"f")
+    a, b = socket.socketpair()
+    try:
+        assert s.data == data
+        wbuf = bytearray(conn.send(frame))
+        assert s.step(a, conn, wbuf) == (Step.DONE, 3000)
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)
+        for ev in s.finish(Step.DONE):
+            wbuf += conn.send(ev)
+        peer.receive_data(bytes(wbuf))
+        assert peer.next_event() == frame
+        assert peer.next_event() == F.Chunk(7, 0, 3000)
+        assert peer.next_event() is PAYLOAD
+        assert bytes(peer.payload_from_buffer(3000)) == data
+        end = peer.next_event()
+        assert end == F.End(7, map_bytes(data, XXH3_128, MIN_BLOCK).file_digest)
+    finally:
+        s.close()
+        a.close()
+        b.close()
+
+
+def test_a_small_file_with_holes_or_a_big_one_is_sent_with_sendfile(tmp_path: Path) -> None:
+    with (tmp_path / "sparse").open("wb") as f:
+        f.truncate(outgoing.SEND_INLINE_MAX - 10)
+        f.seek(outgoing.SEND_INLINE_MAX - 10)
+        f.write(b"tail")
+    (tmp_path / "big").write_bytes(b"b" * (outgoing.SEND_INLINE_MAX + 1))
+    (tmp_path / "small").write_bytes(b"s" * outgoing.SEND_INLINE_MAX)
+    for name, inline in ((b"sparse", False), (b"big", False), (b"small", True)):
+        s, _ = begin(tmp_path, name)
+        try:
+            holes = any(kind != outgoing.SEND for kind, _, _ in s.todo or ())
+            if name == b"sparse" and not holes:
+                continue  # this filesystem reports no hole in it
+            assert (s.data is not None) is inline, name
+        finally:
+            s.close()
