@@ -99,6 +99,9 @@ class Pump:
         self.bulk_window = BulkWindow(ceiling=WINDOW)
         #: Hard-link groups of the mirrors that preserve them (hardlinks.py).
         self.links = Links()
+        #: A namespace operation of the live lane was sent this round: a Ping
+        #: follows (Wire.nudge).
+        self._live_ops = False
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -141,6 +144,7 @@ class Pump:
                         started += 1
                         worked = True
                     bulk = not only_live and window.allows(self._inflight.bulk)
+        self._nudge()
         if corked:
             self._wire.flush()
             net.cork(sock, False)
@@ -302,7 +306,15 @@ class Pump:
         )
         self._inflight.track(op, rec)
         self._stats.ops_sent += 1
+        self._live_ops |= live
         return True
+
+    def _nudge(self) -> None:
+        """After namespace operations of the live lane, a Ping asks the
+        peer to commit them soon (Wire.nudge)."""
+        if self._live_ops:
+            self._live_ops = False
+            self._wire.nudge()
 
     # -- renames -------------------------------------------------------------------------
 
@@ -332,6 +344,7 @@ class Pump:
             # looked at again after the restart.
             self._backlog.persist((mid, src), (now, 0, Flag.DATA))
             self._backlog.persist((mid, dst), (now, 0, Flag.DATA))
+            self._nudge()
             self._wire.flush()
             return
         # The watcher saw it: both paths are live; what is below a directory
