@@ -57,14 +57,18 @@ def test_a_small_file_is_published_between_the_chunks_of_a_big_one_on_loopback(
     files before the big one is complete (0.1.0 published them together,
     2-4 s later, on most runs)."""
     size = 1024 * MiB
-    a = cluster.node("a")
-    b = cluster.node("b")
-    cluster.connect("a", "b")
-    src = a.add_mirror("m", push_to=["b"])
-    dst = b.add_mirror("m", accept_from=["a"])
+    a, b, src, dst = loopback_pair(cluster)
     cluster.start()
     _small_behind_big(a, b, src, dst, size, tmp_path)
     wait_same(src, dst, timeout=120)
+
+
+def loopback_pair(cluster: LocalCluster) -> tuple[LocalNode, LocalNode, Path, Path]:
+    """a pushes mirror m to b over loopback: the nodes, source and replica."""
+    a = cluster.node("a")
+    b = cluster.node("b")
+    cluster.connect("a", "b")
+    return a, b, a.add_mirror("m", push_to=["b"]), b.add_mirror("m", accept_from=["a"])
 
 
 def _small_behind_big(
@@ -119,11 +123,7 @@ def test_a_live_mkdir_and_rm_are_acked_while_a_big_file_streams_on_loopback(
     until it ended (a throttled link runs dry between bursts, so this test
     uses loopback, like the one above)."""
     size = 1024 * MiB
-    a = cluster.node("a")
-    b = cluster.node("b")
-    cluster.connect("a", "b")
-    src = a.add_mirror("m", push_to=["b"])
-    dst = b.add_mirror("m", accept_from=["a"])
+    a, b, src, dst = loopback_pair(cluster)
     (src / "old.txt").write_bytes(b"to be removed\n")
     cluster.start()
     wait_same(src, dst, timeout=60)
