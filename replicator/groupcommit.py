@@ -18,7 +18,9 @@ the caller passes in:
   big one, or in the middle of a cold sync, is published within
   milliseconds — each fsynced on its own with its directory
   (``Publisher.commit(live_only=True)``), so the bulk's dirty data is not
-  flushed with it (a syncfs would).
+  flushed with it (a syncfs would). The namespace operations applied so far
+  go with them; they count as live themselves once the peer sent a Ping
+  after them (``Inbound.nudge``: its live lane does, after an rm or mkdir).
 """
 
 from __future__ import annotations

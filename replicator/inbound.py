@@ -76,6 +76,8 @@ class Inbound:
         self.owners = OwnerMap(peer)
         #: Extended attributes sent for the next operation (xattrs.py).
         self.xattrs = Pending()
+        #: The peer asked for the namespace operations applied (``nudge``).
+        self._nudged = False
 
     # -- mirrors -------------------------------------------------------------
 
@@ -273,18 +275,28 @@ class Inbound:
     # -- publishing ----------------------------------------------------------
 
     def pending(self) -> tuple[int, int, int]:
-        """Operations, bytes and live files waiting for a commit round."""
+        """Operations, bytes and live ones (live files; the namespace
+        operations applied, once the peer asked for them: ``nudge``)
+        waiting for a commit round."""
         pubs = [m.publisher for m in self.mirrors.values()]
-        return (
-            sum(p.pending for p in pubs),
-            sum(p.pending_bytes for p in pubs),
-            sum(p.pending_live for p in pubs),
-        )
+        live = sum(p.pending_live for p in pubs)
+        if self._nudged:
+            live += sum(p.pending_ops for p in pubs)
+        return sum(p.pending for p in pubs), sum(p.pending_bytes for p in pubs), live
+
+    def nudge(self) -> None:
+        """The peer asks for what it sent so far (a Ping): the namespace
+        operations applied count as live until the next commit. Its live
+        lane sends one after its namespace operations (an rm, a mkdir),
+        which carry no live flag of their own."""
+        self._nudged = any(m.publisher.pending_ops for m in self.mirrors.values())
 
     def commit(self, live_only: bool = False) -> list[Answer]:
-        """Publish what is pending; ``live_only``: only the live files while
-        bulk files are being received or wait (else there is nothing to keep
-        apart and one round for all is cheapest)."""
+        """Publish what is pending; ``live_only``: only the live files and
+        the namespace operations applied, while bulk files are being
+        received or wait (else there is nothing to keep apart and one round
+        for all is cheapest)."""
+        self._nudged = False
         alone = live_only and any(m.bulk_under_way() for m in self.mirrors.values())
         out: list[Answer] = []
         for m in self.mirrors.values():

@@ -35,6 +35,8 @@ from .xattrs import apply as apply_xattrs
 
 log = logging.getLogger(__name__)
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 @dataclass
 class _Round:
@@ -44,46 +46,66 @@ class _Round:
     #: Directories whose entries changed (dup'ed fds; closed after the sync).
     dirs: dict[tuple[int, int], int] = field(default_factory=dict)
     nbytes: int = 0
+    #: Directories were made on the way to a path (Root.parent): only a
+    #: syncfs makes the whole new chain durable.
     tree_grew: bool = False
     paths: set[tuple[bytes, ...]] = field(default_factory=set)
     #: Of ``files``, those from the peer's live lane.
     live: int = 0
-    #: Paths the namespace operations of ``ops`` changed.
-    op_paths: set[tuple[bytes, ...]] = field(default_factory=set)
+    #: Meta operations waiting for the files at or below their path to be
+    #: placed (a directory's mtime is set after its entries changed).
+    deferred: list[tuple[F.Meta, tuple[bytes, ...], Pairs | None]] = field(default_factory=list)
+    #: Every path of ``files`` and ``deferred`` and each of its parents:
+    #: how many of them are at or below it.
+    below: dict[tuple[bytes, ...], int] = field(default_factory=dict)
 
     def add(self, p: PartialFile) -> None:
         self.files.append(p)
         self.nbytes += p.size
         self.paths.add(p.parts)
         self.live += p.live
+        self._count(p.parts)
 
-    def applied(self, op: int, *paths: tuple[bytes, ...]) -> None:
-        """Namespace operation ``op`` changed ``paths``; it is acked with
-        this round."""
+    def _count(self, parts: tuple[bytes, ...]) -> None:
+        below = self.below
+        for i in range(1, len(parts) + 1):
+            key = parts[:i]
+            below[key] = below.get(key, 0) + 1
+
+    def defer(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None) -> None:
+        self.deferred.append((ev, parts, attrs))
+        self._count(parts)
+
+    def applied(self, op: int) -> None:
+        """Namespace operation ``op`` was applied; it is acked with this round."""
         self.ops.append(op)
-        self.op_paths.update(paths)
 
-    def live_apart(self) -> bool:
-        """Whether the live files can be published before the rest: no
-        operation of this round changed a path at or above one of them (its
-        effect must be durable, and acked, first)."""
-        made = self.op_paths
-        return not made or not any(
-            p.live and any(p.parts[:i] in made for i in range(1, len(p.parts) + 1))
-            for p in self.files
-        )
-
-    def split_live(self) -> _Round:
-        """Take the live files out into a round of their own (live_apart)."""
+    def split_live(self) -> tuple[_Round, _Round]:
+        """This round as two: the live files with the namespace operations
+        applied so far and their directories (those operations depend on
+        nothing still waiting: ``related``), then the bulk files with the
+        deferred Meta operations."""
         live, bulk = _Round(), _Round()
         for p in self.files:
             (live if p.live else bulk).add(p)
-        self.files, self.nbytes, self.paths, self.live = bulk.files, bulk.nbytes, bulk.paths, 0
-        return live
+        live.ops, live.dirs, live.tree_grew = self.ops, self.dirs, self.tree_grew
+        for ev, parts, attrs in self.deferred:
+            bulk.defer(ev, parts, attrs)
+        return live, bulk
 
     def holds(self, parts: tuple[bytes, ...]) -> bool:
         """A file of this round will be published at ``parts`` or above it."""
         return bool(self.paths) and any(parts[:i] in self.paths for i in range(1, len(parts) + 1))
+
+    def under(self, parts: tuple[bytes, ...]) -> bool:
+        """A file or deferred operation of this round is at ``parts`` or below."""
+        return parts in self.below
+
+    def related(self, parts: tuple[bytes, ...]) -> bool:
+        """An operation on ``parts`` must wait for this round: a file of it
+        will be published at, above or below ``parts``, or a deferred Meta
+        will be applied at or below it."""
+        return self.under(parts) or self.holds(parts)
 
 
 @dataclass(frozen=True)
@@ -107,7 +129,8 @@ class Publisher:
 
     @property
     def pending(self) -> int:
-        return len(self._round.files) + len(self._round.ops)
+        r = self._round
+        return len(r.files) + len(r.ops) + len(r.deferred)
 
     @property
     def pending_bytes(self) -> int:
@@ -117,6 +140,12 @@ class Publisher:
     def pending_live(self) -> int:
         """Files from the peer's live lane waiting (PartialFile.live)."""
         return self._round.live
+
+    @property
+    def pending_ops(self) -> int:
+        """Namespace operations applied, waiting to be durable (a live
+        commit takes them along)."""
+        return len(self._round.ops)
 
     @property
     def pending_bulk(self) -> int:
@@ -145,20 +174,31 @@ class Publisher:
         the round, or the late rename would undo it."""
         return self._round.holds(parts)
 
+    def related(self, parts: tuple[bytes, ...]) -> bool:
+        """Whether an operation that replaces or removes ``parts`` must wait
+        for this round: a waiting file will be published at, above or below
+        it, or a deferred Meta applied at or below it."""
+        return self._round.related(parts)
+
+    def under(self, parts: tuple[bytes, ...]) -> bool:
+        """Whether a waiting file or deferred Meta is at ``parts`` or below
+        it (a Meta of ``parts`` is then deferred: ``defer_meta``)."""
+        return self._round.under(parts)
+
     def add_noop(self, op: int) -> None:
         """Acknowledge ``op`` with the next round without changing anything."""
         self._round.ops.append(op)
 
     def commit(self, live_only: bool = False) -> Outcome:
         """Make everything pending durable and visible; report what to ack.
-        ``live_only``: only the live files (unless a pending namespace
-        operation changed a path at or above one of them: then everything),
-        each with its own fsync and its directory's: a syncfs would also
-        flush the bulk data being written, which is what makes a live commit
-        under load slow."""
-        alone = live_only and self._round.live_apart()
+        ``live_only``: only the live files and the namespace operations
+        applied so far, each file with its own fsync and the directories
+        with theirs: a syncfs would also flush the bulk data being written,
+        which is what makes a live commit under load slow. The bulk files
+        and the Meta operations deferred for them wait."""
+        alone = live_only
         if alone:
-            r = self._round.split_live()
+            r, self._round = self._round.split_live()
         else:
             r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
@@ -169,16 +209,7 @@ class Publisher:
             try:
                 self._place(p, r)
             except (OSError, BadPath, ApplyError) as e:
-                err = (
-                    e
-                    if isinstance(e, ApplyError)
-                    else (
-                        ApplyError(F.ErrorCode.BAD_PATH, str(e))
-                        if isinstance(e, BadPath)
-                        else apply_error(e, show(p.path))
-                    )
-                )
-                failed.append((p.op, err))
+                failed.append((p.op, _as_apply_error(e, p.path)))
                 p.discard()
                 continue
             applied = p.decision is None or p.decision.verdict is not Verdict.INCOMING_AS_COPY
@@ -198,11 +229,20 @@ class Publisher:
                 log.warning(
                     "cannot remember block maps of %d published files: %s", len(remember), e
                 )
+        # Deferred Meta operations: after the files below their paths.
+        later: list[int] = []
+        for ev, parts, attrs in r.deferred:
+            try:
+                self._meta(ev, parts, attrs, r)
+            except (OSError, BadPath, ApplyError) as e:
+                failed.append((ev.op, _as_apply_error(e, ev.path)))
+                continue
+            later.append(ev.op)
         try:
             _sync_dirs(self.root.fd, r, syncfs_ok=not alone)
         except OSError as e:
             err = apply_error(e, "syncing directories")
-            failed.extend((op, err) for op in acked + r.ops)
+            failed.extend((op, err) for op in r.ops + acked + later)
             return Outcome([], failed)
         finally:
             for fd in r.dirs.values():
@@ -211,8 +251,8 @@ class Publisher:
         # Acks go out in the order the effects happened: namespace operations
         # were applied when they arrived, files only now. The sender relies on
         # it (an entry's ack after its parent's tells it the parent's mtime
-        # changed on the replica).
-        return Outcome(r.ops + acked, failed)
+        # changed on the replica); a deferred Meta comes after the files.
+        return Outcome(r.ops + acked + later, failed)
 
     def _place(self, p: PartialFile, r: _Round) -> None:
         """Rename ``p`` into place (or beside it, as its decision says)."""
@@ -270,10 +310,15 @@ class Publisher:
                     raise FileNotFoundError
             except FileNotFoundError:
                 os.mkdir(name, 0o700, dir_fd=parent)
-                self._round.tree_grew = True
+                # Synced with its parent: the new directory's own inode too.
+                made = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                try:
+                    self._note_dir(made)
+                finally:
+                    os.close(made)
             self._set_meta(parent, name, ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
             self._note_dir(parent)
-            self._round.applied(ev.op, parts)
+            self._round.applied(ev.op)
 
     def symlink(self, ev: F.Symlink, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -289,7 +334,7 @@ class Publisher:
             self._clear_for(parent, name, want_dir=False)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._note_dir(parent)
-            self._round.applied(ev.op, parts)
+            self._round.applied(ev.op)
 
     def hardlink(self, ev: F.HardLink, parts: tuple[bytes, ...], target: tuple[bytes, ...]) -> None:
         """Make ``parts`` another name of the published regular file at
@@ -313,7 +358,7 @@ class Publisher:
             self._clear_for(parent, name, want_dir=False)
             os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
             self._note_dir(parent)
-            self._round.applied(ev.op, parts)
+            self._round.applied(ev.op)
 
     def _link_target(self, ev: F.HardLink, target: tuple[bytes, ...]) -> tuple[int, bytes]:
         """The parent fd and name of ``ev``'s target, reached without
@@ -338,11 +383,19 @@ class Publisher:
         return tparent, target[-1]
 
     def meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
+        self._meta(ev, parts, attrs, self._round)
+        self._round.applied(ev.op)
+
+    def defer_meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None = None) -> None:
+        """Apply ``ev`` in the commit round of the files below ``parts``,
+        after they are placed (their renames would change the mtime it sets)."""
+        self._round.defer(ev, parts, attrs)
+
+    def _meta(self, ev: F.Meta, parts: tuple[bytes, ...], attrs: Pairs | None, r: _Round) -> None:
         with self._with_errors(ev.path):
             parent = self.root.parent(parts, create=False)
             self._set_meta(parent, parts[-1], ev.mode, ev.mtime_ns, ev.uid, ev.gid, attrs)
-            self._note_dir(parent)
-            self._round.applied(ev.op, parts)
+            self._note_dir(parent, r)
 
     def delete(self, ev: F.Delete, parts: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.path):
@@ -354,7 +407,7 @@ class Publisher:
             if parent >= 0:
                 remove_at(parent, parts[-1])
                 self._note_dir(parent)
-            self._round.applied(ev.op, parts)
+            self._round.applied(ev.op)
 
     def rename(self, ev: F.Rename, src: tuple[bytes, ...], dst: tuple[bytes, ...]) -> None:
         with self._with_errors(ev.src):
@@ -367,7 +420,7 @@ class Publisher:
             self.root.forget()
             self._note_dir(sparent)
             self._note_dir(dparent)
-            self._round.applied(ev.op, src, dst)
+            self._round.applied(ev.op)
 
     def _set_meta(
         self,
@@ -410,6 +463,15 @@ class Publisher:
         for fd in self._round.dirs.values():
             os.close(fd)
         self._round = _Round()
+
+
+def _as_apply_error(e: OSError | BadPath | ApplyError, path: bytes) -> ApplyError:
+    """What to refuse an operation on ``path`` with, for ``e``."""
+    if isinstance(e, ApplyError):
+        return e
+    if isinstance(e, BadPath):
+        return ApplyError(F.ErrorCode.BAD_PATH, str(e))
+    return apply_error(e, show(path))
 
 
 def _same_version(st: os.stat_result, ev: F.HardLink) -> bool:

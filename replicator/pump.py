@@ -110,6 +110,9 @@ class Pump:
         #: Paths started since the last read-ahead (it looks again every
         #: READ_AHEAD / 4 starts: listing 512 entries every round cost more).
         self._started_since_ahead = READ_AHEAD
+        #: A namespace operation of the live lane was sent this round: a Ping
+        #: follows (Wire.nudge).
+        self._live_ops = False
 
     def pump(self) -> bool:
         """Send what can be sent now; True if anything was sent.
@@ -160,6 +163,7 @@ class Pump:
         finally:
             for dirs in self._dirs.values():
                 dirs.close()
+        self._nudge()
         if corked:
             self._wire.flush()
             net.cork(sock, False)
@@ -348,7 +352,15 @@ class Pump:
         )
         self._inflight.track(op, rec)
         self._stats.ops_sent += 1
+        self._live_ops |= live
         return True
+
+    def _nudge(self) -> None:
+        """After namespace operations of the live lane, a Ping asks the
+        peer to commit them soon (Wire.nudge)."""
+        if self._live_ops:
+            self._live_ops = False
+            self._wire.nudge()
 
     # -- renames -------------------------------------------------------------------------
 
@@ -378,6 +390,7 @@ class Pump:
             # looked at again after the restart.
             self._backlog.persist((mid, src), (now, 0, Flag.DATA))
             self._backlog.persist((mid, dst), (now, 0, Flag.DATA))
+            self._nudge()
             self._wire.flush()
             return
         # The watcher saw it: both paths are live; what is below a directory

@@ -340,11 +340,19 @@ class ReceivingMirror:
 
     def _apply(self, ev: F.Event, out: list[Answer], attrs: Pairs | None = None) -> bool:
         """Apply ``ev``, appending the answers of any commit it needed to
-        ``out``. False: a two-way conflict kept our version instead."""
+        ``out``. False: a two-way conflict kept our version instead.
+
+        An operation commits what is pending first only when it depends on
+        it: a file waiting to be published at, above or below a path it
+        removes or replaces (or a link's target). Otherwise it is applied
+        at once and acked with the next round: a moved-in tree's Meta per
+        directory does not cost a whole commit round. A Meta of a path with
+        files waiting at or below it is deferred until they are placed."""
         pub = self.publisher
         if isinstance(ev, F.Rename):
             src, dst = paths.check(ev.src), paths.check(ev.dst)
-            out += self.commit()
+            if pub.related(src) or pub.related(dst):
+                out += self.commit()
             pub.rename(ev, src, dst)
             if self.maps is not None:  # the rows would only be refused later
                 self.maps.forget(ev.src)
@@ -352,7 +360,7 @@ class ReceivingMirror:
             return True
         if isinstance(ev, F.HardLink):
             parts, target = paths.check(ev.path), paths.check(ev.target)
-            if pub.blocks(target) or pub.blocks(parts):
+            if pub.blocks(target) or pub.related(parts):
                 out += self.commit()  # the target is a file waiting in this round
             pub.hardlink(ev, parts, target)
             if self.maps is not None:
@@ -361,19 +369,26 @@ class ReceivingMirror:
         parts = paths.check(ev.path)  # type: ignore[attr-defined]
         if not isinstance(ev, (F.Mkdir, F.Symlink, F.Meta, F.Delete)):
             raise RemoteProtocolError(F.ErrorCode.UNEXPECTED, f"unexpected {ev}")
-        if isinstance(ev, (F.Mkdir, F.Symlink)) and pub.blocks(parts):
+        if isinstance(ev, F.Mkdir) and pub.blocks(parts):
             out += self.commit()  # e.g. "rm p; mkdir -p p/q" while file p is pending
         if isinstance(ev, F.Mkdir):
             pub.mkdir(ev, parts, attrs)
         elif isinstance(ev, F.Symlink):
             if not ev.target or b"\0" in ev.target:
                 raise BadPath(f"symlink target {ev.target!r} is empty or has a NUL byte")
+            if pub.related(parts):
+                out += self.commit()
             pub.symlink(ev, parts)
         elif isinstance(ev, F.Meta):
-            out += self.commit()
+            if pub.under(parts) and not pub.blocks(parts[:-1]) and not self.two_way:
+                pub.defer_meta(ev, parts, attrs)
+                return True
+            if pub.related(parts):
+                out += self.commit()
             pub.meta(ev, parts, attrs)
         else:
-            out += self.commit()
+            if pub.related(parts):
+                out += self.commit()
             if self.two_way and keep_local_on_delete(self._local(parts), self.base(ev.path)):
                 log.warning(
                     "conflict on %s: deleted on %s but changed here; keeping it (it goes "
@@ -415,10 +430,11 @@ class ReceivingMirror:
         return bool(self.publisher.pending_bulk) or any(not p.live for p in self.files.values())
 
     def commit(self, live_only: bool = False) -> list[Answer]:
-        """Publish what is pending (``live_only``: the live files;
-        Publisher.commit): acks in effect order, then refusals."""
+        """Publish what is pending (``live_only``: the live files and the
+        namespace operations applied; Publisher.commit): acks in effect
+        order, then refusals."""
         pub = self.publisher
-        if not pub.pending or (live_only and not pub.pending_live):
+        if not pub.pending or (live_only and not pub.pending_live and not pub.pending_ops):
             return []
         out = pub.commit(live_only)
         self.stats.commits += 1

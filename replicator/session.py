@@ -405,6 +405,7 @@ class Session:
             case F.Xattr():
                 inbound.xattr(ev)
             case F.Ping():
+                inbound.nudge()
                 self._queue(F.Pong(ev.nonce))
             case F.Pong():
                 pass

@@ -39,7 +39,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import watchdog.observers.inotify as _wd_inotify
 from watchdog.events import (
@@ -212,10 +212,21 @@ class Watcher:
 _WATCH_LINE = re.compile(rb"^inotify wd:\w+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.M)
 
 
-def watched_inodes() -> set[tuple[int, int]]:
+def watched_inodes(among: Iterable[tuple[int, int]] | None = None) -> set[tuple[int, int]]:
     """(device, inode) of every inotify watch this process holds, read from
-    /proc/self/fdinfo (watchdog does not say which watches failed)."""
+    /proc/self/fdinfo (watchdog does not say which watches failed); only
+    those of ``among``, if given: then each is looked for as text, and the
+    list (about 120 bytes a watch) is not parsed."""
     out: set[tuple[int, int]] = set()
+    # fdinfo shows the kernel's dev_t: major in bits 20+, minor below.
+    needles = (
+        None
+        if among is None
+        else {
+            b" ino:%x sdev:%x " % (ino, os.major(dev) << 20 | os.minor(dev)): (dev, ino)
+            for dev, ino in among
+        }
+    )
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
@@ -224,9 +235,11 @@ def watched_inodes() -> set[tuple[int, int]]:
                 text = f.read()
         except OSError:
             continue
+        if needles is not None:
+            out.update(key for needle, key in needles.items() if needle in text)
+            continue
         for ino, sdev in _WATCH_LINE.findall(text):
             dev = int(sdev, 16)
-            # fdinfo shows the kernel's dev_t: major in bits 20+, minor below.
             out.add((os.makedev(dev >> 20, dev & 0xFFFFF), int(ino, 16)))
     return out
 

@@ -217,6 +217,14 @@ class Wire:
             self.queue(F.Ping(time.monotonic_ns()))
             self.last_ping = now
 
+    def nudge(self) -> None:
+        """A Ping now: after the namespace operations of the live lane, it
+        asks the peer to commit them within its live deadline (they carry
+        no live flag of their own; groupcommit.py). It counts as the
+        heartbeat too."""
+        self.queue(F.Ping(time.monotonic_ns()))
+        self.last_ping = time.monotonic()
+
     def pace(self, msg: Pace) -> None:
         """Apply a new bandwidth limit: to the live connection at once (no
         reconnect), and to every later one."""

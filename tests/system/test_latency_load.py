@@ -57,14 +57,18 @@ def test_a_small_file_is_published_between_the_chunks_of_a_big_one_on_loopback(
     files before the big one is complete (0.1.0 published them together,
     2-4 s later, on most runs)."""
     size = 1024 * MiB
-    a = cluster.node("a")
-    b = cluster.node("b")
-    cluster.connect("a", "b")
-    src = a.add_mirror("m", push_to=["b"])
-    dst = b.add_mirror("m", accept_from=["a"])
+    a, b, src, dst = loopback_pair(cluster)
     cluster.start()
     _small_behind_big(a, b, src, dst, size, tmp_path)
     wait_same(src, dst, timeout=120)
+
+
+def loopback_pair(cluster: LocalCluster) -> tuple[LocalNode, LocalNode, Path, Path]:
+    """a pushes mirror m to b over loopback: the nodes, source and replica."""
+    a = cluster.node("a")
+    b = cluster.node("b")
+    cluster.connect("a", "b")
+    return a, b, a.add_mirror("m", push_to=["b"]), b.add_mirror("m", accept_from=["a"])
 
 
 def _small_behind_big(
@@ -107,3 +111,33 @@ def test_a_live_change_during_a_cold_sync_is_published_before_it_ends(
     # Both lanes drained; nothing is left queued.
     link = a.link("b")
     assert link["queue_files"] == 0
+
+
+def test_a_live_mkdir_and_rm_are_acked_while_a_big_file_streams_on_loopback(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Namespace operations carry no live flag: the Ping the sender's live
+    lane sends after them makes the receiver commit them within its live
+    deadline. Before, their acks waited for the receiver's socket to run
+    dry or a group to fill: on loopback, while a big file streams, mostly
+    until it ended (a throttled link runs dry between bursts, so this test
+    uses loopback, like the one above)."""
+    size = 1024 * MiB
+    a, b, src, dst = loopback_pair(cluster)
+    (src / "old.txt").write_bytes(b"to be removed\n")
+    cluster.start()
+    wait_same(src, dst, timeout=60)
+    wait_for(lambda: a.link("b")["in_flight"] == 0, 30, "the first sync's acks")
+    staged = tmp_path / "big.bin"
+    fill(staged, size)
+    os.rename(staged, src / "big.bin")
+    wait_for(lambda: partial_size(b) > 32 * MiB, 60, "the big file to stream")
+    acked = a.link("b")["ops_acked"]
+    (src / "newdir").mkdir()
+    (src / "old.txt").unlink()
+    wait_for(lambda: a.link("b")["ops_acked"] >= acked + 2, 60, "the acks of the mkdir and the rm")
+    # Durable on the replica, and the big file is still on its way.
+    assert (dst / "newdir").is_dir() and not (dst / "old.txt").exists()
+    assert not (dst / "big.bin").exists()
+    assert 0 < partial_size(b) < size
+    wait_same(src, dst, timeout=120)

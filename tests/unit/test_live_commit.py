@@ -111,28 +111,39 @@ def mkdir(op: int, path: bytes) -> F.Mkdir:
     return F.Mkdir(op, 1, 0o755, 10**18, os.getuid(), os.getgid(), path)
 
 
-def test_a_live_file_under_a_pending_namespace_operation_waits_for_it(tmp_path: Path) -> None:
+def test_a_live_file_under_a_pending_namespace_operation_is_committed_with_it(
+    tmp_path: Path, syncs: Syncs
+) -> None:
     """The directory must be durable (and acked) before the file in it: the
-    round goes whole, in effect order."""
+    live round takes the operations applied so far along, synced (the new
+    directory and its parent) before any ack; the bulk file still waits."""
     inb = make_inbound(tmp_path)
     inb.open(F.Open(1, "m"))
     receive(inb, file_ev(1, b"bulk", b"b"), b"b")
     assert inb.namespace(mkdir(2, b"d")) == []
     receive(inb, live(file_ev(3, b"d/live", b"l")), b"l")
-    assert inb.commit(live_only=True) == [Ack(2), Ack(1), Ack(3)]
+    assert inb.commit(live_only=True) == [Ack(2), Ack(3)]
+    m = tmp_path / "m"
+    fsynced = {ino for what, ino in syncs.events if what == "fsync"}
+    assert ("syncfs", 0) not in syncs.events
+    assert {m.stat().st_ino, (m / "d").stat().st_ino, (m / "d" / "live").stat().st_ino} <= fsynced
+    assert not (m / "bulk").exists() and inb.pending() == (1, 1, 0)
+    assert inb.commit() == [Ack(1)]
     inb.close()
 
 
-def test_a_live_file_goes_ahead_of_unrelated_namespace_operations(tmp_path: Path) -> None:
+def test_a_live_file_goes_ahead_of_bulk_files_not_of_namespace_operations(
+    tmp_path: Path,
+) -> None:
     inb = make_inbound(tmp_path)
     inb.open(F.Open(1, "m"))
     (tmp_path / "m" / "old").mkdir()
     receive(inb, file_ev(1, b"bulk", b"b"), b"b")
     assert inb.namespace(mkdir(2, b"d")) == []
     receive(inb, live(file_ev(3, b"old/live", b"l")), b"l")
-    assert inb.commit(live_only=True) == [Ack(3)]
-    assert inb.pending() == (2, 1, 0)
-    assert inb.commit() == [Ack(2), Ack(1)]
+    assert inb.commit(live_only=True) == [Ack(2), Ack(3)]
+    assert inb.pending() == (1, 1, 0)
+    assert inb.commit() == [Ack(1)]
     inb.close()
 
 

@@ -4,7 +4,9 @@ rescans after overflows, what it reports."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from replicator import config
 from replicator.changes import Reconcile
 from replicator.config import Config
-from replicator.watcher import OVERFLOW_LOGGER
+from replicator.watcher import OVERFLOW_LOGGER, watched_inodes
 from replicator.watching import OVERFLOW_QUIET, WatchSupervisor
 
 
@@ -102,7 +104,9 @@ def test_a_root_without_its_watch_restarts_the_watcher(
     routed: list[object], clock: Clock, tmp_path: Path
 ) -> None:
     watched: set[tuple[int, int]] = set()
-    sup = WatchSupervisor(routed.append, threading.Event(), watched=lambda: watched, clock=clock)
+    sup = WatchSupervisor(
+        routed.append, threading.Event(), watched=lambda among: watched & among, clock=clock
+    )
     try:
         sup.apply(cfg(tmp_path))
         assert not sup.roots_watched()
@@ -120,7 +124,7 @@ def test_roots_are_checked_every_interval_only(
 ) -> None:
     calls = []
 
-    def watched() -> set[tuple[int, int]]:
+    def watched(among: set[tuple[int, int]]) -> set[tuple[int, int]]:
         calls.append(clock.now)
         st = tmp_path.stat()
         return {(st.st_dev, st.st_ino)}
@@ -179,3 +183,26 @@ def test_a_dead_scanner_is_reported(sup: WatchSupervisor, tmp_path: Path) -> Non
     scanner.join(10)
     assert not scanner.is_alive()
     assert sup.dead() == ["scanner"]
+
+
+def test_watched_inodes_among_finds_the_roots_without_parsing_every_watch(
+    tmp_path: Path,
+) -> None:
+    """The text search for given inodes agrees with the full parse, on real
+    inotify watches of this process."""
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    assert fd >= 0
+    try:
+        dirs = [tmp_path / f"d{i}" for i in range(20)]
+        for d in dirs:
+            d.mkdir()
+            assert libc.inotify_add_watch(fd, os.fsencode(d), 0x100) >= 0  # IN_CREATE
+        keys = {(d.stat().st_dev, d.stat().st_ino) for d in dirs}
+        assert keys <= watched_inodes()
+        some = set(list(keys)[:3])
+        absent = (tmp_path.stat().st_dev, tmp_path.stat().st_ino)
+        assert watched_inodes(some | {absent}) == some
+    finally:
+        os.close(fd)
