@@ -76,3 +76,17 @@ class PeerHas:
     path: bytes
     state: EntryState | None
     src: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgreedWith:
+    """What ``peer`` sent us at ``path`` (``state``; None: its delete;
+    ``src``: its rename of ``src`` to ``path``) is published here: both
+    sides hold it. The link to that peer records the agreement
+    (history.py); two-way mirrors only."""
+
+    peer: str
+    mirror: str
+    path: bytes
+    state: EntryState | None
+    src: bytes | None = None

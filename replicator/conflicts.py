@@ -17,10 +17,9 @@ version).
 A delete from the peer of a file changed here since base is not applied:
 the modification wins and travels back.
 
-Limits (documented in docs/topologies.md): there is no history beyond the
-last agreed state, so a rescan of a two-way mirror never deletes and only
-pushes entries that are newer here; a file deleted while the daemon was
-stopped comes back from the peer.
+The base is the version last agreed with the peer, remembered across
+restarts (history.py); without a record, what the link last knew the peer
+held.
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .frames import MAX_NAME
+from .frames import MAX_NAME, EntryKind
 from .manifest import EntryState
 
 
@@ -98,7 +98,22 @@ def decide(
 
 
 def keep_local_on_delete(local: EntryState | None, base: EntryState | None) -> bool:
-    """A delete from the peer meets a file changed here since base: keep it."""
+    """A delete from the peer meets a file changed here since base: keep it.
+    A directory is compared by its kind alone (its mtime changes with every
+    entry): the caller checks what is below it (``changed_below``)."""
     if local is None or base is None:
         return local is not None and base is None
+    if local.kind is EntryKind.DIR:
+        return base.kind is not EntryKind.DIR
     return not _same(local, base)
+
+
+def changed_below(
+    below: Iterable[tuple[bytes, EntryState]], base: Callable[[bytes], EntryState | None]
+) -> bytes | None:
+    """The first entry below a directory the peer deleted that is new or
+    changed here since ``base`` (then the directory is kept), or None."""
+    for rel, st in below:
+        if keep_local_on_delete(st, base(rel)):
+            return rel
+    return None

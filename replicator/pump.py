@@ -37,6 +37,7 @@ from .filesends import RESEND_DELAY, FileSends
 from .frames import EntryKind
 from .hardlinks import Links, Plan, multi
 from .hashing import Hasher
+from .history import Version, agrees
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
 from .logs import Fields
@@ -180,9 +181,17 @@ class Pump:
         live = bool(flags & LIVE)
         src = None if found is None else EntryState.from_stat(found.st, found.target)
         r = self._remote[mid]
+        known = r.known.get(rel)
+        if r.agreed is not None and src is not None:
+            rec = r.agreed.get(rel)
+            if agrees(rec, src) and not agrees(rec, known):
+                # Two-way, unchanged here since both sides agreed on it, but
+                # changed or deleted there: theirs comes here (plan.reconcile).
+                self._backlog.done(key)
+                return False
         action = plan_path(
             src,
-            r.known.get(rel),
+            known,
             flags,
             since,
             lambda a, b: m.compare(a, b, r.preserve),
@@ -197,6 +206,8 @@ class Pump:
         elif action is not Action.NOTHING and action is not Action.SETTLE:
             r.guessed.discard(rel)
         if action is Action.NOTHING:
+            if r.agreed is not None and src is not None and agrees(Version.of(src), known):
+                r.agreed.put(rel, src)  # both hold it (known: listed or acknowledged)
             self._backlog.done(key)
             return False
         if action is Action.SETTLE:

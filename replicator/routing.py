@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .changes import PeerHas
+from .changes import AgreedWith, PeerHas
 from .linkset import LinkSet
 from .listener import Listener
 from .manifest import EntryState
@@ -36,10 +36,10 @@ class Router:
         self.markers = markers
 
     def route(self, msg: object) -> None:
-        """Hand a change to the links it concerns: PeerHas to the link to that
-        peer; Dirty/Moved/Reconcile to every link pushing its mirror."""
+        """Hand a change to the links it concerns: PeerHas and AgreedWith to
+        the link to that peer; Dirty/Moved/Reconcile to every link pushing its mirror."""
         links = self.links.snapshot()
-        if isinstance(msg, PeerHas):
+        if isinstance(msg, PeerHas | AgreedWith):
             link = links.get(msg.peer)
             if link is not None:
                 link.post(msg)
