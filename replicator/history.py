@@ -138,6 +138,12 @@ class Archive:
             ).fetchall()
         return Agreed(mirror, {bytes(p): Version(k, s, t) for p, k, s, t in rows})
 
+    def drop(self, mirror: str) -> None:
+        """Forget every record of ``mirror`` (it is no longer two-way with
+        the peer: its records would go stale)."""
+        with self._db.lock:
+            self._db.db.execute("DELETE FROM agreed WHERE peer=? AND mirror=?", (self.peer, mirror))
+
     def write(self, agreed: list[Agreed]) -> int:
         """Write the journals of ``agreed`` in one transaction; the number of
         changes written."""

@@ -137,6 +137,8 @@ class Link(threading.Thread):
             for m in mirrors:
                 if m.two_way:
                     self._remote[m.id].agreed = archive.load(m.name)
+                else:
+                    archive.drop(m.name)
         self._backlog = Backlog({m.id: m.name for m in mirrors}, store)
         self._inflight = InFlight()
         self._wire = Wire(

@@ -102,7 +102,7 @@ def build_link(
     store = Store(os.path.join(cfg.node.state_dir, "backlog.sqlite3"), peer)
     db = database(cfg.node.state_dir)
     maps = SentMaps(db, peer)
-    archive = Archive(db, peer) if any(m.two_way for m in mirrors) else None
+    archive = Archive(db, peer)
     stats = LinkStats(peer, pcfg.address)
     return Link(cfg.node, peer, pcfg, keys[peer], mirrors, stats, store, maps, archive)
 

@@ -110,3 +110,13 @@ def test_a_directory_replaced_by_a_file_drops_what_was_below_it(db: maps._Db) ->
     assert a.records == {b"d": Version.of(F2)}
     Archive(db, "b").write([a])
     assert Archive(db, "b").load("m").records == {b"d": Version.of(F2)}
+
+
+def test_a_mirror_no_longer_two_way_drops_its_records(db: maps._Db) -> None:
+    a, other = Agreed("m"), Agreed("other")
+    a.put(b"f", F1)
+    other.put(b"f", F1)
+    Archive(db, "b").write([a, other])
+    Archive(db, "b").drop("m")
+    assert Archive(db, "b").load("m").records == {}
+    assert Archive(db, "b").load("other").records == {b"f": Version.of(F1)}
