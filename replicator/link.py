@@ -46,6 +46,7 @@ from .backlog import Backlog, Store
 from .barrier import Barriers, Expect, Expected
 from .changes import AgreedWith, Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
+from .conflicts import Base
 from .errors import AuthFailed, LinkError, ProtocolError
 from .hashing import Hasher
 from .history import Archive
@@ -53,7 +54,6 @@ from .inflight import InFlight
 from .linkstatus import LinkStatus
 from .logs import Fields
 from .mailbox import Mailbox
-from .manifest import EntryState
 from .maps import SentMaps
 from .mirror import SourceMirror
 from .pump import MAX_ACTIVE, RESEND_DELAY, SETTLE_RETRY, STARTS_PER_ROUND, WINDOW, Pump
@@ -229,17 +229,17 @@ class Link(threading.Thread):
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()
 
-    def peer_state(self, mirror: str, path: bytes) -> EntryState | None:
+    def peer_state(self, mirror: str, path: bytes) -> Base:
         """The base of a two-way decision (conflicts.py): the version of
-        ``path`` last agreed with the peer (history.py), else what the peer
+        ``path`` last agreed with the peer (history.py) and what the peer
         last held as far as this link knows (read from another thread:
         single dict lookups)."""
         m = self.by_name.get(mirror)
         if m is None:
-            return None
+            return Base()
         r = self._remote[m.id]
         rec = None if r.agreed is None else r.agreed.get(path)
-        return rec.state() if rec is not None else r.known.get(path)
+        return Base(None if rec is None else rec.state(), r.known.get(path))
 
     def _write_agreed(self) -> None:
         """Write the agreements of this round (one transaction)."""

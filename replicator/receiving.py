@@ -29,7 +29,7 @@ from .changes import AgreedWith, Dirty, Flag, PeerHas
 from .checking import CheckJob, start_check
 from .config import Config
 from .conflictlog import ConflictLog, Recorder
-from .conflicts import Verdict, changed_below, decide, keep_local_on_delete
+from .conflicts import Base, Verdict, changed_below, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .hardlinks import first_names
 from .inbox import Inbox, PartialFile, apply_error
@@ -98,8 +98,8 @@ class ReceivingMirror:
     stats: SessionStats
     #: This node also pushes the mirror to the sending peer (conflicts.py).
     two_way: bool = False
-    #: What the sending peer last had at a path (two-way mirrors).
-    base: Callable[[bytes], EntryState | None] = lambda path: None
+    #: What both sides last held at a path (two-way mirrors; conflicts.Base).
+    base: Callable[[bytes], Base] = lambda path: Base()
     #: Files being received, by operation.
     files: dict[int, PartialFile] = field(default_factory=dict)
     #: Operations refused mid-flight: their chunks are drained, End ignored.
@@ -485,7 +485,7 @@ def admit(
     stats: SessionStats,
     marker_ok: Callable[[str], bool],
     make_room: Callable[[int], str | None],
-    base: Callable[[str, bytes], EntryState | None],
+    base: Callable[[str, bytes], Base],
 ) -> ReceivingMirror:
     """Open mirror ``name`` for ``peer`` to push into, or raise ``Refused``.
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .changes import AgreedWith, PeerHas
+from .conflicts import Base
 from .linkset import LinkSet
 from .listener import Listener
-from .manifest import EntryState
 from .marker import Marker
 from .session import Session
 
@@ -67,9 +67,9 @@ class Router:
         marker = self.markers.get(mirror)
         return marker is None or marker.ok()
 
-    def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
+    def peer_state(self, peer: str, mirror: str, path: bytes) -> Base:
         link = self.links.snapshot().get(peer)
-        return None if link is None else link.peer_state(mirror, path)
+        return Base() if link is None else link.peer_state(mirror, path)
 
     def notify(self, msg: object) -> None:
         self.route(msg)
