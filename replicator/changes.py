@@ -80,13 +80,11 @@ class PeerHas:
 
 @dataclass(frozen=True, slots=True)
 class AgreedWith:
-    """What ``peer`` sent us at ``path`` (``state``; None: its delete;
-    ``src``: its rename of ``src`` to ``path``) is published here: both
-    sides hold it. The link to that peer records the agreement
-    (history.py); two-way mirrors only."""
+    """What ``peer`` sent us in ``mirror`` is published here: both sides hold
+    it. One message per commit round, its ``items`` in order: (path, state;
+    None: its delete, source of its rename or None). The link to that peer
+    records the agreements (history.py); two-way mirrors only."""
 
     peer: str
     mirror: str
-    path: bytes
-    state: EntryState | None
-    src: bytes | None = None
+    items: tuple[tuple[bytes, EntryState | None, bytes | None], ...]

@@ -159,20 +159,22 @@ class Archive:
             try:
                 for a in todo:
                     pm = (self.peer, a.mirror)
+                    puts: list[tuple[object, ...]] = []
                     for what, path, arg in a.journal:
                         if what == "put":
                             assert isinstance(arg, Version)
-                            db.execute(
-                                "INSERT OR REPLACE INTO agreed VALUES (?, ?, ?, ?, ?, ?)",
-                                (*pm, path, *arg),
-                            )
-                        elif what == "forget":
+                            puts.append((*pm, path, *arg))
+                            n += 1
+                            continue
+                        self._put(puts)  # in order: before a forget or a move
+                        if what == "forget":
                             db.execute(f"DELETE FROM agreed WHERE {key} AND path=?", (*pm, path))
                             db.execute(f"DELETE FROM agreed WHERE {below}", (*pm, *_below(path)))
                         else:
                             assert isinstance(arg, bytes)
                             self._move(pm, path, arg)
                         n += 1
+                    self._put(puts)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -180,6 +182,12 @@ class Archive:
         for a in todo:
             a.journal.clear()
         return n
+
+    def _put(self, rows: list[tuple[object, ...]]) -> None:
+        """Insert ``rows`` (emptied)."""
+        if rows:
+            self._db.db.executemany("INSERT OR REPLACE INTO agreed VALUES (?, ?, ?, ?, ?, ?)", rows)
+            rows.clear()
 
     def _move(self, pm: tuple[str, str], src: bytes, dst: bytes) -> None:
         """Rows of ``src`` and below become rows of ``dst`` (in Python: a

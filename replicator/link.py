@@ -439,12 +439,13 @@ class Link(threading.Thread):
         agreed = self._remote[m.id].agreed
         if agreed is None:
             return
-        if msg.src is not None:
-            agreed.move(msg.src, msg.path)
-        elif msg.state is None:
-            agreed.forget(msg.path)
-        else:
-            agreed.put(msg.path, msg.state)
+        for path, state, src in msg.items:
+            if src is not None:
+                agreed.move(src, path)
+            elif state is None:
+                agreed.forget(path)
+            else:
+                agreed.put(path, state)
 
     def _on_stop(self, msg: Stop) -> None:
         if msg.drain > 0 and self._wire.conn is not None:

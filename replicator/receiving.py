@@ -437,13 +437,13 @@ class ReceivingMirror:
         if self.recorder is not None:
             self.recorder.published(out.acked)
         answers: list[Answer] = []
-        for op in out.acked:
-            agreed = self.agree.pop(op, None)
-            if agreed is not None:
-                answers.append(Tell(AgreedWith(self.peer, self.name, *agreed)))
-            answers.append(Ack(op))
-        for op, _ in out.failed:
-            self.agree.pop(op, None)
+        if self.agree:
+            items = [self.agree.pop(op) for op in out.acked if op in self.agree]
+            for op, _ in out.failed:
+                self.agree.pop(op, None)
+            if items:  # told before the Acks
+                answers.append(Tell(AgreedWith(self.peer, self.name, tuple(items))))
+        answers += [Ack(op) for op in out.acked]
         answers += [Refuse(op, err.code, f"mirror {self.name!r}: {err}") for op, err in out.failed]
         return answers
 

@@ -280,11 +280,11 @@ def test_two_way_tells_what_the_peer_now_holds(tmp_path: Path) -> None:
         dstate = t.message.state
         agreed, ack, t = m.namespace(F.Rename(3, 1, b"d", b"e"))  # committed the mkdir first
         # published: both sides hold it now (history.py), told before its Ack
-        assert agreed == Tell(AgreedWith(PEER, "m", b"d", dstate))
+        assert agreed == Tell(AgreedWith(PEER, "m", ((b"d", dstate, None),)))
         assert ack == Ack(2)
         assert isinstance(t, Tell) and isinstance(t.message, PeerHas)
         assert (t.message.path, t.message.src, t.message.state) == (b"e", b"d", None)
-        assert m.commit() == [Tell(AgreedWith(PEER, "m", b"e", None, b"d")), Ack(3)]
+        assert m.commit() == [Tell(AgreedWith(PEER, "m", ((b"e", None, b"d"),))), Ack(3)]
     finally:
         m.close()
 
@@ -317,7 +317,7 @@ def test_two_way_conflict_keeps_both_versions(tmp_path: Path) -> None:
         assert isinstance(out[1], Tell) and isinstance(out[1].message, Dirty)
         assert m.stats.conflicts == 1
         theirs = out[0].message.state  # type: ignore[union-attr]
-        assert m.commit() == [Tell(AgreedWith(PEER, "m", b"f", theirs)), Ack(1)]
+        assert m.commit() == [Tell(AgreedWith(PEER, "m", ((b"f", theirs, None),))), Ack(1)]
         names = sorted(os.listdir(tmp_path / "m"))
         assert (tmp_path / "m" / "f").read_bytes() == b"theirs"
         copies = [n for n in names if n not in ("f", ".replicator")]

@@ -48,7 +48,7 @@ def test_peer_has_goes_to_that_peer_only() -> None:
     msg = PeerHas("c", "m1", b"f", None)
     r.notify(msg)  # as a session does
     r.route(PeerHas("nobody", "m1", b"f", None))  # no link to it: dropped
-    agreed = AgreedWith("b", "m1", b"f", None)
+    agreed = AgreedWith("b", "m1", ((b"f", None, None),))
     r.notify(agreed)  # so does what was published from a peer
     assert b.got == [agreed] and c.got == [msg]
 
