@@ -61,8 +61,18 @@ class Version(NamedTuple):
 
 
 def agrees(rec: Version | None, st: EntryState | None) -> bool:
-    """``st`` is the version recorded in ``rec``."""
-    return rec is not None and st is not None and Version.of(st) == rec
+    """``st`` is the version recorded in ``rec`` (``Version.of(st) == rec``,
+    without building one: reconcile asks this of every entry)."""
+    if rec is None or st is None or rec.kind != st.kind:
+        return False
+    return st.kind is EntryKind.DIR or (rec.size == st.size and rec.mtime_ns == st.mtime_ns)
+
+
+def same_version(a: EntryState, b: EntryState) -> bool:
+    """``a`` and ``b`` are one version (``Version.of(a) == Version.of(b)``)."""
+    if a.kind is not b.kind:
+        return False
+    return a.kind is EntryKind.DIR or (a.size == b.size and a.mtime_ns == b.mtime_ns)
 
 
 def _below(path: bytes) -> tuple[bytes, bytes]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .changes import Flag
 from .frames import EntryKind
-from .history import Version, agrees
+from .history import Version, agrees, same_version
 from .manifest import Change, EntryState
 
 #: A file modified this recently and not yet closed is still being written...
@@ -162,9 +162,13 @@ def reconcile(
         out.dirs += st.kind is EntryKind.DIR
         other = there.get(rel)
         rec = None if history is None else history.get(rel)
-        if history is not None and other is not None and Version.of(st) == Version.of(other):
-            if rec != Version.of(st):
-                out.agree.append((rel, st))
+        if (
+            history is not None
+            and other is not None
+            and same_version(st, other)
+            and not agrees(rec, st)
+        ):
+            out.agree.append((rel, st))  # the same on both sides: agreed
             rec = Version.of(st)
         if compare(st, other) is Change.NONE:
             continue

@@ -37,7 +37,7 @@ from .filesends import RESEND_DELAY, FileSends
 from .frames import EntryKind
 from .hardlinks import Links, Plan, multi
 from .hashing import Hasher
-from .history import Version, agrees
+from .history import agrees, same_version
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
 from .logs import Fields
@@ -206,7 +206,7 @@ class Pump:
         elif action is not Action.NOTHING and action is not Action.SETTLE:
             r.guessed.discard(rel)
         if action is Action.NOTHING:
-            if r.agreed is not None and src is not None and agrees(Version.of(src), known):
+            if r.agreed is not None and src and known and same_version(src, known):
                 r.agreed.put(rel, src)  # both hold it (known: listed or acknowledged)
             self._backlog.done(key)
             return False
