@@ -182,13 +182,17 @@ class Pump:
         src = None if found is None else EntryState.from_stat(found.st, found.target)
         r = self._remote[mid]
         known = r.known.get(rel)
-        if r.agreed is not None and src is not None:
-            rec = r.agreed.get(rel)
-            if agrees(rec, src) and not agrees(rec, known):
-                # Two-way, unchanged here since both sides agreed on it, but
-                # changed or deleted there: theirs comes here (plan.reconcile).
-                self._backlog.done(key)
-                return False
+        rec = None if r.agreed is None else r.agreed.get(rel)
+        if rec is not None and (
+            (src is not None and agrees(rec, src) and not agrees(rec, known))
+            or (src is None and known is not None and not agrees(rec, known))
+        ):
+            # Two-way (plan.reconcile): unchanged here since both sides
+            # agreed on it, but changed or deleted there: theirs comes here.
+            # Or deleted here, but changed there since: the edit wins, and
+            # comes here (a Delete does not say which version it deletes).
+            self._backlog.done(key)
+            return False
         action = plan_path(
             src,
             known,
