@@ -169,11 +169,16 @@ class Answers:
         self._retries.pop(rec.key, None)
         mid, rel = rec.key
         r = self._remote[mid]
+        agreed = r.agreed
         if rec.kind is F.Delete:
             r.forget(rel)
+            if agreed is not None:
+                agreed.forget(rel)  # a tombstone expires
         elif rec.kind is F.Rename:
             assert rec.dst is not None
             r.move(rel, rec.dst)
+            if agreed is not None:
+                agreed.move(rel, rec.dst)
             a.renamed = True
             a.effects.append(Done((mid, rec.dst)))
             # What moved may have changed on the way: compare it again.
@@ -182,6 +187,8 @@ class Answers:
                 a.effects.append(MarkTree(mid, rec.dst, rec.since, only_changed=True))
         elif rec.state is not None:
             r.acked(rel, rec.state)
+            if agreed is not None:
+                agreed.put(rel, rec.state)
             if rec.bmap is not None and rec.size >= DELTA_MIN:
                 a.effects.append(Remember(rec.key, rec.state, rec.bmap))
         if rec.kind is not F.Meta:

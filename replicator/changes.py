@@ -76,3 +76,15 @@ class PeerHas:
     path: bytes
     state: EntryState | None
     src: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgreedWith:
+    """What ``peer`` sent us in ``mirror`` is published here: both sides hold
+    it. One message per commit round, its ``items`` in order: (path, state;
+    None: its delete, source of its rename or None). The link to that peer
+    records the agreements (history.py); two-way mirrors only."""
+
+    peer: str
+    mirror: str
+    items: tuple[tuple[bytes, EntryState | None, bytes | None], ...]

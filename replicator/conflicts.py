@@ -2,9 +2,8 @@
 
 A mirror is two-way with a peer when the peer is in both ``push_to`` and
 ``accept_from``. The receiver compares three states of the path: *local*
-(what is on disk here), *incoming* (what the peer sends) and *base* (what
-this node's link to that peer last knew the peer had — the last agreed
-version).
+(what is on disk here), *incoming* (what the peer sends) and *base* (the
+last agreed version: ``Base``).
 
 - local is the incoming version already → nothing to write;
 - local still equals base → the peer made an ordinary update: apply it;
@@ -17,10 +16,9 @@ version).
 A delete from the peer of a file changed here since base is not applied:
 the modification wins and travels back.
 
-Limits (documented in docs/topologies.md): there is no history beyond the
-last agreed state, so a rescan of a two-way mirror never deletes and only
-pushes entries that are newer here; a file deleted while the daemon was
-stopped comes back from the peer.
+The base is the version last agreed with the peer, remembered across
+restarts (history.py), and what the link last knew the peer held (its
+listing, its acknowledgements): local equal to either is unchanged here.
 """
 
 from __future__ import annotations
@@ -28,9 +26,11 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from .frames import MAX_NAME
+from .frames import MAX_NAME, EntryKind
 from .manifest import EntryState
 
 
@@ -53,6 +53,26 @@ class Decision:
 
 def _same(a: EntryState, b: EntryState) -> bool:
     return a.kind == b.kind and a.size == b.size and a.mtime_ns == b.mtime_ns
+
+
+class Base(NamedTuple):
+    """What the receiver knows both sides held at a path: the agreement
+    recorded with the peer (history.py) and what its link last knew the
+    peer held (a listing, an acknowledgement, a change the peer sent). The
+    record lags a little behind what is published (the link writes it), and
+    the link's view is the peer's *current* state after a listing: local
+    equal to either is unchanged here since both sides agreed."""
+
+    agreed: EntryState | None = None
+    held: EntryState | None = None
+
+
+def _bases(base: Base | EntryState | None) -> list[EntryState]:
+    if base is None:
+        return []
+    if isinstance(base, Base):
+        return [b for b in base if b is not None]
+    return [base]
 
 
 def conflict_name(name: bytes, node: str, mtime_ns: int) -> bytes:
@@ -80,7 +100,7 @@ def decide(
     name: bytes,
     local: EntryState | None,
     incoming: EntryState,
-    base: EntryState | None,
+    base: Base | EntryState | None,
     here: str,
     peer: str,
 ) -> Decision:
@@ -89,7 +109,7 @@ def decide(
         return Decision(Verdict.APPLY)
     if _same(local, incoming):
         return Decision(Verdict.SAME)
-    if base is not None and _same(local, base):
+    if any(_same(local, b) for b in _bases(base)):
         return Decision(Verdict.APPLY)
     incoming_wins = (incoming.mtime_ns, peer) > (local.mtime_ns, here)
     if incoming_wins:
@@ -97,8 +117,24 @@ def decide(
     return Decision(Verdict.INCOMING_AS_COPY, conflict_name(name, peer, incoming.mtime_ns))
 
 
-def keep_local_on_delete(local: EntryState | None, base: EntryState | None) -> bool:
-    """A delete from the peer meets a file changed here since base: keep it."""
-    if local is None or base is None:
-        return local is not None and base is None
-    return not _same(local, base)
+def keep_local_on_delete(local: EntryState | None, base: Base | EntryState | None) -> bool:
+    """A delete from the peer meets a file changed here since base: keep it.
+    A directory is compared by its kind alone (its mtime changes with every
+    entry): the caller checks what is below it (``changed_below``)."""
+    if local is None:
+        return False
+    bases = _bases(base)
+    if local.kind is EntryKind.DIR:
+        return not any(b.kind is EntryKind.DIR for b in bases)
+    return not any(_same(local, b) for b in bases)
+
+
+def changed_below(
+    below: Iterable[tuple[bytes, EntryState]], base: Callable[[bytes], Base | EntryState | None]
+) -> bytes | None:
+    """The first entry below a directory the peer deleted that is new or
+    changed here since ``base`` (then the directory is kept), or None."""
+    for rel, st in below:
+        if keep_local_on_delete(st, base(rel)):
+            return rel
+    return None

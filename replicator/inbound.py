@@ -23,9 +23,10 @@ from . import frames as F
 from . import transfer, xattrs
 from .checkqueue import CheckQueue
 from .config import Config
+from .conflicts import Base
 from .errors import Refused, RemoteProtocolError, SinkError
 from .inbox import PartialFile
-from .manifest import EntryState, Preserve
+from .manifest import Preserve
 from .owners import OwnerMap
 from .receiving import OP_FDS, Answer, ReceivingMirror, admit
 from .stats import SessionStats
@@ -47,7 +48,7 @@ class Inbound:
         peer: str,
         stats: SessionStats,
         marker_ok: Callable[[str], bool],
-        peer_state: Callable[[str, bytes], EntryState | None],
+        peer_state: Callable[[str, bytes], Base],
         fixed_fds: Callable[[], int],
         fd_budget: int,
     ) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from . import frames as F
 from .blockmap import BlockMap, Progress, thread_buffer
-from .conflicts import Decision
+from .conflicts import Base, Decision
 from .errors import ApplyError
 from .fd import OwnedFd
 from .frames import EntryKind
@@ -141,7 +141,7 @@ class PartialFile:
     #: Bytes whose writeback was started (start_writeback).
     flushed: int = 0
     #: Two-way mirrors: what the sending peer last had here (conflicts.py).
-    base: EntryState | None = None
+    base: Base | None = None
     decision: Decision | None = None
     #: The block map being computed from what was written, and the
     #: sender's block digests (Blocks frames).

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -43,15 +44,16 @@ from . import frames as F
 from .answers import DIR_SETTLE, RETRY_MAX, RETRY_MIN, Answer, Answers
 from .backlog import Backlog, Store
 from .barrier import Barriers, Expect, Expected
-from .changes import Dirty, Moved, PeerHas, Reconcile
+from .changes import AgreedWith, Dirty, Moved, PeerHas, Reconcile
 from .config import NodeConfig, PeerConfig
+from .conflicts import Base
 from .errors import AuthFailed, LinkError, ProtocolError
 from .hashing import Hasher
+from .history import Archive
 from .inflight import InFlight
 from .linkstatus import LinkStatus
 from .logs import Fields
 from .mailbox import Mailbox
-from .manifest import EntryState
 from .maps import SentMaps
 from .mirror import SourceMirror
 from .pump import MAX_ACTIVE, RESEND_DELAY, SETTLE_RETRY, STARTS_PER_ROUND, WINDOW, Pump
@@ -114,6 +116,7 @@ class Link(threading.Thread):
         stats: LinkStats,
         store: Store | None = None,
         maps: SentMaps | None = None,
+        archive: Archive | None = None,
     ) -> None:
         super().__init__(name=f"link-{peer}", daemon=True)
         self.node = node
@@ -128,6 +131,14 @@ class Link(threading.Thread):
         self._stopping = False
         self._paused = False
         self._remote = {m.id: RemoteMirror() for m in mirrors}
+        #: Two-way mirrors: what was last agreed with the peer (history.py).
+        self._archive = archive
+        if archive is not None:
+            for m in mirrors:
+                if m.two_way:
+                    self._remote[m.id].agreed = archive.load(m.name)
+                else:
+                    archive.drop(m.name)
         self._backlog = Backlog({m.id: m.name for m in mirrors}, store)
         self._inflight = InFlight()
         self._wire = Wire(
@@ -218,11 +229,27 @@ class Link(threading.Thread):
     def status(self) -> dict[str, Any]:
         return self.stats.snapshot()
 
-    def peer_state(self, mirror: str, path: bytes) -> EntryState | None:
-        """What the peer last held at ``path``, as far as this link knows
-        (read from another thread: a single dict lookup)."""
+    def peer_state(self, mirror: str, path: bytes) -> Base:
+        """The base of a two-way decision (conflicts.py): the version of
+        ``path`` last agreed with the peer (history.py) and what the peer
+        last held as far as this link knows (read from another thread:
+        single dict lookups)."""
         m = self.by_name.get(mirror)
-        return None if m is None else self._remote[m.id].known.get(path)
+        if m is None:
+            return Base()
+        r = self._remote[m.id]
+        rec = None if r.agreed is None else r.agreed.get(path)
+        return Base(None if rec is None else rec.state(), r.known.get(path))
+
+    def _write_agreed(self) -> None:
+        """Write the agreements of this round (one transaction)."""
+        if self._archive is None:
+            return
+        agreed = [r.agreed for r in self._remote.values() if r.agreed is not None]
+        try:
+            self._archive.write(agreed)
+        except sqlite3.Error as e:  # never fatal: the next round tries again
+            self._log.warning("link to %s: cannot write the two-way archive: %s", self.peer, e)
 
     # -- thread ------------------------------------------------------------------------
 
@@ -252,6 +279,7 @@ class Link(threading.Thread):
             self.stats.set_state("stopped")
             self._hasher.stop()
             self._scrubs.close()
+            self._write_agreed()
             self._backlog.close()
 
     def _fail(self, state: str, msg: str, level: int) -> None:
@@ -274,6 +302,7 @@ class Link(threading.Thread):
                 continue
             self._handle(msg)
             self._backlog.flush()
+            self._write_agreed()
             self._status.update()
 
     def _serve(self) -> None:
@@ -336,6 +365,7 @@ class Link(threading.Thread):
             wire.heartbeat(now)
             wire.flush()
             self._backlog.flush()
+            self._write_agreed()
             # Going idle, show the final state; while operations are in flight
             # (a full bulk window, say) refresh at most every PERIOD s: lanes()
             # reads the delayed and parked entries.
@@ -400,6 +430,22 @@ class Link(threading.Thread):
                 r.forget(msg.path)
             else:
                 r.acked(msg.path, msg.state)
+
+    def _on_agreed(self, msg: AgreedWith) -> None:
+        """What this peer sent us is published here: both sides hold it."""
+        m = self.by_name.get(msg.mirror)
+        if m is None or msg.peer != self.peer:
+            return
+        agreed = self._remote[m.id].agreed
+        if agreed is None:
+            return
+        for path, state, src in msg.items:
+            if src is not None:
+                agreed.move(src, path)
+            elif state is None:
+                agreed.forget(path)
+            else:
+                agreed.put(path, state)
 
     def _on_stop(self, msg: Stop) -> None:
         if msg.drain > 0 and self._wire.conn is not None:
@@ -482,6 +528,7 @@ _MESSAGES: dict[type, Callable[[Link, Any], None]] = {
     Reconcile: lambda link, msg: link._reconciler.rescan(msg.mirror),
     Pause: Link._on_pause,
     PeerHas: Link._on_peer_has,
+    AgreedWith: Link._on_agreed,
     Stop: Link._on_stop,
     Hashed: lambda link, msg: None,  # the main loop pumps again
     Pace: lambda link, msg: link._wire.pace(msg),

@@ -22,6 +22,7 @@ from typing import Any
 
 from .backlog import Store
 from .config import Config
+from .history import Archive
 from .link import Link, SourceMirror
 from .maps import SentMaps, database
 from .marker import Marker
@@ -99,9 +100,11 @@ def build_link(
     ]
     pcfg = cfg.peers[peer]
     store = Store(os.path.join(cfg.node.state_dir, "backlog.sqlite3"), peer)
-    maps = SentMaps(database(cfg.node.state_dir), peer)
+    db = database(cfg.node.state_dir)
+    maps = SentMaps(db, peer)
+    archive = Archive(db, peer)
     stats = LinkStats(peer, pcfg.address)
-    return Link(cfg.node, peer, pcfg, keys[peer], mirrors, stats, store, maps)
+    return Link(cfg.node, peer, pcfg, keys[peer], mirrors, stats, store, maps, archive)
 
 
 class LinkSet:

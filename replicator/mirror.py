@@ -29,8 +29,8 @@ class SourceMirror:
     delete: bool
     rescan_interval: float
     marker: Marker | None = None
-    #: The peer also pushes this mirror to us (conflicts.py): rescans never
-    #: delete and only push what is newer here.
+    #: The peer also pushes this mirror to us (conflicts.py): rescans judge
+    #: with the version last agreed with it (history.py).
     two_way: bool = False
     paused: bool = False
     #: What this node applies from peers that push this mirror here.

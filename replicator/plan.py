@@ -8,11 +8,12 @@ watcher's flags, the clock) and acts on the answer (frames, the backlog).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .changes import Flag
 from .frames import EntryKind
+from .history import Version, agrees, same_version
 from .manifest import Change, EntryState
 
 #: A file modified this recently and not yet closed is still being written...
@@ -115,6 +116,10 @@ class Reconciled:
     #: Entries and directories seen here.
     entries: int = 0
     dirs: int = 0
+    #: Two-way: entries equal on both sides whose agreement is not
+    #: recorded yet (history.py), and records of paths gone on both sides.
+    agree: list[tuple[bytes, EntryState]] = field(default_factory=list)
+    stale: list[bytes] = field(default_factory=list)
 
 
 def reconcile(
@@ -124,30 +129,79 @@ def reconcile(
     two_way: bool,
     excluded: Callable[[bytes], bool],
     delete: bool,
+    agreed: Mapping[bytes, Version] | None = None,
 ) -> Reconciled:
     """Compare a walk of the source with the peer's manifest ``there``.
 
-    Two-way: what is as new or newer there is the peer's to send, and
-    nothing is deleted (without history a rescan cannot tell "deleted here"
-    from "new there")."""
+    Two-way, ``agreed`` (history.py) tells who changed what since both sides
+    last held the same version:
+
+    ========  =========  ===============  ==========================================
+    here      there      agreed           action
+    ========  =========  ===============  ==========================================
+    present   absent     equals here      deleted there: nothing (its Delete comes)
+    present   absent     other / none     new or edited here: send (edit beats delete)
+    present   different  equals there     changed here: send
+    present   different  equals here      changed there: nothing (it comes from there)
+    present   different  neither          as without history (below)
+    absent    present    equals there     deleted here: Delete
+    absent    present    other / none     new or changed there: nothing
+    ========  =========  ===============  ==========================================
+
+    A directory deleted here is deleted there only if everything below it
+    there is agreed too; otherwise only what is agreed below it.
+
+    Without history (``agreed`` None): what is as new or newer there is the
+    peer's to send, and nothing is deleted (a rescan cannot tell "deleted
+    here" from "new there")."""
     out = Reconciled()
     seen: set[bytes] = set()
+    history = agreed if two_way else None
     for rel, st in walk:
         seen.add(rel)
         out.dirs += st.kind is EntryKind.DIR
         other = there.get(rel)
+        rec = None if history is None else history.get(rel)
+        if (
+            history is not None
+            and other is not None
+            and same_version(st, other)
+            and not agrees(rec, st)
+        ):
+            out.agree.append((rel, st))  # the same on both sides: agreed
+            rec = Version.of(st)
         if compare(st, other) is Change.NONE:
             continue
+        if history is not None and rec is not None:
+            if agrees(rec, st) and not agrees(rec, other):
+                continue  # changed or deleted there only
+            if agrees(rec, other) and not agrees(rec, st):
+                out.send.append((rel, st.size))  # changed here only
+                continue
         if two_way and other is not None and other.mtime_ns >= st.mtime_ns:
             continue
         out.send.append((rel, st.size))
     out.entries = len(seen)
-    if two_way or not delete:
+    if history is not None:
+        out.stale = sorted(r for r in history if r not in seen and r not in there)
+    if not delete or (two_way and history is None):
         return out
+    gone = [r for r in there if r not in seen and not excluded(r)]
+    blocked: set[bytes] = set()
+    if history is not None:
+        # Deleted here: only what both sides agreed on; a directory only if
+        # nothing below it there is new or changed.
+        deleted = {r for r in gone if agrees(history.get(r), there[r])}
+        for r in gone:
+            if r not in deleted:
+                blocked.update(r[:i] for i in range(len(r)) if r[i] == 0x2F)
+        gone = list(deleted)
     tops: set[bytes] = set()
-    for rel in sorted(r for r in there if r not in seen and not excluded(r)):
+    for rel in sorted(gone):
         if any(rel[:i] in tops for i in range(len(rel)) if rel[i] == 0x2F):
             continue  # removed with an ancestor
+        if rel in blocked:
+            continue  # kept: something below it is not agreed
         tops.add(rel)
         out.gone.append(rel)
     return out

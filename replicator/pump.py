@@ -38,6 +38,7 @@ from .filesends import RESEND_DELAY, FileSends
 from .frames import EntryKind
 from .hardlinks import Links, Plan, multi
 from .hashing import Hasher
+from .history import agrees, same_version
 from .inflight import Admit, InFlight, Record
 from .linkstatus import LinkStatus
 from .logs import Fields
@@ -230,9 +231,21 @@ class Pump:
         live = bool(flags & LIVE)
         src = None if found is None else EntryState.from_stat(found.st, found.target)
         r = self._remote[mid]
+        known = r.known.get(rel)
+        rec = None if r.agreed is None else r.agreed.get(rel)
+        if rec is not None and (
+            (src is not None and agrees(rec, src) and not agrees(rec, known))
+            or (src is None and known is not None and not agrees(rec, known))
+        ):
+            # Two-way (plan.reconcile): unchanged here since both sides
+            # agreed on it, but changed or deleted there: theirs comes here.
+            # Or deleted here, but changed there since: the edit wins, and
+            # comes here (a Delete does not say which version it deletes).
+            self._backlog.done(key)
+            return False
         action = plan_path(
             src,
-            r.known.get(rel),
+            known,
             flags,
             since,
             lambda a, b: m.compare(a, b, r.preserve),
@@ -247,6 +260,8 @@ class Pump:
         elif action is not Action.NOTHING and action is not Action.SETTLE:
             r.guessed.discard(rel)
         if action is Action.NOTHING:
+            if r.agreed is not None and src and known and same_version(src, known):
+                r.agreed.put(rel, src)  # both hold it (known: listed or acknowledged)
             self._backlog.done(key)
             return False
         if action is Action.SETTLE:

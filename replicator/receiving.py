@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from . import frames as F
 from . import paths
 from .blockmap import available
-from .changes import Dirty, Flag, PeerHas
+from .changes import AgreedWith, Dirty, Flag, PeerHas
 from .checking import CheckJob, start_check
 from .config import Config
 from .conflictlog import ConflictLog, Recorder
-from .conflicts import Verdict, decide, keep_local_on_delete
+from .conflicts import Base, Verdict, changed_below, decide, keep_local_on_delete
 from .errors import ApplyError, BadPath, Refused, RemoteProtocolError
 from .hardlinks import first_names
 from .inbox import Inbox, PartialFile, apply_error
-from .manifest import EntryState, Excludes, Preserve, scan_stat
+from .manifest import EntryState, Excludes, Preserve, scan, scan_stat
 from .maps import PublishedMaps, database
 from .publisher import Publisher
 from .stats import SessionStats
@@ -76,9 +76,9 @@ class Mend:
 
 @dataclass(frozen=True)
 class Tell:
-    """A message for the daemon's links (``PeerHas`` or ``Dirty``)."""
+    """A message for the daemon's links (``PeerHas``, ``AgreedWith`` or ``Dirty``)."""
 
-    message: PeerHas | Dirty
+    message: PeerHas | AgreedWith | Dirty
 
 
 Answer = Ack | Refuse | Mend | Tell
@@ -98,8 +98,8 @@ class ReceivingMirror:
     stats: SessionStats
     #: This node also pushes the mirror to the sending peer (conflicts.py).
     two_way: bool = False
-    #: What the sending peer last had at a path (two-way mirrors).
-    base: Callable[[bytes], EntryState | None] = lambda path: None
+    #: What both sides last held at a path (two-way mirrors; conflicts.Base).
+    base: Callable[[bytes], Base] = lambda path: Base()
     #: Files being received, by operation.
     files: dict[int, PartialFile] = field(default_factory=dict)
     #: Operations refused mid-flight: their chunks are drained, End ignored.
@@ -112,6 +112,10 @@ class ReceivingMirror:
     recorder: Recorder | None = None
     #: Files whose End came, judged against their block maps.
     verifier: Verifier = field(init=False)
+    #: Two-way: what each pending operation makes both sides hold (path,
+    #: state or None for a delete, source of a rename), told to the link
+    #: once it is published (``AgreedWith``, history.py).
+    agree: dict[int, tuple[bytes, EntryState | None, bytes | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.verifier = Verifier(self.name, self.peer, self.stats)
@@ -199,6 +203,7 @@ class ReceivingMirror:
     def fail(self, p: PartialFile, e: OSError) -> list[Answer]:
         """Writing ``p`` failed: discard it, drain the rest of its chunks."""
         err = apply_error(e, paths.show(p.path))
+        self.agree.pop(p.op, None)
         if self.files.pop(p.op, None) is not None:
             self.refused.add(p.op)  # still open: its remaining chunks are drained
         self.verifier.forget(p)
@@ -265,6 +270,8 @@ class ReceivingMirror:
         if self.two_way:
             local = self._local(p.parts)
             decision = decide(p.parts[-1], local, p.state, p.base, self.me, self.peer)
+            if decision.verdict is not Verdict.INCOMING_AS_COPY:
+                self.agree[p.op] = (p.path, p.state, None)  # also a conflict it wins
             if decision.verdict is Verdict.SAME:
                 p.discard()
                 self.publisher.add_noop(p.op)
@@ -320,6 +327,7 @@ class ReceivingMirror:
         if not done:
             return out
         self.stats.ops_applied += 1
+        told = len(out)
         if isinstance(ev, F.Rename):
             out += self._tell(ev.dst, None, src=ev.src)
         elif isinstance(ev, F.Delete):
@@ -336,6 +344,10 @@ class ReceivingMirror:
             st = self._local(paths.check(ev.path))
             if st is not None:
                 out += self._tell(ev.path, st)
+        for a in out[told:]:
+            if isinstance(a, Tell) and isinstance(a.message, PeerHas):
+                h = a.message
+                self.agree[op] = (h.path, h.state, h.src)
         return out
 
     def _apply(self, ev: F.Event, out: list[Answer], attrs: Pairs | None = None) -> bool:
@@ -389,7 +401,7 @@ class ReceivingMirror:
         else:
             if pub.related(parts):
                 out += self.commit()
-            if self.two_way and keep_local_on_delete(self._local(parts), self.base(ev.path)):
+            if self.two_way and self._keep_on_delete(ev.path, parts):
                 log.warning(
                     "conflict on %s: deleted on %s but changed here; keeping it (it goes "
                     "back to %s)",
@@ -440,7 +452,14 @@ class ReceivingMirror:
         self.stats.commits += 1
         if self.recorder is not None:
             self.recorder.published(out.acked)
-        answers: list[Answer] = [Ack(op) for op in out.acked]
+        answers: list[Answer] = []
+        if self.agree:
+            items = [self.agree.pop(op) for op in out.acked if op in self.agree]
+            for op, _ in out.failed:
+                self.agree.pop(op, None)
+            if items:  # told before the Acks
+                answers.append(Tell(AgreedWith(self.peer, self.name, tuple(items))))
+        answers += [Ack(op) for op in out.acked]
         answers += [Refuse(op, err.code, f"mirror {self.name!r}: {err}") for op, err in out.failed]
         return answers
 
@@ -454,6 +473,18 @@ class ReceivingMirror:
         if not self.two_way:
             return []
         return [Tell(PeerHas(self.peer, self.name, path, state, src))]
+
+    def _keep_on_delete(self, path: bytes, parts: tuple[bytes, ...]) -> bool:
+        """Two-way: the peer deleted ``path``, but it is new or changed
+        here since the version last agreed (for a directory: anything
+        below it)."""
+        local = self._local(parts)
+        if keep_local_on_delete(local, self.base(path)):
+            return True
+        if local is None or local.kind is not F.EntryKind.DIR:
+            return False
+        below = scan(os.fsencode(self.root.path), Excludes(()), path)
+        return changed_below(below, self.base) is not None
 
     def _local(self, parts: tuple[bytes, ...]) -> EntryState | None:
         try:
@@ -470,7 +501,7 @@ def admit(
     stats: SessionStats,
     marker_ok: Callable[[str], bool],
     make_room: Callable[[int], str | None],
-    base: Callable[[str, bytes], EntryState | None],
+    base: Callable[[str, bytes], Base],
 ) -> ReceivingMirror:
     """Open mirror ``name`` for ``peer`` to push into, or raise ``Refused``.
 

@@ -133,7 +133,16 @@ class Reconciler:
             m.two_way,
             m.excludes,
             m.delete,
+            None if r.agreed is None else r.agreed.records,
         )
+        if r.agreed is not None:
+            for rel, st in diff.agree:
+                r.agreed.put(rel, st)
+            tops: set[bytes] = set()
+            for rel in diff.stale:  # sorted: a directory before what is below it
+                if not any(rel[:i] in tops for i in range(len(rel)) if rel[i] == 0x2F):
+                    tops.add(rel)
+                    r.agreed.forget(rel)
         for rel, size in diff.send:
             self._backlog.mark((m.id, rel), (now, size, Flag.DATA), persist=False)
         marked = len(diff.send)
@@ -142,6 +151,8 @@ class Reconciler:
             for rel in regroup(groups, r.heads, r.known, lambda p: src.lstat(p) is not None):
                 # Linked differently there: sent again, as a link or as data.
                 r.known.pop(rel, None)
+                if r.agreed is not None:
+                    r.agreed.forget(rel)
                 self._backlog.mark((m.id, rel), (now, 0, Flag.DATA), persist=False)
                 marked += 1
         if diff.gone and not m.deletes_allowed():

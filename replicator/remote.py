@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from . import frames as F
+from .history import Agreed
 from .manifest import EntryState, Preserve
 
 
@@ -28,6 +29,9 @@ class RemoteMirror:
     listing: dict[bytes, EntryState] | None = None
     list_id: int = 0
     known: dict[bytes, EntryState] = field(default_factory=dict)
+    #: Two-way mirrors: the version of each path last agreed with the peer
+    #: (history.py); None for a mirror we only push.
+    agreed: Agreed | None = None
     #: Hard links there, from the last manifest (``Entry.target`` of a file):
     #: a name → the first name of its inode (hardlinks.regroup).
     heads: dict[bytes, bytes] = field(default_factory=dict)

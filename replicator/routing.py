@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .changes import PeerHas
+from .changes import AgreedWith, PeerHas
+from .conflicts import Base
 from .linkset import LinkSet
 from .listener import Listener
-from .manifest import EntryState
 from .marker import Marker
 from .session import Session
 
@@ -36,10 +36,10 @@ class Router:
         self.markers = markers
 
     def route(self, msg: object) -> None:
-        """Hand a change to the links it concerns: PeerHas to the link to that
-        peer; Dirty/Moved/Reconcile to every link pushing its mirror."""
+        """Hand a change to the links it concerns: PeerHas and AgreedWith to
+        the link to that peer; Dirty/Moved/Reconcile to every link pushing its mirror."""
         links = self.links.snapshot()
-        if isinstance(msg, PeerHas):
+        if isinstance(msg, PeerHas | AgreedWith):
             link = links.get(msg.peer)
             if link is not None:
                 link.post(msg)
@@ -67,9 +67,9 @@ class Router:
         marker = self.markers.get(mirror)
         return marker is None or marker.ok()
 
-    def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
+    def peer_state(self, peer: str, mirror: str, path: bytes) -> Base:
         link = self.links.snapshot().get(peer)
-        return None if link is None else link.peer_state(mirror, path)
+        return Base() if link is None else link.peer_state(mirror, path)
 
     def notify(self, msg: object) -> None:
         self.route(msg)

@@ -35,11 +35,11 @@ from typing import Protocol
 from . import frames as F
 from . import net, transfer
 from .config import Config, NodeConfig
+from .conflicts import Base
 from .errors import LinkError, RemoteProtocolError
 from .groupcommit import Commit, GroupCommit
 from .inbound import Inbound
 from .logs import Fields
-from .manifest import EntryState
 from .paths import show
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
 from .receiving import Ack, Answer, Mend, Refuse
@@ -74,7 +74,7 @@ class SessionHost(Protocol):
     def marker_ok(self, mirror: str) -> bool:
         """The mirror's marker is there (or it has none): its disk is mounted."""
 
-    def peer_state(self, peer: str, mirror: str, path: bytes) -> EntryState | None:
+    def peer_state(self, peer: str, mirror: str, path: bytes) -> Base:
         """What ``peer`` last had at ``path`` (two-way mirrors)."""
 
     def notify(self, msg: object) -> None:
@@ -155,7 +155,7 @@ class Session:
     def _fixed_fds(self) -> int:
         return 1 + (0 if self._splicer is None else self._splicer.fds_held())
 
-    def _peer_state(self, mirror: str, path: bytes) -> EntryState | None:
+    def _peer_state(self, mirror: str, path: bytes) -> Base:
         return self.host.peer_state(self.peer, mirror, path)
 
     def _ended(self, reason: str, level: int, message: str, code: str = "") -> None:

@@ -21,6 +21,7 @@ from replicator.answers import (
 from replicator.changes import Flag
 from replicator.errors import LinkError
 from replicator.frames import EntryKind as K
+from replicator.history import Agreed, Version
 from replicator.inflight import InFlight, Record
 from replicator.manifest import EntryState
 from replicator.remote import RemoteMirror
@@ -120,6 +121,30 @@ def test_an_acked_rename_moves_what_the_peer_holds_and_looks_again() -> None:
         Mark((M, b"b"), DATA, DIR_SETTLE, persist=False),
     ]
     assert tail == [Done((M, b"a/old"))]
+
+
+def test_two_way_acks_record_agreements_and_expire_tombstones() -> None:
+    """history.py: what the peer acknowledged is agreed; a Delete it
+    acknowledged ends the tombstone; a rename moves the records."""
+    p = Peer()
+    p.remote.agreed = agreed = Agreed("media")
+    agreed.put(b"gone", st())  # a tombstone: deleted here, not yet there
+    agreed.put(b"d", st(K.DIR, 0))
+    agreed.put(b"d/y", st(size=3))
+    p.send(1, F.File, b"x", state=st(size=7), size=7)
+    p.send(2, F.Delete, b"gone")
+    p.send(3, F.Rename, b"d", dst=b"e", is_dir=True)
+    for op in (1, 2, 3):
+        p.answers.ack(op)
+    assert agreed.records == {
+        b"x": Version.of(st(size=7)),
+        b"e": Version.of(st(K.DIR, 0)),
+        b"e/y": Version.of(st(size=3)),
+    }
+    # a refusal records nothing
+    p.send(4, F.File, b"z", state=st(), size=10)
+    p.answers.error(F.Error(F.ErrorCode.NO_SPACE, 4, 0, "full"))
+    assert b"z" not in agreed.records
 
 
 def test_an_acked_directory_rename_compares_what_is_below_it() -> None:

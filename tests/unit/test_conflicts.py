@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from replicator.conflicts import Decision, Verdict, conflict_name, decide, keep_local_on_delete
+from replicator.conflicts import (
+    Base,
+    Decision,
+    Verdict,
+    changed_below,
+    conflict_name,
+    decide,
+    keep_local_on_delete,
+)
 from replicator.frames import EntryKind as K
 from replicator.manifest import EntryState
 
@@ -148,3 +156,35 @@ def test_keep_local_on_delete() -> None:
     # nothing here: nothing to keep
     assert keep_local_on_delete(None, base) is False
     assert keep_local_on_delete(None, None) is False
+
+
+# -- the base: the recorded agreement and what the peer was last known to hold ------
+
+
+def test_local_equal_to_either_base_is_unchanged_here() -> None:
+    old, mine, theirs = st(1, T), st(2, T + 1), st(3, T + 2)
+    # the record lags behind what was just published here from the peer
+    # (the link writes it): what the link knew the peer held counts too
+    assert decide(b"f", mine, theirs, Base(old, mine), "a", "b").verdict is Verdict.APPLY
+    # after a listing the link knows the peer's *current* version: the
+    # record says local is unchanged, so it is no conflict
+    assert decide(b"f", old, theirs, Base(old, theirs), "a", "b").verdict is Verdict.APPLY
+    # local equal to neither: both changed
+    assert decide(b"f", mine, theirs, Base(old, None), "b", "a").verdict is (
+        Verdict.KEEP_LOCAL_COPY
+    )
+    assert decide(b"f", mine, theirs, Base(), "b", "a").verdict is Verdict.KEEP_LOCAL_COPY
+    assert keep_local_on_delete(mine, Base(old, mine)) is False
+    assert keep_local_on_delete(mine, Base(old, theirs)) is True
+    assert keep_local_on_delete(mine, Base()) is True
+
+
+def test_a_directory_is_kept_if_anything_below_it_changed_here() -> None:
+    d = st(0, T, K.DIR)
+    assert keep_local_on_delete(st(0, T + 5, K.DIR), Base(d)) is False  # its mtime aside
+    assert keep_local_on_delete(d, Base(st())) is True  # was a file when agreed
+    bases = {b"d/x": Base(st(1)), b"d/y": Base(None, st(2))}
+    below = [(b"d/x", st(1)), (b"d/y", st(2))]
+    assert changed_below(below, lambda p: bases.get(p, Base())) is None
+    assert changed_below([*below, (b"d/new", st())], lambda p: bases.get(p, Base())) == b"d/new"
+    assert changed_below([(b"d/x", st(9))], lambda p: bases.get(p, Base())) == b"d/x"

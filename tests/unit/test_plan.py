@@ -6,6 +6,7 @@ import pytest
 
 from replicator.changes import Flag
 from replicator.frames import EntryKind as K
+from replicator.history import Version
 from replicator.manifest import EntryState, compare
 from replicator.plan import SETTLE_MAX, SETTLE_NS, Action, plan_path, reconcile
 
@@ -122,3 +123,84 @@ def test_a_close_after_a_guess_sends_the_data() -> None:
     assert plan(same, same, Flag.CLOSED, guessed=True) is Action.FILE
     assert plan(same, same, Flag.ATTRIB, guessed=True) is Action.NOTHING
     assert plan(None, same, Flag.CLOSED, guessed=True) is Action.DELETE
+
+
+# -- two-way with history (history.py) -------------------------------------------------
+
+V1, V2, V3 = st(size=1), st(size=2, mtime_ns=OLD_NS + 2), st(size=3, mtime_ns=OLD_NS + 3)
+
+
+def agreed(**paths: EntryState) -> dict[bytes, Version]:
+    return {k.replace("_", "/").encode(): Version.of(v) for k, v in paths.items()}
+
+
+@pytest.mark.parametrize(
+    ("here", "there", "record", "send", "gone"),
+    [
+        (V1, None, V1, False, False),  # deleted there: its Delete comes
+        (V1, None, None, True, False),  # new here
+        (V2, None, V1, True, False),  # edited here, deleted there: the edit wins
+        (V2, V1, V1, True, False),  # changed here only
+        (V1, V3, V1, False, False),  # changed there only
+        (V3, V1, V3, False, False),  # changed there to an older version: still theirs
+        (V3, V2, V1, True, False),  # both changed, newer here: the conflict rule sends
+        (V2, V3, V1, False, False),  # both changed, newer there: theirs comes
+        (None, V1, V1, False, True),  # deleted here: Delete
+        (None, V2, V1, False, False),  # deleted here, changed there: the edit wins
+        (None, V1, None, False, False),  # new there
+        (V1, V1, None, False, False),  # the same: recorded as agreed
+    ],
+)
+def test_reconcile_two_way_table(
+    here: EntryState | None,
+    there: EntryState | None,
+    record: EntryState | None,
+    send: bool,
+    gone: bool,
+) -> None:
+    out = reconcile(
+        walk((b"f", here)) if here else [],
+        {b"f": there} if there else {},
+        cmp,
+        True,
+        lambda p: False,
+        True,
+        {b"f": Version.of(record)} if record else {},
+    )
+    assert out.send == ([(b"f", here.size)] if send and here else [])
+    assert out.gone == ([b"f"] if gone else [])
+
+
+def test_reconcile_two_way_records_what_is_equal_and_forgets_what_is_gone_on_both() -> None:
+    here = walk((b"same", V1), (b"known", V2), (b"d", st(K.DIR, 0, OLD_NS + 7)))
+    there = {b"same": V1, b"known": V2, b"d": st(K.DIR, 0, OLD_NS)}
+    rec = agreed(known=V2, both_gone=V1)
+    out = reconcile(here, there, cmp, True, lambda p: False, True, rec)
+    # a directory agrees by its kind alone; a record already right is not rewritten
+    assert out.agree == [(b"same", V1), (b"d", st(K.DIR, 0, OLD_NS + 7))]
+    assert out.stale == [b"both/gone"]
+
+
+def test_reconcile_two_way_deletes_a_directory_only_if_all_below_it_is_agreed() -> None:
+    dir_ = st(K.DIR, 0)
+    there = {
+        b"all": dir_,
+        b"all/x": V1,
+        b"all/sub": dir_,
+        b"all/sub/y": V1,
+        b"mixed": dir_,
+        b"mixed/old": V1,
+        b"mixed/new": V2,  # made there while we were apart
+        b"mixed/sub": dir_,
+        b"mixed/sub/z": V1,
+    }
+    rec = agreed(
+        all=dir_, all_x=V1, all_sub=dir_, all_sub_y=V1,
+        mixed=dir_, mixed_old=V1, mixed_sub=dir_, mixed_sub_z=V1,
+    )  # fmt: skip
+    out = reconcile([], there, cmp, True, lambda p: False, True, rec)
+    # "mixed" stays (with what is new there); what was agreed below it goes
+    assert out.gone == [b"all", b"mixed/old", b"mixed/sub"]
+    # without deletes, nothing; without history, nothing either
+    assert reconcile([], there, cmp, True, lambda p: False, False, rec).gone == []
+    assert reconcile([], there, cmp, True, lambda p: False, True).gone == []

@@ -12,7 +12,7 @@ import pytest
 from replicator import config
 from replicator import frames as F
 from replicator.blockmap import XXH3_128, BlockMap, block_size_for, map_bytes
-from replicator.changes import Dirty, PeerHas
+from replicator.changes import AgreedWith, Dirty, PeerHas
 from replicator.config import Config
 from replicator.errors import Refused
 from replicator.manifest import EntryState
@@ -277,9 +277,13 @@ def test_two_way_tells_what_the_peer_now_holds(tmp_path: Path) -> None:
         [t] = m.namespace(F.Mkdir(2, 1, 0o755, 5, 0, 0, b"d"))
         assert isinstance(t, Tell) and isinstance(t.message, PeerHas)
         assert t.message.state is not None and t.message.state.kind == F.EntryKind.DIR
-        [t] = m.namespace(F.Rename(3, 1, b"d", b"e"))
+        dstate = t.message.state
+        [t] = m.namespace(F.Rename(3, 1, b"d", b"e"))  # no pending file: no commit first
         assert isinstance(t, Tell) and isinstance(t.message, PeerHas)
         assert (t.message.path, t.message.src, t.message.state) == (b"e", b"d", None)
+        # one round: the mkdir published, then moved; told before the Acks (history.py)
+        agreed = AgreedWith(PEER, "m", ((b"d", dstate, None), (b"e", None, b"d")))
+        assert m.commit() == [Tell(agreed), Ack(2), Ack(3)]
     finally:
         m.close()
 
@@ -311,7 +315,8 @@ def test_two_way_conflict_keeps_both_versions(tmp_path: Path) -> None:
         assert [type(a) for a in out] == [Tell, Tell]
         assert isinstance(out[1], Tell) and isinstance(out[1].message, Dirty)
         assert m.stats.conflicts == 1
-        assert m.commit() == [Ack(1)]
+        theirs = out[0].message.state  # type: ignore[union-attr]
+        assert m.commit() == [Tell(AgreedWith(PEER, "m", ((b"f", theirs, None),))), Ack(1)]
         names = sorted(os.listdir(tmp_path / "m"))
         assert (tmp_path / "m" / "f").read_bytes() == b"theirs"
         copies = [n for n in names if n not in ("f", ".replicator")]
@@ -329,7 +334,55 @@ def test_two_way_same_file_is_acked_without_a_write(tmp_path: Path) -> None:
     try:
         out = receive(m, 1, b"f", b"same", mtime_ns=7)
         assert [type(a) for a in out] == [Tell]  # only PeerHas
-        assert m.stats.files_received == 0 and m.commit() == [Ack(1)]
+        assert m.stats.files_received == 0
+        [agreed, ack] = m.commit()
+        assert isinstance(agreed, Tell) and isinstance(agreed.message, AgreedWith)
+        assert ack == Ack(1)
+    finally:
+        m.close()
+
+
+def test_two_way_conflict_lost_by_the_peer_records_no_agreement(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "f").write_bytes(b"mine, newer")
+    os.utime(tmp_path / "m" / "f", ns=(9, 9))
+    m = open_mirror(tmp_path, push=PEER)
+    try:
+        receive(m, 1, b"f", b"theirs", mtime_ns=2)  # older: kept as a copy
+        assert m.commit() == [Ack(1)]  # ours goes back; nothing agreed yet
+        # neither does a delete refused because the file changed here
+        assert [type(a) for a in m.namespace(F.Delete(2, 1, b"f"))] == [Tell, Tell]
+        assert m.commit() == [Ack(2)]
+    finally:
+        m.close()
+
+
+def test_two_way_deletes_a_directory_only_if_nothing_below_changed_here(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "m"
+    (root / "d" / "s").mkdir(parents=True)
+    (root / "d" / "s" / "x").write_bytes(b"x")
+    (root / "e").mkdir()
+    (root / "e" / "y").write_bytes(b"y")
+
+    def state(rel: str) -> EntryState:
+        st = EntryState.from_stat(os.lstat(root / rel))
+        assert st is not None
+        return st
+
+    # what both sides agreed on: all of d; e/y before it changed here
+    base = {p.encode(): state(p) for p in ("d", "d/s", "d/s/x", "e")}
+    base[b"e/y"] = EntryState(F.EntryKind.FILE, 0o644, 9, 1, 0, 0)
+    m = open_mirror(tmp_path, push=PEER, base=base)
+    try:
+        m.namespace(F.Delete(1, 1, b"d"))
+        out = m.namespace(F.Delete(2, 1, b"e"))
+        assert [type(a) for a in out] == [Tell, Tell]  # no pending file: d not committed first
+        assert m.stats.conflicts == 1
+        m.commit()
+        assert not (root / "d").exists()
+        assert (root / "e" / "y").read_bytes() == b"y"
     finally:
         m.close()
 

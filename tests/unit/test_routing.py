@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import cast
 
-from replicator.changes import Dirty, Flag, PeerHas, Reconcile
+from replicator.changes import AgreedWith, Dirty, Flag, PeerHas, Reconcile
+from replicator.conflicts import Base
 from replicator.linkset import LinkSet
 from replicator.listener import Listener
 from replicator.manifest import EntryState
@@ -47,11 +48,13 @@ def test_peer_has_goes_to_that_peer_only() -> None:
     msg = PeerHas("c", "m1", b"f", None)
     r.notify(msg)  # as a session does
     r.route(PeerHas("nobody", "m1", b"f", None))  # no link to it: dropped
-    assert b.got == [] and c.got == [msg]
+    agreed = AgreedWith("b", "m1", ((b"f", None, None),))
+    r.notify(agreed)  # so does what was published from a peer
+    assert b.got == [agreed] and c.got == [msg]
 
 
 def test_a_mirror_without_marker_is_ok() -> None:
     gone = cast(Marker, SimpleNamespace(ok=lambda: False))
     r = _router({}, {"m1": gone})
     assert not r.marker_ok("m1") and r.marker_ok("m2")
-    assert r.peer_state("b", "m1", b"f") is None
+    assert r.peer_state("b", "m1", b"f") == Base()  # no link to b: nothing known
