@@ -26,7 +26,7 @@ the last ones) in one transaction per loop round.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from .frames import EntryKind
 from .manifest import EntryState
@@ -60,24 +60,37 @@ class Version(NamedTuple):
         return EntryState(EntryKind(self.kind), 0, self.size, self.mtime_ns, 0, 0)
 
 
+class _Versioned(Protocol):
+    @property
+    def kind(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+def same_version(a: _Versioned, b: _Versioned) -> bool:
+    """``a`` and ``b`` (a ``Version`` or an ``EntryState``) are one version:
+    a directory by its kind alone, anything else by kind, size and mtime."""
+    if a.kind != b.kind:
+        return False
+    return a.kind == EntryKind.DIR or (a.size == b.size and a.mtime_ns == b.mtime_ns)
+
+
 def agrees(rec: Version | None, st: EntryState | None) -> bool:
-    """``st`` is the version recorded in ``rec`` (``Version.of(st) == rec``,
-    without building one: reconcile asks this of every entry)."""
-    if rec is None or st is None or rec.kind != st.kind:
-        return False
-    return st.kind is EntryKind.DIR or (rec.size == st.size and rec.mtime_ns == st.mtime_ns)
-
-
-def same_version(a: EntryState, b: EntryState) -> bool:
-    """``a`` and ``b`` are one version (``Version.of(a) == Version.of(b)``)."""
-    if a.kind is not b.kind:
-        return False
-    return a.kind is EntryKind.DIR or (a.size == b.size and a.mtime_ns == b.mtime_ns)
+    """``st`` is the version recorded in ``rec`` (without building a
+    ``Version``: reconcile asks this of every entry)."""
+    return rec is not None and st is not None and same_version(rec, st)
 
 
 def _below(path: bytes) -> tuple[bytes, bytes]:
     """The range of paths strictly below ``path`` ("/" + 1 is "0")."""
     return path + b"/", path + b"0"
+
+
+_KEY = "peer=? AND mirror=?"
+_AT = f"{_KEY} AND path=?"
+_BELOW = f"{_KEY} AND path>=? AND path<?"
 
 
 class Agreed:
@@ -99,9 +112,9 @@ class Agreed:
 
     def put(self, path: bytes, st: EntryState) -> None:
         v = Version.of(st)
-        if self.records.get(path) == v:
-            return
         old = self.records.get(path)
+        if old == v:
+            return
         if old is not None and old.kind == EntryKind.DIR and v.kind != EntryKind.DIR:
             self.forget(path)  # a directory replaced by a file or symlink
         self.records[path] = v
@@ -162,8 +175,6 @@ class Archive:
             return 0
         n = 0
         db = self._db.db
-        key = "peer=? AND mirror=?"
-        below = f"{key} AND path>=? AND path<?"
         with self._db.lock:
             db.execute("BEGIN")
             try:
@@ -178,8 +189,7 @@ class Archive:
                             continue
                         self._put(puts)  # in order: before a forget or a move
                         if what == "forget":
-                            db.execute(f"DELETE FROM agreed WHERE {key} AND path=?", (*pm, path))
-                            db.execute(f"DELETE FROM agreed WHERE {below}", (*pm, *_below(path)))
+                            self._delete(pm, path)
                         else:
                             assert isinstance(arg, bytes)
                             self._move(pm, path, arg)
@@ -199,22 +209,21 @@ class Archive:
             self._db.db.executemany("INSERT OR REPLACE INTO agreed VALUES (?, ?, ?, ?, ?, ?)", rows)
             rows.clear()
 
+    def _delete(self, pm: tuple[str, str], path: bytes) -> None:
+        """Delete the rows of ``path`` and below."""
+        db = self._db.db
+        db.execute(f"DELETE FROM agreed WHERE {_AT}", (*pm, path))
+        db.execute(f"DELETE FROM agreed WHERE {_BELOW}", (*pm, *_below(path)))
+
     def _move(self, pm: tuple[str, str], src: bytes, dst: bytes) -> None:
         """Rows of ``src`` and below become rows of ``dst`` (in Python: a
         concatenation in SQL would turn the BLOB paths into TEXT)."""
         db = self._db.db
-        key = "peer=? AND mirror=?"
-        below = f"{key} AND path>=? AND path<?"
-        db.execute(f"DELETE FROM agreed WHERE {key} AND path=?", (*pm, dst))
-        db.execute(f"DELETE FROM agreed WHERE {below}", (*pm, *_below(dst)))
-        rows = db.execute(
-            f"SELECT path, kind, size, mtime_ns FROM agreed WHERE {key} AND path=?", (*pm, src)
-        ).fetchall()
-        rows += db.execute(
-            f"SELECT path, kind, size, mtime_ns FROM agreed WHERE {below}", (*pm, *_below(src))
-        ).fetchall()
-        db.execute(f"DELETE FROM agreed WHERE {key} AND path=?", (*pm, src))
-        db.execute(f"DELETE FROM agreed WHERE {below}", (*pm, *_below(src)))
+        self._delete(pm, dst)
+        cols = "SELECT path, kind, size, mtime_ns FROM agreed WHERE"
+        rows = db.execute(f"{cols} {_AT}", (*pm, src)).fetchall()
+        rows += db.execute(f"{cols} {_BELOW}", (*pm, *_below(src))).fetchall()
+        self._delete(pm, src)
         db.executemany(
             "INSERT OR REPLACE INTO agreed VALUES (?, ?, ?, ?, ?, ?)",
             [(*pm, dst + bytes(p)[len(src) :], k, s, t) for p, k, s, t in rows],
