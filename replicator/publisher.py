@@ -196,13 +196,12 @@ class Publisher:
         with theirs: a syncfs would also flush the bulk data being written,
         which is what makes a live commit under load slow. The bulk files
         and the Meta operations deferred for them wait."""
-        alone = live_only
-        if alone:
+        if live_only:
             r, self._round = self._round.split_live()
         else:
             r, self._round = self._round, _Round()
         failed: list[tuple[int, ApplyError]] = []
-        files = _sync_files(self.inbox.fd, r.files, failed, syncfs_ok=not alone)
+        files = _sync_files(self.inbox.fd, r.files, failed, syncfs_ok=not live_only)
         acked: list[int] = []
         remember: list[tuple[bytes, Identity, BlockMap]] = []
         for p in files:
@@ -239,7 +238,7 @@ class Publisher:
                 continue
             later.append(ev.op)
         try:
-            _sync_dirs(self.root.fd, r, syncfs_ok=not alone)
+            _sync_dirs(self.root.fd, r, syncfs_ok=not live_only)
         except OSError as e:
             err = apply_error(e, "syncing directories")
             failed.extend((op, err) for op in r.ops + acked + later)
