@@ -8,7 +8,7 @@ watcher's flags, the clock) and acts on the answer (frames, the backlog).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .changes import Flag
@@ -122,6 +122,23 @@ class Reconciled:
     stale: list[bytes] = field(default_factory=list)
 
 
+def ancestors(rel: bytes) -> Iterator[bytes]:
+    """The directories above ``rel`` (b"a", b"a/b" for b"a/b/c")."""
+    return (rel[:i] for i in range(len(rel)) if rel[i] == 0x2F)
+
+
+def outermost(paths: Iterable[bytes]) -> list[bytes]:
+    """Of ``paths`` (sorted: a directory before what is below it), those
+    with no ancestor among them, in order."""
+    tops: list[bytes] = []
+    seen: set[bytes] = set()
+    for rel in paths:
+        if not any(a in seen for a in ancestors(rel)):
+            seen.add(rel)
+            tops.append(rel)
+    return tops
+
+
 def reconcile(
     walk: Iterable[tuple[bytes, EntryState]],
     there: dict[bytes, EntryState],
@@ -194,11 +211,11 @@ def reconcile(
         deleted = {r for r in gone if agrees(history.get(r), there[r])}
         for r in gone:
             if r not in deleted:
-                blocked.update(r[:i] for i in range(len(r)) if r[i] == 0x2F)
+                blocked.update(ancestors(r))
         gone = list(deleted)
     tops: set[bytes] = set()
     for rel in sorted(gone):
-        if any(rel[:i] in tops for i in range(len(rel)) if rel[i] == 0x2F):
+        if any(a in tops for a in ancestors(rel)):
             continue  # removed with an ancestor
         if rel in blocked:
             continue  # kept: something below it is not agreed

@@ -25,7 +25,7 @@ from .logs import Fields
 from .manifest import EntryState, Preserve, scan_stat
 from .mirror import SourceMirror
 from .paths import Source
-from .plan import reconcile
+from .plan import outermost, reconcile
 from .remote import RemoteMirror
 from .stats import LinkStats
 
@@ -138,11 +138,8 @@ class Reconciler:
         if r.agreed is not None:
             for rel, st in diff.agree:
                 r.agreed.put(rel, st)
-            tops: set[bytes] = set()
-            for rel in diff.stale:  # sorted: a directory before what is below it
-                if not any(rel[:i] in tops for i in range(len(rel)) if rel[i] == 0x2F):
-                    tops.add(rel)
-                    r.agreed.forget(rel)
+            for rel in outermost(diff.stale):  # forget() takes what is below
+                r.agreed.forget(rel)
         for rel, size in diff.send:
             self._backlog.mark((m.id, rel), (now, size, Flag.DATA), persist=False)
         marked = len(diff.send)
