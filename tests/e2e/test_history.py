@@ -204,7 +204,7 @@ def test_reconnect_with_nothing_changed_sends_nothing(cluster: LocalCluster, how
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
-def test_three_nodes_delete_while_one_is_down(cluster: LocalCluster, how: str) -> None:
+def test_three_nodes_changes_while_one_is_down(cluster: LocalCluster, how: str) -> None:
     order = ["a", "b", "c"]
     nodes = {n: cluster.node(n) for n in order}
     for i, x in enumerate(order):
@@ -225,10 +225,14 @@ def test_three_nodes_delete_while_one_is_down(cluster: LocalCluster, how: str) -
     wait_agreed(nodes, 8)
     c = nodes["c"]
     down(c, how)
-    # c deletes while down; a deletes while c is down
+    # c deletes and edits while down; a deletes and b edits while c is down
     (roots["c"] / "f-0").unlink()
     shutil.rmtree(roots["c"] / "t")
+    edit(roots["c"] / "f-2", b"edited on c while down\n", T_EDIT_DOWN)
+    (roots["c"] / "f-4").unlink()
     (roots["a"] / "f-1").unlink()
+    edit(roots["a"] / "f-3", b"edited on a\n", T_EDIT_UP)
+    edit(roots["b"] / "f-4", b"edited on b, deleted on c\n", T_EDIT_UP)
     wait_for(lambda: not (roots["b"] / "f-1").exists(), 30, "b applied a's delete")
     c.start()
     for n in ("b", "c"):
@@ -237,5 +241,9 @@ def test_three_nodes_delete_while_one_is_down(cluster: LocalCluster, how: str) -
     for n in ("b", "c"):
         wait_same(roots["a"], roots[n])
     for n in order:
-        assert sorted(names(roots[n])) == ["f-2", "f-3", "f-4"], n
+        got = names(roots[n])
+        assert sorted(got) == ["f-2", "f-3", "f-4"], n  # and no conflict copy
+        assert got["f-2"] == b"edited on c while down\n", n
+        assert got["f-3"] == b"edited on a\n", n
+        assert got["f-4"] == b"edited on b, deleted on c\n", n  # the edit beats the delete
         assert not (roots[n] / "t").exists(), n
