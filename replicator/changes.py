@@ -36,6 +36,12 @@ class Flag(enum.IntFlag):
     #: The watcher saw it happen: a live change, sent ahead of bulk work
     #: (cold sync, reconcile, rescans, retries) — see backlog.py's lanes.
     LIVE = 8
+    #: An entry was made, removed or renamed at this path (the watcher saw
+    #: it): its directory's entries changed, and with them its mtime, even
+    #: when nothing is left to send for the path itself (made and removed
+    #: before the link looked); a directory here may be another than the one
+    #: the peer holds (replaced by one moved in). See pump.Pump._names_changed.
+    NAME = 16
 
 
 @dataclass(frozen=True, slots=True)

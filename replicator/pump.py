@@ -255,6 +255,8 @@ class Pump:
             rel in r.guessed,
             bool(r.preserve & xattrs.ANY),
         )
+        if flags & Flag.NAME and r.agreed is None:
+            self._names_changed(key, since, src, known, action)
         if action is Action.META_GUESS:
             r.guessed.add(rel)
         elif action is not Action.NOTHING and action is not Action.SETTLE:
@@ -295,6 +297,43 @@ class Pump:
                 return self._group_member(m, key, info, found, src)
             return self.files.start(m, key, since, found, live)
         return self._send_op(ev, key, since, src, live=live)
+
+    def _names_changed(
+        self,
+        key: Key,
+        since: float,
+        src: EntryState | None,
+        known: EntryState | None,
+        action: Action,
+    ) -> None:
+        """The watcher saw an entry made, removed or renamed at ``key``
+        (Flag.NAME), in a mirror this node only pushes.
+
+        - Its directory's mtime changed here. An operation on the path
+          tells the link once acked (answers: ``stale_dir``); without one
+          (a temp file made and removed, a directory made and renamed, an
+          entry swapped for an equal one, a directory replaced by another:
+          a Meta), the directory is looked at again all the same.
+        - A directory here where the peer holds one may be another: one
+          replaced it (``mv d old; mv new d``, ``rm -rf d; mkdir d``). What
+          the peer holds below it is looked at, so what is not here any
+          more is deleted there. A walk of ``known`` (the peer's entries,
+          not indexed by directory): taken only on this event.
+
+        Two-way mirrors leave both to their own rules: there the watcher
+        also reports what the peer sent (echo suppression), and the peer's
+        directory mtimes would come back to it."""
+        mid, rel = key
+        if src is not None and known is not None and src.kind is known.kind is EntryKind.DIR:
+            prefix = rel + b"/"
+            below = [p for p in self._remote[mid].known if p.startswith(prefix)]
+            for p in below:
+                self._backlog.mark((mid, p), (since, 0, Flag.DATA), persist=False)
+        if action in (Action.NOTHING, Action.META, Action.META_GUESS):
+            parent = rel.rpartition(b"/")[0]
+            if parent:
+                info = (since, 0, Flag.LIVE)
+                self._backlog.mark((mid, parent), info, DIR_SETTLE, persist=False)
 
     def _group_member(
         self, m: SourceMirror, key: Key, info: Info, found: Located, src: EntryState
@@ -410,8 +449,8 @@ class Pump:
             return
         # The watcher saw it: both paths are live; what is below a directory
         # moved is bulk (a whole tree may have moved in).
-        self._backlog.mark((mid, src), (now, 0, Flag.DATA | Flag.LIVE))
-        self._backlog.mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED | Flag.LIVE))
+        self._backlog.mark((mid, src), (now, 0, Flag.DATA | Flag.LIVE | Flag.NAME))
+        self._backlog.mark((mid, dst), (now, 0, Flag.DATA | Flag.CLOSED | Flag.LIVE | Flag.NAME))
         if msg.is_dir:
             self.mark_tree(mid, dst, now)
 

@@ -79,8 +79,9 @@ EVENT_FILTER = [
 
 
 #: The flags of each kind of event, computed once (enum operators are slow).
-_NEW = Flag.DATA | Flag.CLOSED | Flag.LIVE
-_CHANGED = Flag.DATA | Flag.LIVE
+_NEW = Flag.DATA | Flag.CLOSED | Flag.LIVE | Flag.NAME
+_CHANGED = Flag.DATA | Flag.LIVE | Flag.NAME
+_WRITTEN = Flag.DATA | Flag.LIVE
 _CLOSED = Flag.CLOSED | Flag.LIVE
 _ATTRIB = Flag.ATTRIB | Flag.LIVE
 
@@ -173,6 +174,8 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(ev, DirCreatedEvent):
             self.sink(Dirty(m, rel, _CHANGED))
             self.scan(m, rel)
+        elif isinstance(ev, FileModifiedEvent):
+            self.sink(Dirty(m, rel, _WRITTEN))
         else:  # created, deleted
             self.sink(Dirty(m, rel, _CHANGED))
 

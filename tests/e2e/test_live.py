@@ -174,6 +174,40 @@ def test_tree_moved_in_with_a_directory_swapped_mid_transfer(
     assert (dst / "tree" / "d00" / "deep" / "er" / "f000").read_bytes().startswith(b"NEW")
 
 
+def test_directory_mtime_changed_by_entries_never_sent(
+    live: tuple[LocalNode, Path, Path], tmp_path: Path
+) -> None:
+    """A directory's mtime changes with its entries, and the watcher does
+    not report the directory itself: a temp file made and removed before
+    the link looked, a subdirectory made and renamed over before the link
+    looked, and a directory replaced by one moved in each change the
+    parent's mtime with nothing else to send for it (no ack of a child
+    tells the link). The parent's Meta must follow all the same, and what
+    the replaced directories held must not stay on the replica."""
+    _, src, dst = live
+    for d in ("a", "b", "c", "d"):
+        (src / d / "sub").mkdir(parents=True)
+        (src / d / "sub" / "f").write_text(d)
+    (tmp_path / "other" / "in").mkdir(parents=True)
+    (tmp_path / "other" / "in" / "g").write_text("g")
+    wait_same(src, dst)
+    time.sleep(0.05)  # a new mtime, distinct from the synced one
+    (src / "a" / "tmp").write_text("x")
+    (src / "a" / "tmp").unlink()
+    (src / "b" / "sub.new").mkdir()
+    os.rename(src / "b" / "sub.new", src / "b" / "sub2")
+    os.rename(src / "b" / "sub2", src / "b" / "sub3")
+    os.rmdir(src / "b" / "sub3")
+    os.rename(src / "c" / "sub", tmp_path / "old-sub")
+    os.rename(tmp_path / "other" / "in", src / "c" / "sub")
+    shutil.rmtree(src / "d" / "sub")
+    (src / "d" / "sub").mkdir()
+    (src / "d" / "sub" / "h").write_text("h")
+    wait_same(src, dst)
+    assert not (dst / "c" / "sub" / "f").exists()
+    assert not (dst / "d" / "sub" / "f").exists()
+
+
 def test_rm_rf_tree(live: tuple[LocalNode, Path, Path]) -> None:
     _, src, dst = live
     for d in range(5):

@@ -62,3 +62,44 @@ def test_a_tree_moved_in_is_one_live_change_and_one_scan(tmp_path: Path) -> None
     assert scans == [("m", b"tree")]
     assert {m.path for m in dirty} == {b"tree", b"live.txt"}
     assert all(m.flags & Flag.LIVE for m in dirty)
+
+
+def test_entries_made_removed_or_moved_say_name_and_writes_do_not(tmp_path: Path) -> None:
+    """Flag.NAME: the directory's entries changed (pump._names_changed looks
+    at the directory's mtime and at what the peer holds below a replaced
+    directory); a write to an existing file changes no entry."""
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "kept").write_bytes(b"x")
+    got: list[Dirty] = []
+    lock = threading.Lock()
+
+    def sink(msg: object) -> None:
+        if isinstance(msg, Dirty):
+            with lock:
+                got.append(msg)
+
+    w = Watcher({"m": (os.fsencode(root), Excludes([]))}, sink, lambda m, rel: None)
+    w.start()
+    try:
+        with (root / "kept").open("r+b") as f:  # IN_MODIFY, IN_CLOSE_WRITE
+            f.write(b"y")
+        (root / "tmp").write_bytes(b"t")
+        (root / "tmp").unlink()
+        (root / "d").mkdir()
+        os.rename(root / "d", tmp_path / "out")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with lock:
+                if sum(m.path == b"d" for m in got) >= 2:
+                    break
+            time.sleep(0.01)
+        time.sleep(0.2)
+    finally:
+        w.stop()
+    flags: dict[bytes, int] = {}
+    for m in got:
+        flags[m.path] = flags.get(m.path, 0) | m.flags
+    assert not flags[b"kept"] & Flag.NAME
+    assert flags[b"tmp"] & Flag.NAME
+    assert flags[b"d"] & Flag.NAME
