@@ -82,6 +82,10 @@ class LinkStats:
         return self.mirrors.setdefault(name, {})
 
     def set_state(self, state: str) -> None:
+        if self.state == "auth_failed" and state in ("connecting", "handshake"):
+            # A retry does not clear it: the link still fails authentication
+            # until a handshake succeeds (status keeps saying so, exit 3).
+            return
         if state != self.state:
             self.state, self.since = state, time.time()
 
