@@ -55,8 +55,9 @@ def test_chain_forwards_files_renames_and_deletes(cluster: LocalCluster) -> None
     sent_bc = b.link("c")["payload_bytes_sent"]
     os.rename(src / "d", src / "e")
     wait_same(src, end)
+    # c renames on disk before its Ack reaches b: wait for b to count it.
+    wait_for(lambda: b.link("c")["renames"] >= 1, 30, "the relay's rename acknowledged")
     assert b.link("c")["payload_bytes_sent"] == sent_bc, "the relay re-sent renamed data"
-    assert b.link("c")["renames"] >= 1
     (src / "e" / "f").unlink()
     (src / "link").unlink()
     wait_same(src, end)
