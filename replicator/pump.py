@@ -66,11 +66,6 @@ STARTS_PER_ROUND = 256
 ROUND_S = 0.005
 #: Of those, live ones first, leaving room for bulk (backlog.LIVE_RUN).
 LIVE_STARTS = STARTS_PER_ROUND - STARTS_PER_ROUND // (LIVE_RUN + 1)
-#: A round starts bulk work only once this share of the bulk window is free
-#: (then fills it): starting one bulk entry per acknowledgement made rounds
-#: of ~5 entries on a real tree, each paying a cork, an uncork, a send and
-#: the lookup of its directories again (issue 13).
-BULK_BATCH_DIV = 8
 #: Bulk entries read ahead of the rounds that will start them (``_read_ahead``).
 READ_AHEAD = 512
 #: A file still being written (plan.SETTLE_NS) is looked at again after this long.
@@ -151,7 +146,7 @@ class Pump:
                 for mid, m in self._mirrors.items():
                     if not self._remote[mid].listed or m.paused:
                         continue  # nothing is sent before we know what the peer holds
-                    bulk = not only_live and self._bulk_batch(window)
+                    bulk = not only_live and window.allows(self._inflight.bulk)
                     while (
                         bl.has_ready(mid, bulk)
                         and started < limit
@@ -179,12 +174,6 @@ class Pump:
             self._wire.flush()
             net.cork(sock, False)
         return self.streams.step_all() or worked
-
-    def _bulk_batch(self, window: BulkWindow) -> bool:
-        """Bulk entries may start this round: a batch of the window is free
-        (BULK_BATCH_DIV). While the round goes on, any room will do."""
-        free = window.size - self._inflight.bulk
-        return free > 0 and free >= window.size // BULK_BATCH_DIV
 
     def _read_ahead(self) -> None:
         """Start reading the files the next rounds will start (bulk: a tree
