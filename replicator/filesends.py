@@ -42,6 +42,8 @@ from .wire import Wire
 
 #: Wait before re-sending a file that changed while it was sent.
 RESEND_DELAY = 0.1
+#: As an int: ``Preserve & Preserve`` is a Python-level call, once per file.
+_XATTRS = int(xattrs.ANY)
 
 
 class FileSends:
@@ -264,7 +266,7 @@ class FileSends:
 
     def _send_xattrs(self, r: RemoteMirror, fd: int) -> None:
         """The attributes of the entry about to go, if the peer applies them."""
-        if r.preserve & xattrs.ANY:
+        if int(r.preserve) & _XATTRS:
             try:
                 pairs = xattrs.read(fd, r.preserve, IS_ROOT)
             except OSError as e:

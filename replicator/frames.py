@@ -18,7 +18,9 @@ connection state; that is ``protocol.Connection``'s job.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any, ClassVar
 
 # The protocol's numbers live in codes.py; they are used as frames.ErrorCode etc.
@@ -100,9 +102,24 @@ class Event:
     _nfixed: ClassVar[int]
     _var: ClassVar[tuple[tuple[str, str], ...]]
     _names: ClassVar[tuple[str, ...]]
+    #: For ``encode``: the fixed fields' values as a tuple; per variable
+    #: field (name, its length prefix's pack, limit, is text).
+    _get_fixed: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    _var_enc: ClassVar[tuple[tuple[str, Callable[..., bytes], int, bool], ...]]
 
 
 EVENTS: dict[int, type[Event]] = {}
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The values of ``names`` of an event, as a tuple (attrgetter returns
+    a bare value for one name)."""
+    if len(names) >= 2:
+        return attrgetter(*names)
+    if names:
+        name = names[0]
+        return lambda ev: (getattr(ev, name),)
+    return lambda ev: ()
 
 
 def _frame(kind: int, layout: str) -> Any:
@@ -121,6 +138,11 @@ def _frame(kind: int, layout: str) -> Any:
         cls._fixed = struct.Struct("!" + "".join(_FIXED[t] for _, t in fixed))
         cls._nfixed = len(fixed)
         cls._var = tuple((n, t) for n, t in var)
+        cls._get_fixed = _getter(tuple(n for n, _ in fixed))
+        cls._var_enc = tuple(
+            (n, struct.Struct("!" + _VAR[t][0]).pack, _VAR[t][1], _VAR[t][2] == "str")
+            for n, t in var
+        )
         EVENTS[kind] = cls
         return cls
 
@@ -509,25 +531,30 @@ OPERATIONS: tuple[type[Event], ...] = (File, Mkdir, Symlink, Delete, Rename, Met
 
 
 def encode(event: Event) -> bytes:
-    """The whole frame (header + body) for ``event``; raises FrameError on limits."""
+    """The whole frame (header + body) for ``event``; raises FrameError on limits.
+
+    Per frame class, the getter of its fixed fields and the packers of its
+    variable ones' length prefixes are made once (``_frame``): the sender
+    encodes several frames per file (issue 13)."""
     cls = type(event)
-    values = [getattr(event, n) for n in cls._names]
     try:
-        parts = [cls._fixed.pack(*values[: cls._nfixed])]
+        body = cls._fixed.pack(*cls._get_fixed(event))
     except struct.error as e:
         raise FrameError(ErrorCode.MALFORMED, f"{cls.__name__}: {e}") from None
-    for (name, typ), value in zip(cls._var, values[cls._nfixed :], strict=True):
-        prefix, limit, kind = _VAR[typ]
-        raw = value.encode("utf-8") if kind == "str" else bytes(value)
-        if len(raw) > limit:
-            raise FrameError(
-                ErrorCode.TOO_LARGE, f"{cls.__name__}.{name}: {len(raw)} bytes > {limit}"
-            )
-        parts.append(struct.pack("!" + prefix, len(raw)))
-        parts.append(raw)
-    body = b"".join(parts)
-    if len(body) > MAX_BODY:
-        raise FrameError(ErrorCode.TOO_LARGE, f"{cls.__name__}: body {len(body)} > {MAX_BODY}")
+    if cls._var_enc:
+        parts = [body]
+        for name, prefix, limit, text in cls._var_enc:
+            value = getattr(event, name)
+            raw = value.encode("utf-8") if text else bytes(value)
+            if len(raw) > limit:
+                raise FrameError(
+                    ErrorCode.TOO_LARGE, f"{cls.__name__}.{name}: {len(raw)} bytes > {limit}"
+                )
+            parts.append(prefix(len(raw)))
+            parts.append(raw)
+        body = b"".join(parts)
+        if len(body) > MAX_BODY:
+            raise FrameError(ErrorCode.TOO_LARGE, f"{cls.__name__}: body {len(body)} > {MAX_BODY}")
     return HEADER.pack(cls.KIND, 0, 0, len(body)) + body
 
 

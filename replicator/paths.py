@@ -120,12 +120,22 @@ def open_dir_at(
 
 class Located:
     """An entry found inside a mirror: the fd of its parent directory (held
-    open, so later looks at the entry need no new walk) and its name."""
+    open, so later looks at the entry need no new walk) and its name.
 
-    __slots__ = ("_dir", "name", "st", "target")
+    The fd is owned (closed by ``close``), or borrowed from a ``DirFds``
+    (``owned=False``: valid until that closes it at the end of the pump
+    round; ``close`` leaves it open, ``own`` makes a copy that outlives
+    the round)."""
 
-    def __init__(self, dir_fd: int, name: bytes, st: os.stat_result, target: bytes) -> None:
-        self._dir = OwnedFd(dir_fd)
+    __slots__ = ("_fd", "_owned", "name", "st", "target")
+
+    def __init__(
+        self, dir_fd: int, name: bytes, st: os.stat_result, target: bytes, owned: bool = True
+    ) -> None:
+        if dir_fd < 0:
+            raise ValueError(f"not a file descriptor: {dir_fd}")
+        self._fd = dir_fd
+        self._owned = owned
         self.name = name
         #: lstat when it was found
         self.st = st
@@ -135,24 +145,40 @@ class Located:
     @property
     def dir_fd(self) -> int:
         """The parent directory's fd; -1 once closed or taken."""
-        return self._dir.fd
+        return self._fd
 
     def close(self) -> None:
-        self._dir.close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._owned:
+            os.close(fd)
 
     def take(self) -> Located:
-        """A new owner of the directory fd; this one closes nothing any more."""
-        return Located(self._dir.detach(), self.name, self.st, self.target)
+        """A new holder of the directory fd (its owner if this one owned
+        it); this one closes nothing any more."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            raise ValueError("Located: closed or taken already")
+        return Located(fd, self.name, self.st, self.target, self._owned)
+
+    def own(self) -> Located:
+        """This, if it owns its fd; else one owning a copy of the borrowed fd
+        (this one lets go of it)."""
+        if self._owned:
+            return self
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            raise ValueError("Located: closed or taken already")
+        return Located(os.dup(fd), self.name, self.st, self.target)
 
     def open_file(self) -> tuple[OwnedFd, os.stat_result] | None:
         """A read-only fd and fstat of the entry if it is a regular file now;
         None if it is gone or something else (look at it again)."""
-        return open_regular(self._dir.fd, self.name)
+        return open_regular(self._fd, self.name)
 
     def inode(self) -> int | None:
         """The inode number under this name in its directory now, or None."""
         try:
-            return os.stat(self.name, dir_fd=self._dir.fd, follow_symlinks=False).st_ino
+            return os.stat(self.name, dir_fd=self._fd, follow_symlinks=False).st_ino
         except OSError as e:
             if e.errno in _ABSENT:
                 return None
@@ -179,11 +205,12 @@ class DirFds:
         self.root = root
         self._fds: OrderedDict[bytes, OwnedFd] = OrderedDict()
 
-    def parent(self, rel: bytes) -> tuple[int, bytes]:
-        """(a new fd of the parent directory of ``rel``, its last
-        component); the caller closes the fd. OSError as ``Source._parent``."""
+    def borrow(self, rel: bytes) -> tuple[int, bytes]:
+        """(the fd of the parent directory of ``rel``, its last component):
+        held here, valid until ``close`` (the caller does not close it).
+        OSError as ``Source._parent``."""
         head, _, name = rel.rpartition(b"/")
-        return os.dup(self._dir(head)), name
+        return self._dir(head), name
 
     def readahead(self, rel: bytes, length: int) -> None:
         """Ask the kernel to read the first ``length`` bytes of ``rel`` into
@@ -211,19 +238,30 @@ class DirFds:
         fds = self._fds
         held = fds.get(rel)
         if held is not None:
+            fds.move_to_end(rel)
             return held.fd
-        # the nearest ancestor held (or the root), then one component at a time
+        # The nearest ancestor held (or the root), then one component at a
+        # time, no-follow; every directory opened on the way is kept too, so
+        # the next lookup in a sibling opens only what differs (a tree's
+        # leaves are often 5-9 levels down: walking again from the root
+        # cost ~2.5 opens and closes per entry of a real tree; issue 13).
         up, rest = rel, []
         while up:
             up, _, part = up.rpartition(b"/")
             rest.append(part)
             if up in fds:
                 break
-        base = fds.get(up)
-        fd = open_dir_at(base.fd, rest[::-1]) if base is not None else None
-        if fd is None:
-            with OwnedFd(open_root(self.root)) as root:
-                fd = open_dir_at(root.fd, rest[::-1]) if rest else root.detach()
+        base = fds.get(up)  # None: up is the root, not held yet
+        fd = self._keep(b"", open_root(self.root)) if base is None else base.fd
+        for part in reversed(rest):
+            up = up + b"/" + part if up else part
+            fd = self._keep(up, os.open(part, _DIR_FLAGS, dir_fd=fd))
+        return fd
+
+    def _keep(self, rel: bytes, fd: int) -> int:
+        """Hold ``fd`` as the directory ``rel``, closing the least recently
+        used beyond MAX (never this one: it is the newest)."""
+        fds = self._fds
         fds[rel] = OwnedFd(fd)
         if len(fds) > self.MAX:
             fds.popitem(last=False)[1].close()
@@ -233,6 +271,19 @@ class DirFds:
         for fd in self._fds.values():
             fd.close()
         self._fds.clear()
+
+
+def _found_at(dir_fd: int, name: bytes) -> tuple[os.stat_result, bytes] | None:
+    """(lstat, symlink target or b"") of ``name`` in ``dir_fd``; None if
+    nothing is there."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else b""
+    except OSError as e:
+        if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
+            return None
+        raise
+    return st, target
 
 
 class Source:
@@ -254,8 +305,6 @@ class Source:
     def _parent(self, rel: bytes) -> tuple[int, bytes]:
         """(an fd of the parent directory of ``rel``, the last component);
         the caller closes the fd. Raises OSError (see _ABSENT)."""
-        if self._dirs is not None:
-            return self._dirs.parent(rel)
         parts = rel.split(b"/")
         with OwnedFd(open_root(self.path)) as root:
             if len(parts) == 1:
@@ -264,7 +313,18 @@ class Source:
 
     def locate(self, rel: bytes) -> Located | None:
         """The entry at ``rel`` with its parent directory held open, or None
-        if nothing is there. The caller closes it."""
+        if nothing is there. The caller closes it. With ``dirs``, the
+        directory fd is borrowed from them (``Located.own`` to keep it
+        beyond their round)."""
+        if self._dirs is not None:
+            try:
+                pfd, name = self._dirs.borrow(rel)
+            except OSError as e:
+                if e.errno in _ABSENT:
+                    return None
+                raise
+            found = _found_at(pfd, name)
+            return None if found is None else Located(pfd, name, *found, owned=False)
         try:
             pfd, name = self._parent(rel)
         except OSError as e:
@@ -272,14 +332,8 @@ class Source:
                 return None
             raise
         with OwnedFd(pfd) as parent:  # closed unless the Located takes it
-            try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else b""
-            except OSError as e:
-                if e.errno in _ABSENT or e.errno == errno.EINVAL:  # EINVAL: not a symlink any more
-                    return None
-                raise
-            return Located(parent.detach(), name, st, target)
+            found = _found_at(pfd, name)
+            return None if found is None else Located(parent.detach(), name, *found)
 
     def lstat(self, rel: bytes) -> tuple[os.stat_result, bytes] | None:
         """(lstat, symlink target or b"") of ``rel``; None if nothing is there."""

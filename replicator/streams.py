@@ -39,13 +39,17 @@ class Streams:
         self._active: list[FileSend] = []
 
     def add(self, s: FileSend) -> None:
-        """A file just started (its File frame is queued)."""
+        """A file just started (its File frame is queued). One that goes on
+        after this round holds its own copy of its directory's fd (the
+        pump's lookups borrow them from the round's ``paths.DirFds``)."""
         if s.left <= self._wire.chunk:
             while s.fd >= 0:
                 if not self.step(s):  # waits for its block map (now in _active)
-                    return
+                    break
         else:
             self._active.append(s)
+        if s.fd >= 0:
+            s.found = s.found.own()
 
     def step_all(self) -> bool:
         """One chunk of every large file in progress; True if any moved."""

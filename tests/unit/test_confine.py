@@ -248,6 +248,49 @@ def test_dir_fds_hold_a_bounded_number(tmp_path: Path) -> None:
     assert _fds() == before
 
 
+def test_dir_fds_keep_the_directories_on_the_way(tmp_path: Path) -> None:
+    """A lookup keeps every directory it opened on the way down (and the
+    root): a sibling below them opens only what differs."""
+    for d in ("a/b/c", "a/b/x"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "f").write_bytes(b"x")
+    before = _fds()
+    dirs = DirFds(os.fsencode(tmp_path))
+    src = Source(os.fsencode(tmp_path), dirs)
+    assert src.lstat(b"a/b/c/f") is not None
+    assert _fds() == before + 4  # the root, a, a/b, a/b/c
+    assert src.lstat(b"a/b/x/f") is not None
+    assert _fds() == before + 5  # and a/b/x, opened from a/b
+    dirs.close()
+    assert _fds() == before
+
+
+def test_a_lookup_through_dir_fds_borrows_their_fd(tmp_path: Path) -> None:
+    """A pump round's lookups borrow the round's directory fds (no copy, no
+    close per entry); ``own`` copies one for what goes on after the round."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    before = _fds()
+    dirs = DirFds(os.fsencode(tmp_path))
+    src = Source(os.fsencode(tmp_path), dirs)
+    found = src.locate(b"d/f")
+    assert found is not None
+    held = _fds()
+    found.close()
+    assert _fds() == held  # borrowed: the round's fd stays open
+    found = src.locate(b"d/f")
+    assert found is not None and _fds() == held  # and no copy is made
+    kept = found.own()
+    assert found.dir_fd == -1 and kept.dir_fd >= 0 and _fds() == held + 1
+    found.close()
+    dirs.close()
+    assert _fds() == before + 1
+    assert kept.inode() == (tmp_path / "d" / "f").stat().st_ino  # usable after the round
+    assert kept.own() is kept
+    kept.close()
+    assert _fds() == before
+
+
 def _cached(path: Path) -> bool:
     """Whether the first page of ``path`` is in the page cache now."""
     fd = os.open(path, os.O_RDONLY)
