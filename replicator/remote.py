@@ -100,5 +100,5 @@ class RemoteMirror:
         """The peer's copy of directory ``path`` got a new mtime (an entry in
         it changed): make sure ours is sent again."""
         cur = self.known.get(path)
-        if cur is not None and cur.kind is F.EntryKind.DIR:
-            self.known[path] = replace(cur, mtime_ns=-1)
+        if cur is not None and cur.kind is F.EntryKind.DIR and cur.mtime_ns != -1:
+            self.known[path] = replace(cur, mtime_ns=-1)  # once per run of acks
