@@ -163,3 +163,30 @@ def test_node_with_mirrors_in_different_roles(cluster: LocalCluster) -> None:
     wait_same(b_out, c_out)
     wait_same(a_both, b_both)
     assert sorted(p.name for p in walk_files(b_both)) == ["3", "4"]
+
+
+def test_chain_forwards_a_replaced_directory(cluster: LocalCluster, tmp_path: Path) -> None:
+    """A directory replaced by another moved in (pump._names_changed) on
+    a: what the old one held is deleted on b, and b, which only relays,
+    deletes it on c in turn; the directories' mtimes follow on both."""
+    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
+    cluster.connect("a", "b")
+    cluster.connect("b", "c")
+    src = a.add_mirror("m", push_to=["b"])
+    relay = b.add_mirror("m", accept_from=["a"], push_to=["c"])
+    end = c.add_mirror("m", accept_from=["b"])
+    cluster.start()
+    (src / "top" / "d" / "sub").mkdir(parents=True)
+    (src / "top" / "d" / "sub" / "old").write_text("old")
+    (src / "top" / "d" / "kept").write_text("kept")
+    (tmp_path / "new" / "sub").mkdir(parents=True)
+    (tmp_path / "new" / "sub" / "fresh").write_text("fresh")
+    wait_same(src, end)
+    os.rename(src / "top" / "d", tmp_path / "gone")
+    os.rename(tmp_path / "new", src / "top" / "d")
+    wait_same(src, relay)
+    wait_same(src, end)
+    for root in (relay, end):
+        assert not (root / "top" / "d" / "sub" / "old").exists()
+        assert not (root / "top" / "d" / "kept").exists()
+        assert (root / "top" / "d" / "sub" / "fresh").read_text() == "fresh"
