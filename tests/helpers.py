@@ -68,6 +68,18 @@ def make_pair(cluster: LocalCluster, **mirror: object) -> tuple[LocalNode, Local
     return a, b
 
 
+def make_chain(cluster: LocalCluster) -> tuple[LocalNode, LocalNode, LocalNode, Path, Path, Path]:
+    """a → b → c, mirror "m": b accepts from a and pushes to c. Returns the
+    nodes and their mirror roots (not started)."""
+    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
+    cluster.connect("a", "b")
+    cluster.connect("b", "c")
+    src = a.add_mirror("m", push_to=["b"])
+    relay = b.add_mirror("m", accept_from=["a"], push_to=["c"])
+    end = c.add_mirror("m", accept_from=["b"])
+    return a, b, c, src, relay, end
+
+
 def make_deep(root: Path, depth: int, width: int) -> bytes:
     """Directories ``depth`` levels deep with names ``width`` bytes long,
     made fd by fd (the whole path is longer than PATH_MAX); returns the

@@ -15,7 +15,7 @@ import pytest
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 from replicator.paths import Source
 
-from ..helpers import make_deep
+from ..helpers import make_chain, make_deep
 from .tcpproxy import Recorder
 
 SECRET = b"TOPSECRET-" + os.urandom(8).hex().encode()
@@ -118,12 +118,7 @@ def test_path_longer_than_path_max_breaks_nothing(cluster: LocalCluster) -> None
     """A chain a → b → c: a legal 4,000-byte path reaches b and c, and the
     listings and watch checks of the shared mirror on b keep working for
     every peer (today's reconnect lists the mirror again)."""
-    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
-    cluster.connect("a", "b")
-    cluster.connect("b", "c")
-    ra = a.add_mirror("m", push_to=["b"])
-    rb = b.add_mirror("m", accept_from=["a"], push_to=["c"])
-    rc = c.add_mirror("m", accept_from=["b"])
+    a, b, _, ra, rb, rc = make_chain(cluster)
     cluster.start()
     rel = make_deep(ra, 20, 203)
     assert len(os.fsencode(rc)) + len(rel) > 4096

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from replicator.localcluster import LocalCluster, LocalNode, tree, wait_for, walk_files
 
-from ..helpers import MiB, fill, wait_same
+from ..helpers import MiB, fill, make_chain, wait_same
 
 
 def idle(n: LocalNode, peer: str) -> bool:
@@ -40,12 +40,7 @@ def test_fan_out_dead_target_does_not_slow_the_others(cluster: LocalCluster) -> 
 
 
 def test_chain_forwards_files_renames_and_deletes(cluster: LocalCluster) -> None:
-    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
-    cluster.connect("a", "b")
-    cluster.connect("b", "c")
-    src = a.add_mirror("m", push_to=["b"])
-    relay = b.add_mirror("m", accept_from=["a"], push_to=["c"])
-    end = c.add_mirror("m", accept_from=["b"])
+    _, b, _, src, relay, end = make_chain(cluster)
     cluster.start()
     (src / "d").mkdir()
     fill(src / "d" / "f", 2 * MiB)
@@ -169,12 +164,7 @@ def test_chain_forwards_a_replaced_directory(cluster: LocalCluster, tmp_path: Pa
     """A directory replaced by another moved in (pump._names_changed) on
     a: what the old one held is deleted on b, and b, which only relays,
     deletes it on c in turn; the directories' mtimes follow on both."""
-    a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
-    cluster.connect("a", "b")
-    cluster.connect("b", "c")
-    src = a.add_mirror("m", push_to=["b"])
-    relay = b.add_mirror("m", accept_from=["a"], push_to=["c"])
-    end = c.add_mirror("m", accept_from=["b"])
+    _, _, _, src, relay, end = make_chain(cluster)
     cluster.start()
     (src / "top" / "d" / "sub").mkdir(parents=True)
     (src / "top" / "d" / "sub" / "old").write_text("old")
