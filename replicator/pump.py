@@ -322,17 +322,15 @@ class Pump:
         - A directory here where the peer holds one may be another: one
           replaced it (``mv d old; mv new d``, ``rm -rf d; mkdir d``). What
           the peer holds below it is looked at, so what is not here any
-          more is deleted there. A walk of ``known`` (the peer's entries,
-          not indexed by directory): taken only on this event.
+          more is deleted there (``RemoteMirror.below``: a walk of all it
+          holds, taken only on this event).
 
         Two-way mirrors leave both to their own rules: there the watcher
         also reports what the peer sent (echo suppression), and the peer's
         directory mtimes would come back to it."""
         mid, rel = key
         if src is not None and known is not None and src.kind is known.kind is EntryKind.DIR:
-            prefix = rel + b"/"
-            below = [p for p in self._remote[mid].known if p.startswith(prefix)]
-            for p in below:
+            for p in self._remote[mid].below(rel):
                 self._backlog.mark((mid, p), (since, 0, Flag.DATA), persist=False)
         if action in (Action.NOTHING, Action.META, Action.META_GUESS):
             parent = rel.rpartition(b"/")[0]

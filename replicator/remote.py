@@ -72,12 +72,17 @@ class RemoteMirror:
             self.forget(path)  # a directory replaced by a file or symlink
         self.known[path] = state
 
+    def below(self, path: bytes) -> list[bytes]:
+        """The paths the peer holds below directory ``path`` (a walk of
+        ``known``: it is not indexed by directory)."""
+        prefix = path + b"/"
+        return [k for k in self.known if k.startswith(prefix)]
+
     def forget(self, path: bytes) -> None:
         """``path`` and, for a directory, everything below it are gone."""
         st = self.known.pop(path, None)
         if st is not None and st.kind is F.EntryKind.DIR:
-            prefix = path + b"/"
-            for k in [k for k in self.known if k.startswith(prefix)]:
+            for k in self.below(path):
                 del self.known[k]
 
     def move(self, src: bytes, dst: bytes) -> None:
@@ -92,8 +97,7 @@ class RemoteMirror:
             return
         self.known[dst] = st
         if st.kind is F.EntryKind.DIR:
-            prefix = src + b"/"
-            for k in [k for k in self.known if k.startswith(prefix)]:
+            for k in self.below(src):
                 self.known[dst + k[len(src) :]] = self.known.pop(k)
 
     def stale_dir(self, path: bytes) -> None:
