@@ -226,11 +226,11 @@ class _WatchGroup(InotifyWatchGroup):
 
     def watch_below(self, top: WatchDescriptor) -> None:
         """What watchdog's ``_add_all_callbacks`` does below the directory of
-        watch ``top``, one
-        directory at a time under the group's lock (events are handled in
-        between). Each directory is found again by its watch, whose path the
-        group keeps up to date: a directory renamed meanwhile is still walked
-        (if its rename was handled by then; else it is tried again once)."""
+        watch ``top``, one directory at a time: listed without the group's
+        lock, its subdirectories' watches added under it (events are handled
+        in between). Each directory is found again by its watch, whose path
+        the group keeps up to date: a directory renamed meanwhile is still
+        walked (if its rename was handled by then; else once it is)."""
         follow = self.follow_symlink
         todo, seen = [top], {top}
         failed: dict[WatchDescriptor, bytes] = {}
