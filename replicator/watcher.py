@@ -30,16 +30,29 @@ Facts this module is built on (watchdog 7.1, measured):
   directory finds the entries, as bulk work), and the walk held every live
   event behind it: a 68k-entry tree moved in delayed a 4 KiB file written
   next to it by 3.6 s. So the two generators are replaced by empty ones
-  (``_skip_sub_events``); watchdog still adds the watches for the subtree.
+  (``_skip_sub_events``).
+- watchdog also adds the watches below a directory moved in from outside on
+  that thread, walking the whole subtree first (``_add_all_callbacks``): a
+  68k-entry tree (5k directories) held every live event for 0.25-0.35 s. So
+  only the directory's own watch is added there; the watches below it are
+  added by ``_Walker``, a thread of its own, one directory at a time (each
+  before it is listed, as watchdog does), and the scan of the directory
+  waits until they are all in place (else a file written in a directory the
+  scan had passed, before its watch existed, would be missed). A directory
+  created (mkdir) is left to watchdog: what is below it was written since,
+  and watchdog's invented events for it keep those files live.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import watchdog.observers.inotify as _wd_inotify
 from watchdog.events import (
@@ -56,7 +69,9 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, Mask, WatchDescriptor
 
 from .changes import Dirty, Flag, Moved
 from .manifest import Excludes
@@ -108,6 +123,178 @@ OVERFLOW_TEXT = "overflow"
 Sink = Callable[[object], None]
 #: Asked to scan a subtree (a directory created or moved in): (mirror, path).
 ScanRequest = Callable[[str, bytes], None]
+
+
+def _related(a: bytes, b: bytes) -> bool:
+    """One of the paths is the other or below it."""
+    return a == b or a.startswith(b + b"/") or b.startswith(a + b"/")
+
+
+class _Walker(threading.Thread):
+    """Adds the watches below directories moved in (see the module
+    docstring), in the order they came, and runs what waits for them."""
+
+    def __init__(self) -> None:
+        super().__init__(name="watch-walker", daemon=True)
+        self._q: queue.SimpleQueue[tuple[_WatchGroup, bytes, WatchDescriptor] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._parked: list[tuple[bytes, Callable[[], None]]] = []
+
+    def add(self, group: _WatchGroup, path: bytes, wd: WatchDescriptor) -> None:
+        """Watch every directory below ``path``, whose watch is ``wd`` (from
+        watchdog's thread)."""
+        with self._lock:
+            self._pending.append(path)
+        self._q.put((group, path, wd))
+
+    def when_watched(self, path: bytes, then: Callable[[], None]) -> None:
+        """Call ``then`` now, or once no walk of, above or below ``path`` is
+        pending."""
+        with self._lock:
+            if any(_related(path, p) for p in self._pending):
+                self._parked.append((path, then))
+                return
+        then()
+
+    def stop(self) -> None:
+        self._q.put(None)
+
+    def run(self) -> None:
+        while (item := self._q.get()) is not None:
+            group, path, wd = item
+            try:
+                group.watch_below(wd)
+            except Exception:
+                log.exception("watcher: failed to watch below %r", path)
+            with self._lock:
+                self._pending.remove(path)
+                parked, self._parked = self._parked, []
+                ready: list[tuple[bytes, Callable[[], None]]] = []
+                for x in parked:
+                    waits = any(_related(x[0], p) for p in self._pending)
+                    (self._parked if waits else ready).append(x)
+            for _, then in ready:
+                try:
+                    then()
+                except Exception:
+                    log.exception("watcher: failed after watching below %r", path)
+
+
+class _WatchGroup(InotifyWatchGroup):
+    """watchdog's watches of one mirror, but for a directory moved in only
+    its own watch is added on watchdog's thread; the walker adds the rest."""
+
+    def __init__(
+        self,
+        walker: _Walker,
+        inotify_fd: InotifyFD,
+        path: bytes,
+        *,
+        is_recursive: bool,
+        event_mask: Mask,
+        follow_symlink: bool,
+    ) -> None:
+        self._walker = walker
+        self._moved_in: int | None = None  # the thread handling a directory moved in
+        super().__init__(
+            inotify_fd,
+            path,
+            is_recursive=is_recursive,
+            event_mask=event_mask,
+            follow_symlink=follow_symlink,
+        )
+
+    def on_event(self, event: InotifyEvent) -> None:
+        if event.is_moved_to and event.is_directory:
+            self._moved_in = threading.get_ident()
+        try:
+            super().on_event(event)
+        finally:
+            self._moved_in = None
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        if self._moved_in != threading.get_ident():
+            super()._add_all_callbacks(path)
+            return
+        self._add_callback(path)
+        wd = self._active_callbacks_by_path.get(path)
+        if self.is_recursive and wd is not None:
+            self._walker.add(self, path, wd)
+
+    def watch_below(self, top: WatchDescriptor) -> None:
+        """What watchdog's ``_add_all_callbacks`` does below the directory of
+        watch ``top``, one directory at a time: listed without the group's
+        lock, its subdirectories' watches added under it (events are handled
+        in between). Each directory is found again by its watch, whose path
+        the group keeps up to date: a directory renamed meanwhile is still
+        walked (if its rename was handled by then; else once it is)."""
+        follow = self.follow_symlink
+        todo, seen = [top], {top}
+        failed: dict[WatchDescriptor, bytes] = {}
+        while todo:
+            wd = todo.pop()
+            with self._lock:
+                where = self._active_callbacks_by_watch.get(wd) if self.is_active else None
+            if where is None:
+                continue  # gone, or stopped
+            try:  # not under the lock: a listing may take its time
+                with os.scandir(where) as it:
+                    names = [e.name for e in it if e.is_dir(follow_symlinks=follow)]
+            except OSError:
+                failed[wd] = where
+                names = []
+            with self._lock:
+                if not self.is_active:
+                    return
+                now = self._active_callbacks_by_watch.get(wd)  # renamed meanwhile?
+                for name in names:
+                    if now is None:
+                        break  # gone
+                    full = os.path.join(now, name)
+                    self._add_callback(full)
+                    child = self._active_callbacks_by_path.get(full)
+                    if child is not None and child not in seen:
+                        seen.add(child)
+                        todo.append(child)
+                if not todo:  # once more for those renamed (or gone) while walked
+                    todo = [
+                        w
+                        for w, was in failed.items()
+                        if self._active_callbacks_by_watch.get(w, was) != was
+                    ]
+                    failed.clear()
+
+
+class _Emitter(InotifyEmitter):
+    def __init__(self, *args: Any, walker: _Walker, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._walker = walker
+
+    def on_thread_start(self) -> None:  # watchdog's, with _WatchGroup
+        self._inotify = _WatchGroup(
+            self._walker,
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=self.watch.follow_symlink,
+        )
+
+
+class _Observer(InotifyObserver):
+    def __init__(self, walker: _Walker) -> None:  # watchdog's, with _Emitter
+        self._inotify_fd = InotifyFD()
+        self._inotify_fd.start()
+        BaseObserver.__init__(
+            self,
+            _Emitter,
+            timeout=DEFAULT_OBSERVER_TIMEOUT,
+            inotify_fd=self._inotify_fd,
+            walker=walker,
+        )
 
 
 class _Handler(FileSystemEventHandler):
@@ -190,16 +377,28 @@ class Watcher:
         self.sink = sink
         self.scan = scan
         self._observer: InotifyObserver | None = None
+        self._walker: _Walker | None = None
         self.handlers: dict[str, _Handler] = {}
 
     def start(self) -> None:
-        obs = InotifyObserver()
+        walker = self._walker = _Walker()
+        walker.start()
+        obs = _Observer(walker)
         for name, (root, excludes) in sorted(self.mirrors.items()):
-            h = _Handler(name, root, excludes, self.sink, self.scan)
+            h = _Handler(name, root, excludes, self.sink, self._scan_when_watched)
             self.handlers[name] = h
             obs.schedule(h, os.fsdecode(root), recursive=True, event_filter=EVENT_FILTER)
         obs.start()
         self._observer = obs
+
+    def _scan_when_watched(self, mirror: str, rel: bytes) -> None:
+        """Ask for the scan of ``rel`` once the walker has watched what is
+        below it (and below anything around it moved in)."""
+        walker = self._walker
+        if walker is None:
+            return
+        path = self.handlers[mirror].prefix + rel
+        walker.when_watched(path, lambda: self.scan(mirror, rel))
 
     def alive(self) -> bool:
         obs = self._observer
@@ -210,6 +409,10 @@ class Watcher:
         if obs is not None:
             obs.stop()
             obs.join(10)
+        walker, self._walker = self._walker, None
+        if walker is not None:
+            walker.stop()
+            walker.join(10)
 
 
 _WATCH_LINE = re.compile(rb"^inotify wd:\w+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.M)

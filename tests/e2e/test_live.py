@@ -11,7 +11,7 @@ import stat
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,15 @@ from ..helpers import MiB, fill, make_pair, wait_same
 
 # A rescan would hide a watcher bug: make sure none runs during a test.
 NO_RESCAN = {"rescan_interval": 86400.0}
+
+
+def deep_tree(top: Path, dirs: int, files: int, data: Callable[[int, int], bytes]) -> None:
+    """top/dNN/deep/er/fNNN: ``dirs`` directories of ``files`` files."""
+    for d in range(dirs):
+        sub = top / f"d{d:02d}" / "deep" / "er"
+        sub.mkdir(parents=True)
+        for i in range(files):
+            (sub / f"f{i:03d}").write_bytes(data(d, i))
 
 
 @pytest.fixture
@@ -100,11 +109,7 @@ def test_rsync_into_source(live: tuple[LocalNode, Path, Path], tmp_path: Path) -
 def test_cp_r_and_tar_x_of_2500_files(live: tuple[LocalNode, Path, Path], tmp_path: Path) -> None:
     _, src, dst = live
     tree = tmp_path / "tree"
-    for d in range(25):
-        sub = tree / f"d{d:02}" / "inner" / "deeper"
-        sub.mkdir(parents=True)
-        for f in range(50):
-            (sub / f"f{f:02}").write_bytes(os.urandom(512))
+    deep_tree(tree, 25, 50, lambda d, i: os.urandom(512))
     subprocess.run(["cp", "-r", str(tree), str(src / "copied")], check=True)
     archive = tmp_path / "t.tar"
     with tarfile.open(archive, "w") as t:
@@ -156,11 +161,7 @@ def test_tree_moved_in_with_a_directory_swapped_mid_transfer(
     up anew, so its new files (same names, other content) are sent."""
     _, src, dst = live
     staged = tmp_path / "staged"
-    for d in range(20):
-        sub = staged / f"d{d:02d}" / "deep" / "er"
-        sub.mkdir(parents=True)
-        for i in range(100):
-            (sub / f"f{i:03d}").write_bytes(b"old %d %d\n" % (d, i) * 50)
+    deep_tree(staged, 20, 100, lambda d, i: b"old %d %d\n" % (d, i) * 50)
     os.rename(staged, src / "tree")
     first = dst / "tree" / "d00" / "deep" / "er"
     wait_for(lambda: first.is_dir() and any(first.iterdir()), 30, "the first files")
@@ -172,6 +173,26 @@ def test_tree_moved_in_with_a_directory_swapped_mid_transfer(
     os.rename(src / "tree" / "d00.new", src / "tree" / "d00")
     wait_same(src, dst)
     assert (dst / "tree" / "d00" / "deep" / "er" / "f000").read_bytes().startswith(b"NEW")
+
+
+def test_files_written_deep_in_a_tree_just_moved_in(
+    live: tuple[LocalNode, Path, Path], tmp_path: Path
+) -> None:
+    """The watches below a tree moved in are added off watchdog's thread,
+    after the move: a file written deep inside at once (maybe before its
+    directory's watch) and one written once the tree is across (only its
+    watch can tell: no rescan runs here) both reach the replica."""
+    _, src, dst = live
+    staged = tmp_path / "staged"
+    deep_tree(staged, 40, 20, lambda d, i: b"%d %d\n" % (d, i))
+    os.rename(staged, src / "tree")
+    (src / "tree" / "d39" / "deep" / "er" / "at-once").write_text("at once\n")
+    wait_same(src, dst)
+    for d in (0, 20, 39):
+        (src / "tree" / f"d{d:02d}" / "deep" / "er" / "later").write_text("later\n")
+    # Sooner than the scanner's first check of the watches after the start
+    # (scanner.WATCH_CHECK_INTERVAL), which would find unwatched directories.
+    wait_same(src, dst, timeout=30)
 
 
 def test_directory_mtime_changed_by_entries_never_sent(
