@@ -26,7 +26,7 @@ from . import net
 from .config import NodeConfig
 from .errors import AuthFailed, LinkError, RemoteProtocolError
 from .logs import Fields
-from .outgoing import chunk_size
+from .outgoing import SendRate, chunk_size
 from .owners import NameBook
 from .protocol import NEED_DATA, Connection, Established, Role
 from .rates import show_rate
@@ -117,6 +117,8 @@ class Wire:
         self.last_ping = 0.0
         #: The user and group ids named on this connection (owners.py).
         self._names = NameBook()
+        #: How fast chunks have been going out (chunk sizes follow it).
+        self.send_rate = SendRate()
 
     def connect(self, stopping: Callable[[], bool]) -> None:
         """Connect and authenticate; AuthFailed if the peer refused our key."""
@@ -205,8 +207,9 @@ class Wire:
 
     @property
     def chunk(self) -> int:
-        """Payload bytes per Chunk frame at this link's limit (outgoing.chunk_size)."""
-        return chunk_size(self.rate)
+        """Payload bytes per Chunk frame at this link's limit and the rate it
+        has been sending at (outgoing.chunk_size)."""
+        return chunk_size(self.rate, self.send_rate.rate)
 
     def heartbeat(self, now: float) -> None:
         """A Ping every heartbeat_interval, whether file data flows or not:
