@@ -179,7 +179,7 @@ def tune(sock: socket.socket, dead_after: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
     # Not-yet-sent data stays small (see LOWAT); pace() may change it.
     if not lowat(sock):
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, LOWAT)
+        set_lowat(sock, LOWAT)
 
 
 def cork(sock: socket.socket, on: bool) -> None:
@@ -218,6 +218,11 @@ def pace(sock: socket.socket, rate: int) -> int:
     sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("Q", rate or NO_PACING))
     sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, low)
     return pacing(sock)
+
+
+def set_lowat(sock: socket.socket, size: int) -> None:
+    """TCP_NOTSENT_LOWAT: what the socket may hold not yet sent."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, size)
 
 
 def lowat(sock: socket.socket) -> int:

@@ -9,7 +9,10 @@ loopback at ~150 MB/s, ~5 MB sat in the receive queue, ~35 ms in front of
 every live frame. ``ReceiveQueue`` sizes the buffer to ``QUEUE_TIME`` of
 what the receiver has been reading, plus two round trips (so a link the
 buffer bounds can still double its rate each period), never below
-``FLOOR``.
+``FLOOR``. A period that read less than ``FLOOR`` changes nothing: an idle
+link keeps the size its last transfer needed, and one that has not carried
+a transfer yet keeps the kernel's autotuning, which grows fast at the start
+of one (a 1 GiB file on loopback takes 0.7 s, three periods).
 
 Setting SO_RCVBUF switches the kernel's autotuning off for the socket, and
 the kernel caps it at ``net.core.rmem_max`` (208 KiB on a stock system).
@@ -60,6 +63,8 @@ class ReceiveQueue:
             return None
         if not self.size and self.cap < FAST * rtt:
             return None  # a long round trip: rmem_max could cap the link
+        if read - before < self.floor:
+            return None  # (nearly) idle: nothing to size by; keep what is set
         rate = (read - before) / (now - since)
         want = min(self.cap, max(self.floor, int(rate * (QUEUE_TIME + 2 * rtt))))
         if self.size and abs(want - self.size) * 8 < self.size:

@@ -79,7 +79,7 @@ class Streams:
         else:
             self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
             if n:
-                wire.send_rate.sent(n, time.monotonic())
+                wire.sent(n, time.monotonic())
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
         self._stats.hole_bytes += s.hole_bytes - hole_bytes

@@ -4,6 +4,7 @@ limit, and the status line."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from replicator import config, net
 from replicator.ctl import _bwlimit
 from replicator.errors import ConfigError
+from replicator.logs import Fields
 from replicator.outgoing import (
     CHUNK,
     CHUNK_TIME,
@@ -23,6 +25,8 @@ from replicator.outgoing import (
     chunk_size,
 )
 from replicator.rates import MIN_RATE, parse_rate, show_rate
+from replicator.stats import LinkStats
+from replicator.wire import LOWAT_CAP, LOWAT_TIME, Wire
 
 MiB = 1 << 20
 
@@ -194,3 +198,45 @@ def test_the_status_line() -> None:
     assert _bwlimit({"bwlimit": 2 * MiB, "bwlimit_applied": 8 * MiB}) == (
         ", bwlimit 2.0 MiB/s (the connection reports 8.0 MiB/s)"
     )
+
+
+def _wire(sock: socket.socket, rate: int = 0) -> Wire:
+    node = config.parse(BASE).node
+    w = Wire(
+        node,
+        "b",
+        "127.0.0.1:1",
+        b"k" * 32,
+        LinkStats("b", "x"),
+        lambda m: None,
+        Fields(logging.getLogger("test")),
+        rate,
+    )
+    net.tune(sock, node.dead_after)
+    w.sock = sock
+    w._lowat = net.LOWAT  # as connect() leaves it
+    return w
+
+
+def test_the_unsent_queue_follows_the_send_rate_without_a_limit(
+    connected: socket.socket,
+) -> None:
+    w = _wire(connected)
+    w.sent(4 * MiB, 10.0)
+    assert net.lowat(connected) == net.LOWAT  # the rate is not known yet
+    w.sent(4 * MiB, 10.002)  # 2 GB/s: ~4 ms of queue is cheap, 128 KiB wakeups are not
+    assert net.lowat(connected) == min(LOWAT_CAP, int(w.send_rate.rate * LOWAT_TIME))
+    assert w.chunk == CHUNK
+    for t in range(1, 40):  # down to ~100 MB/s: back near the smallest queue
+        w.sent(MiB, 10.002 + t * 0.01)
+    # (a change under a quarter is not applied)
+    assert net.LOWAT <= net.lowat(connected) <= net.LOWAT * 5 // 4
+    assert w.chunk == max(LIVE_MIN_CHUNK, int(w.send_rate.rate * CHUNK_TIME))
+
+
+def test_a_limit_keeps_its_own_unsent_queue(connected: socket.socket) -> None:
+    w = _wire(connected, rate=8 * MiB)
+    net.pace(connected, 8 * MiB)
+    w.sent(MiB, 10.0)
+    w.sent(MiB, 10.001)
+    assert net.lowat(connected) == 2 * MiB  # pace(): a quarter of a second

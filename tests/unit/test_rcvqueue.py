@@ -31,8 +31,19 @@ def test_a_few_milliseconds_of_what_was_read() -> None:
 def test_never_below_the_floor_and_never_above_the_cap() -> None:
     q = ReceiveQueue(cap=4 * MiB)
     q.update(0.0, 0, RTT)
-    assert q.update(1.0, 1000, RTT) == FLOOR  # idle
-    assert q.update(2.0, 1000 + 10**10, RTT) == 4 * MiB  # 10 GB/s
+    assert q.update(1.0, 2 * MiB, RTT) == FLOOR  # 2 MB/s
+    assert q.update(2.0, 2 * MiB + 10**10, RTT) == 4 * MiB  # 10 GB/s
+
+
+def test_an_idle_period_changes_nothing() -> None:
+    q = ReceiveQueue(cap=64 * MiB)
+    q.update(0.0, 0, RTT)
+    assert q.update(1.0, 1000, RTT) is None  # nothing carried yet: autotuning
+    assert q.size == 0
+    size = q.update(2.0, 1000 + 400 * MiB, RTT)
+    assert size is not None and size > FLOOR
+    assert q.update(3.0, 1000 + 400 * MiB + 1000, RTT) is None  # idle again
+    assert q.size == size  # ready for the next big file
 
 
 def test_a_small_change_is_not_applied() -> None:
