@@ -12,7 +12,10 @@ the caller passes in:
   ``GROUP_BYTES`` bytes). While input keeps coming, bulk work (a cold
   sync, a big file) waits for that: its groups stay big.
 - **the live files only** (``Commit.LIVE``) at the latest ``COMMIT_DELAY``
-  after the first of them completed, whatever the socket is doing. Live
+  after the first of them completed, whatever the socket is doing — and at
+  once when the next thing to read is a payload of ``PAYLOAD_AHEAD`` bytes
+  or more (a big file's chunk): no company can arrive before it is read,
+  and reading it takes longer than the delay. Live
   files are those the sender's live lane started (``frames.FILE_LIVE``):
   a change its watcher saw. A small file written between the chunks of a
   big one, or in the middle of a cold sync, is published within
@@ -33,6 +36,9 @@ GROUP_BYTES = 256 * 1024 * 1024
 #: Seconds a completed live file waits at most for company before it is
 #: published, even while the socket stays busy.
 COMMIT_DELAY = 0.005
+#: A payload this large about to be read publishes the pending live files
+#: first (at 100 MB/s it takes longer than COMMIT_DELAY to arrive).
+PAYLOAD_AHEAD = 256 * 1024
 
 
 class Commit(enum.Enum):
@@ -48,19 +54,31 @@ class GroupCommit:
     the caller says what is pending and whether more input is at hand."""
 
     def __init__(
-        self, delay: float = COMMIT_DELAY, ops: int = GROUP_OPS, nbytes: int = GROUP_BYTES
+        self,
+        delay: float = COMMIT_DELAY,
+        ops: int = GROUP_OPS,
+        nbytes: int = GROUP_BYTES,
+        ahead: int = PAYLOAD_AHEAD,
     ) -> None:
         self.delay = delay
+        self.ahead = ahead
         self.ops = ops
         self.nbytes = nbytes
         #: Monotonic time the oldest pending live file was first seen.
         self.since: float | None = None
 
     def due(
-        self, pending: int, pending_bytes: int, live: int, now: float, more_at_hand: bool
+        self,
+        pending: int,
+        pending_bytes: int,
+        live: int,
+        now: float,
+        more_at_hand: bool,
+        payload_ahead: int = 0,
     ) -> Commit | None:
         """What to commit now, if anything: ``pending`` operations of
-        ``pending_bytes`` bytes wait, ``live`` of them live files."""
+        ``pending_bytes`` bytes wait, ``live`` of them live files;
+        ``payload_ahead``: payload bytes the caller is about to read."""
         if not pending:
             self.since = None
             return None
@@ -69,6 +87,8 @@ class GroupCommit:
         if not live:
             self.since = None
             return None
+        if payload_ahead >= self.ahead:
+            return Commit.LIVE
         if self.since is None:
             self.since = now
         return Commit.LIVE if now - self.since >= self.delay else None

@@ -177,6 +177,9 @@ def tune(sock: socket.socket, dead_after: float) -> None:
     # A send that makes no progress for this long fails instead of hanging.
     sec = int(dead_after * 4)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
+    # Not-yet-sent data stays small (see LOWAT); pace() may change it.
+    if not lowat(sock):
+        set_lowat(sock, LOWAT)
 
 
 def cork(sock: socket.socket, on: bool) -> None:
@@ -192,6 +195,12 @@ NO_PACING = (1 << 64) - 1
 #: Bytes queued in a paced socket but not yet sent: a quarter of a second
 #: at the rate, within these bounds.
 LOWAT_MIN, LOWAT_MAX = 16 << 10, 32 << 20
+#: Bytes queued in a socket without a limit but not yet sent. Without it
+#: the kernel queues up to the send buffer (4 MB here) ahead of the next
+#: frame — ~30 ms at 150 MB/s, which a small file sent after a big file's
+#: chunk waited on top of the chunk. It does not limit what is in flight
+#: (the congestion window), so throughput stays (bench/throughput.py).
+LOWAT = 256 << 10
 
 
 def pace(sock: socket.socket, rate: int) -> int:
@@ -205,10 +214,49 @@ def pace(sock: socket.socket, rate: int) -> int:
     Ping, an End) leaves soon, not after megabytes of send buffer. Both can
     change on a live connection.
     """
-    lowat = 0 if not rate else max(LOWAT_MIN, min(LOWAT_MAX, rate // 4))  # 0: sysctl default
+    low = LOWAT if not rate else max(LOWAT_MIN, min(LOWAT_MAX, rate // 4))
     sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("Q", rate or NO_PACING))
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, low)
     return pacing(sock)
+
+
+def set_lowat(sock: socket.socket, size: int) -> None:
+    """TCP_NOTSENT_LOWAT: what the socket may hold not yet sent."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, size)
+
+
+def lowat(sock: socket.socket) -> int:
+    """The TCP_NOTSENT_LOWAT ``sock`` reports (0: unset, the sysctl's)."""
+    return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT))
+
+
+def rtt(sock: socket.socket) -> float:
+    """The connection's round trip in seconds as the kernel estimates it
+    (TCP_INFO: the larger of tcpi_rtt and tcpi_rcv_rtt); 0.0 if unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0.0
+    if len(info) < 96:
+        return 0.0
+    # struct tcp_info: 8 bytes of u8 fields, then u32s; tcpi_rtt is the
+    # 16th of them, tcpi_rcv_rtt the 22nd (microseconds).
+    fields = struct.unpack_from("=8x22I", info)
+    return float(max(fields[15], fields[21])) / 1e6
+
+
+def rmem_max() -> int:
+    """net.core.rmem_max: the most SO_RCVBUF may ask for (unprivileged)."""
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 212992  # the kernel's default
+
+
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUF (the kernel doubles it for its bookkeeping; autotuning stops)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def pacing(sock: socket.socket) -> int:

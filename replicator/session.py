@@ -42,6 +42,7 @@ from .inbound import Inbound
 from .logs import Fields
 from .paths import show
 from .protocol import NEED_DATA, PAYLOAD, Connection, Established, Role
+from .rcvqueue import ReceiveQueue
 from .receiving import Ack, Answer, Mend, Refuse
 from .stats import SessionStats
 
@@ -115,6 +116,8 @@ class Session:
         #: Made once the peer authenticated.
         self._in: Inbound | None = None
         self._commits = GroupCommit()
+        #: How much the kernel may queue ahead of what this loop read.
+        self._queue_size = ReceiveQueue(net.rmem_max())
 
         #: Made once the peer authenticated: an unauthenticated connection
         #: costs one descriptor, its socket.
@@ -253,6 +256,7 @@ class Session:
             node = self.node  # a reload may change it (retime)
             busy = self._side_work()
             wait = 0.0 if busy else node.heartbeat_interval
+            self._size_queue()
             if not net.wait_readable(sock, wait):
                 self._commit()
                 self._flush()
@@ -282,7 +286,7 @@ class Session:
                     # A chunk may take long to arrive (a slow or paced
                     # link): what is complete and past its commit deadline,
                     # and what is queued (a Pong), are not held behind it.
-                    self._commit(more_at_hand=True)
+                    self._commit(more_at_hand=True, payload_ahead=due)
                     self._flush()
                     self._payload_splice(due)
                     conn.payload_consumed(due)
@@ -363,13 +367,27 @@ class Session:
         self._flush()
         return bool(inbound.checks) or inbound.verifying()
 
-    def _commit(self, more_at_hand: bool = False) -> bool:
+    def _size_queue(self) -> None:
+        """Keep the socket's receive queue to a few milliseconds of reading
+        (rcvqueue.py), so frames behind file data are not held long."""
+        q = self._queue_size
+        now = time.monotonic()
+        if not q.due(now):
+            return
+        size = q.update(now, self.stats.bytes_received, net.rtt(self.sock))
+        if size is None:
+            return
+        with contextlib.suppress(OSError):  # going down
+            net.set_rcvbuf(self.sock, size)
+            self.stats.rcvbuf = size
+
+    def _commit(self, more_at_hand: bool = False, payload_ahead: int = 0) -> bool:
         """Publish and acknowledge what is complete, if it is time
         (GroupCommit); True if it was."""
         inbound = self._in
         assert inbound is not None
         ops, nbytes, live = inbound.pending()
-        due = self._commits.due(ops, nbytes, live, time.monotonic(), more_at_hand)
+        due = self._commits.due(ops, nbytes, live, time.monotonic(), more_at_hand, payload_ahead)
         if due is None:
             return False
         self._answer(inbound.commit(live_only=due is Commit.LIVE))

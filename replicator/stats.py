@@ -148,6 +148,8 @@ class SessionStats:
     base_changed: int = 0
     #: "splice" or "copy" (the fallback, for filesystems without splice).
     mode: str = "splice"
+    #: The receive buffer this session set (rcvqueue.py; 0: the kernel's own).
+    rcvbuf: int = 0
     mirrors: list[str] = field(default_factory=list)
     last_error: str | None = None
 

@@ -12,6 +12,7 @@ pump (``changed``) to be sent again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from . import paths
@@ -77,6 +78,8 @@ class Streams:
                 wire.flush()
         else:
             self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
+            if n:
+                wire.sent(n, time.monotonic())
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
         self._stats.hole_bytes += s.hole_bytes - hole_bytes

@@ -8,10 +8,14 @@ what the replica holds while it is still going.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from replicator import net, rcvqueue
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
 from ..helpers import MiB, fill, wait_same
@@ -140,4 +144,47 @@ def test_a_live_mkdir_and_rm_are_acked_while_a_big_file_streams_on_loopback(
     assert (dst / "newdir").is_dir() and not (dst / "old.txt").exists()
     assert not (dst / "big.bin").exists()
     assert 0 < partial_size(b) < size
+    wait_same(src, dst, timeout=120)
+
+
+def _receive_buffer(port: int) -> int | None:
+    """The SO_RCVBUF (ss's skmem ``rb``) of the established connection to
+    ``port``, as the kernel holds it; None if there is none."""
+    out = subprocess.run(
+        ["ss", "-tnmH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"skmem:\([^)]*\brb(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def test_the_receive_queue_is_kept_short_while_a_big_file_streams_on_loopback(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """With the kernel's autotuning the receiver's socket queued ~5 MB ahead
+    of every live frame (~35 ms at the disk's speed); the session sizes it
+    to a few milliseconds of what it reads, and the kernel holds that."""
+    _, b, src, dst = loopback_pair(cluster)
+    cluster.start()
+    staged = tmp_path / "big.bin"
+    fill(staged, 512 * MiB)
+    os.rename(staged, src / "big.bin")
+    wait_for(lambda: partial_size(b) > 32 * MiB, 60, "the big file to stream")
+
+    def session() -> dict[str, Any]:
+        (s,) = b.status()["sessions"]
+        return s  # type: ignore[no-any-return]
+
+    wait_for(lambda: session()["rcvbuf"] > 0, 30, "the receiver to size its queue")
+    size = session()["rcvbuf"]
+    assert rcvqueue.FLOOR <= size <= net.rmem_max()
+    # applied to the real socket (the kernel doubles what it is given)
+    wait_for(
+        lambda: _receive_buffer(b.port) == 2 * session()["rcvbuf"],
+        30,
+        "the socket's receive buffer to be the session's",
+    )
+    assert not (dst / "big.bin").exists()  # all while the big file streamed
     wait_same(src, dst, timeout=120)

@@ -61,3 +61,14 @@ def test_the_clock_restarts_when_something_else_published_the_live_files() -> No
     assert g.due(2, 2, 0, 100.1, more_at_hand=True) is None
     assert g.due(3, 3, 1, 100.2, more_at_hand=True) is None
     assert g.due(3, 3, 1, 100.2049, more_at_hand=True) is None
+
+
+def test_live_files_go_at_once_before_a_big_payload_is_read() -> None:
+    g = GroupCommit(delay=0.005, ops=1024, nbytes=1 << 30, ahead=256 << 10)
+    # a small payload next: the live file waits for company as before
+    assert g.due(1, 10, 1, 100.0, more_at_hand=True, payload_ahead=4096) is None
+    # a big file's chunk next: nothing can join the group before it is read
+    assert g.due(1, 10, 1, 100.001, more_at_hand=True, payload_ahead=4 << 20) is LIVE
+    g.committed()
+    # bulk work alone still waits for its group, chunk or not
+    assert g.due(10, 100, 0, 100.002, more_at_hand=True, payload_ahead=4 << 20) is None

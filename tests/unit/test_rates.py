@@ -4,6 +4,7 @@ limit, and the status line."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -13,8 +14,19 @@ import pytest
 from replicator import config, net
 from replicator.ctl import _bwlimit
 from replicator.errors import ConfigError
-from replicator.outgoing import CHUNK, MIN_CHUNK, chunk_size
+from replicator.logs import Fields
+from replicator.outgoing import (
+    CHUNK,
+    CHUNK_TIME,
+    FIRST_CHUNK,
+    LIVE_MIN_CHUNK,
+    MIN_CHUNK,
+    SendRate,
+    chunk_size,
+)
 from replicator.rates import MIN_RATE, parse_rate, show_rate
+from replicator.stats import LinkStats
+from replicator.wire import LOWAT_CAP, LOWAT_TIME, Wire
 
 MiB = 1 << 20
 
@@ -93,10 +105,36 @@ def test_bwlimit_in_the_config() -> None:
 
 
 def test_chunks_take_half_a_second_at_the_limit() -> None:
-    assert chunk_size(0) == CHUNK
-    assert chunk_size(1 << 30) == CHUNK
-    assert chunk_size(2 * MiB) == MiB
-    assert chunk_size(MIN_RATE) == MIN_CHUNK
+    fast = 10e9  # what the link sends at does not matter here
+    assert chunk_size(0, fast) == CHUNK
+    assert chunk_size(1 << 30, fast) == CHUNK
+    assert chunk_size(2 * MiB, fast) == MiB
+    assert chunk_size(MIN_RATE, fast) == MIN_CHUNK
+
+
+def test_chunks_take_a_few_milliseconds_at_the_rate_the_link_sends_at() -> None:
+    assert chunk_size(0, None) == FIRST_CHUNK  # the rate is not known yet
+    assert chunk_size(0, 150e6) == int(150e6 * CHUNK_TIME)  # ~1.2 MB
+    assert chunk_size(0, 10e9) == CHUNK  # a fast link: the largest chunk
+    assert chunk_size(0, 1e6) == LIVE_MIN_CHUNK  # a slow one: not below this
+    # a limit still caps it: half a second at the limit
+    assert chunk_size(2 * MiB, 150e6) == MiB
+    assert chunk_size(MIN_RATE, None) == MIN_CHUNK
+
+
+def test_the_send_rate_follows_chunks_that_follow_each_other() -> None:
+    r = SendRate()
+    r.sent(MiB, 10.0)
+    assert r.rate is None  # one chunk: no interval yet
+    r.sent(MiB, 10.01)
+    assert r.rate == pytest.approx(MiB / 0.01)
+    r.sent(MiB, 10.03)  # slower: the average moves a quarter of the way
+    assert r.rate == pytest.approx(MiB / 0.01 + 0.25 * (MiB / 0.02 - MiB / 0.01))
+    before = r.rate
+    r.sent(MiB, 20.0)  # after a pause: not a sample (the link was idle)
+    assert r.rate == before
+    r.sent(MiB, 20.0)  # no time passed: not a sample either
+    assert r.rate == before
 
 
 @pytest.fixture
@@ -121,10 +159,35 @@ def test_pace_sets_and_reads_back_the_socket_options(connected: socket.socket) -
     assert net.pace(connected, MIN_RATE) == MIN_RATE
     assert connected.getsockopt(socket.IPPROTO_TCP, net.TCP_NOTSENT_LOWAT) == net.LOWAT_MIN
     # no limit again: the kernel's "none" and the sysctl's queue
+    # no limit again: the kernel's "none", and the unlimited socket's queue
     assert net.pace(connected, 0) == 0
     raw = connected.getsockopt(socket.SOL_SOCKET, net.SO_MAX_PACING_RATE, 8)
     assert struct.unpack("Q", raw)[0] == net.NO_PACING
-    assert connected.getsockopt(socket.IPPROTO_TCP, net.TCP_NOTSENT_LOWAT) == 0
+    assert net.lowat(connected) == net.LOWAT
+
+
+def test_every_socket_keeps_its_unsent_queue_small_and_tune_leaves_a_limit_alone(
+    connected: socket.socket,
+) -> None:
+    assert net.lowat(connected) == 0  # the kernel's: up to the whole send buffer
+    net.tune(connected, 10.0)
+    assert net.lowat(connected) == net.LOWAT
+    net.pace(connected, 8 * MiB)
+    net.tune(connected, 20.0)  # a reload's retime: the limit's queue stays
+    assert net.lowat(connected) == 2 * MiB
+
+
+def test_the_round_trip_and_the_receive_buffer_of_a_real_connection(
+    connected: socket.socket,
+) -> None:
+    connected.sendall(b"x")  # an exchange gives the kernel a round trip
+    rtt = net.rtt(connected)
+    assert 0 < rtt < 1.0  # loopback: microseconds
+    assert net.rmem_max() > 0
+    net.set_rcvbuf(connected, 512 << 10)
+    # the kernel doubles it (its bookkeeping), within net.core.rmem_max
+    got = connected.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert got == 2 * min(512 << 10, net.rmem_max())
 
 
 def test_the_status_line() -> None:
@@ -135,3 +198,45 @@ def test_the_status_line() -> None:
     assert _bwlimit({"bwlimit": 2 * MiB, "bwlimit_applied": 8 * MiB}) == (
         ", bwlimit 2.0 MiB/s (the connection reports 8.0 MiB/s)"
     )
+
+
+def _wire(sock: socket.socket, rate: int = 0) -> Wire:
+    node = config.parse(BASE).node
+    w = Wire(
+        node,
+        "b",
+        "127.0.0.1:1",
+        b"k" * 32,
+        LinkStats("b", "x"),
+        lambda m: None,
+        Fields(logging.getLogger("test")),
+        rate,
+    )
+    net.tune(sock, node.dead_after)
+    w.sock = sock
+    w._lowat = net.LOWAT  # as connect() leaves it
+    return w
+
+
+def test_the_unsent_queue_follows_the_send_rate_without_a_limit(
+    connected: socket.socket,
+) -> None:
+    w = _wire(connected)
+    w.sent(4 * MiB, 10.0)
+    assert net.lowat(connected) == net.LOWAT  # the rate is not known yet
+    w.sent(4 * MiB, 10.002)  # 2 GB/s: ~4 ms of queue is cheap, 128 KiB wakeups are not
+    assert net.lowat(connected) == min(LOWAT_CAP, int(w.send_rate.rate * LOWAT_TIME))
+    assert w.chunk == CHUNK
+    for t in range(1, 40):  # down to ~100 MB/s: back near the smallest queue
+        w.sent(MiB, 10.002 + t * 0.01)
+    # (a change under a quarter is not applied)
+    assert net.LOWAT <= net.lowat(connected) <= net.LOWAT * 5 // 4
+    assert w.chunk == max(LIVE_MIN_CHUNK, int(w.send_rate.rate * CHUNK_TIME))
+
+
+def test_a_limit_keeps_its_own_unsent_queue(connected: socket.socket) -> None:
+    w = _wire(connected, rate=8 * MiB)
+    net.pace(connected, 8 * MiB)
+    w.sent(MiB, 10.0)
+    w.sent(MiB, 10.001)
+    assert net.lowat(connected) == 2 * MiB  # pace(): a quarter of a second
