@@ -213,6 +213,7 @@ def render(st: dict[str, Any]) -> str:
             f"    ← {s['peer'] or '?'} ({s['address']}): {s['state']} since {_when(s['since'])}, "
             f"received {fmt_bytes(s['payload_bytes_received'])} in {s['files_received']} files "
             f"and {s['ops_applied']} operations, {s['conflicts']} conflicts, mode {s['mode']}"
+            + (f", receive buffer {fmt_bytes(s['rcvbuf'])}" if s.get("rcvbuf") else "")
         )
         if s.get("delta_files") or s.get("verify_mismatches") or s.get("base_changed"):
             lines.append(

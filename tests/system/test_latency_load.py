@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,4 +188,11 @@ def test_the_receive_queue_is_kept_short_while_a_big_file_streams_on_loopback(
         "the socket's receive buffer to be the session's",
     )
     assert not (dst / "big.bin").exists()  # all while the big file streamed
+    text = subprocess.run(
+        [sys.executable, "-m", "replicator.ctl", "--socket", b.control_socket, "status"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ", receive buffer " in text
     wait_same(src, dst, timeout=120)
