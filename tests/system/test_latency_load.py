@@ -180,7 +180,7 @@ def test_the_receive_queue_is_kept_short_while_a_big_file_streams_on_loopback(
 
     wait_for(lambda: session()["rcvbuf"] > 0, 30, "the receiver to size its queue")
     size = session()["rcvbuf"]
-    assert rcvqueue.FLOOR <= size <= net.rmem_max()
+    assert min(rcvqueue.FLOOR, net.rmem_max()) <= size <= net.rmem_max()
     # applied to the real socket (the kernel doubles what it is given)
     wait_for(
         lambda: _receive_buffer(b.port) == 2 * session()["rcvbuf"],
