@@ -29,13 +29,15 @@ SQLite connection.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
 import sqlite3
 import time
+import typing
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .changes import Flag
@@ -88,6 +90,44 @@ CREATE INDEX IF NOT EXISTS pending_age ON pending (peer, since);
 """
 
 
+#: Rows written by one statement (the largest of these sizes; a smaller batch
+#: is padded to the next size by repeating its last row, which changes
+#: nothing: an upsert of the same values twice, a path twice in ``IN``).
+#: One statement per batch, not ``executemany``: that takes the GIL back
+#: after every row, and with other threads busy (the scanner, the watcher)
+#: each take may wait a whole switch interval — 2,000 rows took seconds
+#: while one other thread ran Python.
+_CHUNKS = (16, 128, 1024)
+_T = typing.TypeVar("_T")
+
+
+def _chunks(items: list[_T]) -> Iterator[tuple[int, list[_T]]]:
+    """``items`` in statements of one of the ``_CHUNKS`` sizes, padded."""
+    top = _CHUNKS[-1]
+    for i in range(0, len(items), top):
+        chunk = items[i : i + top]
+        n = next(c for c in _CHUNKS if c >= len(chunk))
+        yield n, chunk + [chunk[-1]] * (n - len(chunk))
+
+
+@functools.cache
+def _upsert_sql(n: int) -> str:
+    """Upsert ``n`` rows: the peer is ``?1``, then (mirror, path, since,
+    size, flags) per row."""
+    rows = ",".join(["(?1,?,?,?,?,?)"] * n)
+    return (
+        f"INSERT INTO pending VALUES {rows} ON CONFLICT(peer, mirror, path) "
+        "DO UPDATE SET since=min(since, excluded.since), size=excluded.size, "
+        "flags=flags | excluded.flags"
+    )
+
+
+@functools.cache
+def _delete_sql(n: int) -> str:
+    """Delete ``n`` paths of one mirror (the primary key's search, not a scan)."""
+    return f"DELETE FROM pending WHERE peer=? AND mirror=? AND path IN ({','.join('?' * n)})"
+
+
 class Store:
     """The SQLite side of one link's backlog."""
 
@@ -120,21 +160,17 @@ class Store:
         if not force and now - self._last < FLUSH_SECONDS:
             return
         self._last = now
-        peer = self.peer
         with self.db:
             self.db.execute("BEGIN")
-            if self._del:
-                self.db.executemany(
-                    "DELETE FROM pending WHERE peer=? AND mirror=? AND path=?",
-                    [(peer, m, p) for m, p in self._del],
-                )
-            if self._up:
-                self.db.executemany(
-                    "INSERT INTO pending VALUES (?,?,?,?,?,?) ON CONFLICT(peer, mirror, path) "
-                    "DO UPDATE SET since=min(since, excluded.since), size=excluded.size, "
-                    "flags=flags | excluded.flags",
-                    [(peer, m, p, s, z, f) for (m, p), (s, z, f) in self._up.items()],
-                )
+            by_mirror: dict[str, list[bytes]] = {}
+            for m, p in self._del:
+                by_mirror.setdefault(m, []).append(p)
+            for m, paths in by_mirror.items():
+                for n, some in _chunks(paths):
+                    self.db.execute(_delete_sql(n), (self.peer, m, *some))
+            rows = [(m, p, s, z, f) for (m, p), (s, z, f) in self._up.items()]
+            for n, chunk in _chunks(rows):
+                self.db.execute(_upsert_sql(n), [self.peer, *itertools.chain(*chunk)])
         self._up.clear()
         self._del.clear()
 

@@ -165,3 +165,52 @@ def test_upcoming_lists_the_next_bulk_entries_without_taking_them(tmp_path: Path
     bl.pop(1)  # the live entry
     assert bl.pop(1)[0] == (1, b"cold0")
     assert bl.upcoming(1, 1) == [(1, b"cold1")]
+
+
+def _rows(db: str) -> dict[tuple[str, bytes], tuple[float, int, int]]:
+    store = Store(db, "p")
+    rows = store.db.execute("SELECT mirror, path, since, size, flags FROM pending").fetchall()
+    store.close()
+    return {(m, bytes(p)): (s, z, f) for m, p, s, z, f in rows}
+
+
+def test_flush_of_a_scan_writes_every_row_and_merges(tmp_path: Path) -> None:
+    """A flush of thousands of marks (a scanned tree) across batches of
+    several sizes, two mirrors, deletes and merges with rows already there:
+    the table holds exactly what one row at a time would have written."""
+    db = str(tmp_path / "b.sqlite3")
+    store = Store(db, "p")
+    store.upsert("m", b"old", (5.0, 1, 1))
+    store.upsert("m", b"gone", (5.0, 1, 1))
+    store.flush(force=True)
+    expect = {("m", b"old"): (3.0, 9, 1 | 4)}
+    store.upsert("m", b"old", (3.0, 9, 4))  # merged with the row in the table
+    store.delete("m", b"gone")
+    for n, mirror in ((2500, "m"), (17, "n")):  # 1024 + 1024 + 452 (padded), 17 (padded)
+        for i in range(n):
+            path = b"d/\xff%05d" % i
+            store.upsert(mirror, path, (float(i), i, 1 | LIVE))
+            expect[(mirror, path)] = (float(i), i, 1)  # LIVE is not persisted
+    for i in range(0, 2500, 7):
+        store.delete("m", b"d/\xff%05d" % i)
+        del expect[("m", b"d/\xff%05d" % i)]
+    store.close()
+    assert _rows(db) == expect
+
+
+def test_flush_is_a_few_statements_not_one_per_row(tmp_path: Path) -> None:
+    """executemany takes the GIL back after every row; under a busy scanner
+    each take may wait a switch interval. A flush runs one statement per
+    batch of up to 1024 rows instead."""
+    store = Store(str(tmp_path / "b.sqlite3"), "p")
+    for i in range(3000):
+        store.upsert("m", b"f%d" % i, (1.0, 0, 1))
+    for i in range(1500):
+        store.delete("n", b"g%d" % i)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    store.flush(force=True)
+    store.db.set_trace_callback(None)
+    writes = [s for s in statements if s.startswith(("INSERT", "DELETE"))]
+    assert len(writes) == 3 + 2  # ceil(3000 / 1024) upserts, ceil(1500 / 1024) deletes
+    store.close()
