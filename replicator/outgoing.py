@@ -72,8 +72,14 @@ def chunk_size(rate: int, measured: float | None = None) -> int:
 
 class SendRate:
     """The rate a link's large files go out at, in bytes per second: from
-    the time between one chunk's end and the next (a moving average), while
-    they follow each other; a pause longer than ``GAP`` starts over."""
+    the time between one chunk's end and the next, while they follow each
+    other (after a pause longer than ``GAP``, from the chunk's own start).
+    Bytes and seconds are averaged apart (rate = bytes / seconds): a chunk
+    that blocked for long
+    (a receiver busy on its disk) weighs by its time. An average of each
+    chunk's own rate followed the fast chunks that only filled socket
+    buffers: it stayed at 100-400 MB/s while the receiver took 7-25 MB/s,
+    so chunks sized for 8 ms blocked the link for 50-190 ms."""
 
     GAP = 0.25
     WEIGHT = 0.25
@@ -81,14 +87,29 @@ class SendRate:
     def __init__(self) -> None:
         self.rate: float | None = None
         self._last: float | None = None
+        self._bytes = 0.0
+        self._secs = 0.0
 
-    def sent(self, n: int, now: float) -> None:
-        """A chunk of ``n`` bytes was handed to the socket at ``now``."""
+    def sent(self, n: int, now: float, began: float | None = None) -> None:
+        """A chunk of ``n`` bytes was handed to the socket at ``now``; its
+        send began at ``began`` (default: ``now``). The time it took counts
+        from the previous chunk's end, or from its own start after a pause
+        (a chunk that blocked longer than GAP still counts, by its time)."""
         last, self._last = self._last, now
-        if last is None or now - last > self.GAP or now <= last:
+        start = now if began is None else began
+        if last is not None and start - last <= self.GAP:
+            start = last
+        if last is None and began is None:
             return
-        sample = n / (now - last)
-        self.rate = sample if self.rate is None else self.rate + self.WEIGHT * (sample - self.rate)
+        dt = now - start
+        if dt <= 0:
+            return
+        if self.rate is None:
+            self._bytes, self._secs = float(n), dt
+        else:
+            self._bytes += self.WEIGHT * (n - self._bytes)
+            self._secs += self.WEIGHT * (dt - self._secs)
+        self.rate = self._bytes / self._secs
 
 
 #: Files up to this size are hashed at once, on the link's thread (under a

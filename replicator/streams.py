@@ -72,6 +72,7 @@ class Streams:
             self._stats.bytes_sent += len(wire.buf)
         headers = s.frame_bytes
         copied, hole_bytes = s.copied, s.hole_bytes
+        began = time.monotonic()
         step, n = s.step(sock, conn, wire.buf, wire.chunk)
         if inline:
             if len(wire.buf) >= FLUSH_AT:
@@ -79,7 +80,7 @@ class Streams:
         else:
             self._stats.bytes_sent += n + s.frame_bytes - headers  # the Chunk header too
             if n:
-                wire.sent(n, time.monotonic())
+                wire.sent(n, time.monotonic(), began)
         self._stats.payload_bytes_sent += n
         self._stats.delta_bytes_copied += s.copied - copied
         self._stats.hole_bytes += s.hole_bytes - hole_bytes

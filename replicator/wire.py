@@ -219,13 +219,13 @@ class Wire:
         has been sending at (outgoing.chunk_size)."""
         return chunk_size(self.rate, self.send_rate.rate)
 
-    def sent(self, n: int, now: float) -> None:
+    def sent(self, n: int, now: float, began: float | None = None) -> None:
         """A chunk of ``n`` bytes went to the socket: the send rate, and
         without a limit the unsent queue, follow (``LOWAT_TIME``: the
         smallest queue costs the sender a wakeup per 128 KiB, 12,000 a
         second at 1.5 GB/s)."""
         rate = self.send_rate
-        rate.sent(n, now)
+        rate.sent(n, now, began)
         sock = self.sock
         if self.rate or rate.rate is None or sock is None:
             return
