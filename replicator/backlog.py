@@ -35,10 +35,9 @@ import itertools
 import logging
 import sqlite3
 import time
-import typing
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from .changes import Flag
 
@@ -98,7 +97,7 @@ CREATE INDEX IF NOT EXISTS pending_age ON pending (peer, since);
 #: each take may wait a whole switch interval — 2,000 rows took seconds
 #: while one other thread ran Python.
 _CHUNKS = (16, 128, 1024)
-_T = typing.TypeVar("_T")
+_T = TypeVar("_T")
 
 
 def _chunks(items: list[_T]) -> Iterator[tuple[int, list[_T]]]:

@@ -75,11 +75,10 @@ class SendRate:
     the time between one chunk's end and the next, while they follow each
     other (after a pause longer than ``GAP``, from the chunk's own start).
     Bytes and seconds are averaged apart (rate = bytes / seconds): a chunk
-    that blocked for long
-    (a receiver busy on its disk) weighs by its time. An average of each
-    chunk's own rate followed the fast chunks that only filled socket
-    buffers: it stayed at 100-400 MB/s while the receiver took 7-25 MB/s,
-    so chunks sized for 8 ms blocked the link for 50-190 ms."""
+    that blocked for long (a receiver busy on its disk) weighs by its time.
+    An average of each chunk's own rate followed the fast chunks that only
+    filled socket buffers: it stayed at 100-400 MB/s while the receiver took
+    7-25 MB/s, so chunks sized for 8 ms blocked the link for 50-190 ms."""
 
     GAP = 0.25
     WEIGHT = 0.25
@@ -99,8 +98,6 @@ class SendRate:
         start = now if began is None else began
         if last is not None and start - last <= self.GAP:
             start = last
-        if last is None and began is None:
-            return
         dt = now - start
         if dt <= 0:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from replicator.localcluster import LocalCluster, LocalNode, diff_trees, tree, wait_for
 
@@ -57,6 +58,13 @@ def wait_same(src: Path, dst: Path, timeout: float = 60) -> None:
         wait_for(lambda: converged(src, dst), timeout, f"{dst} to equal {src}")
     except TimeoutError:
         raise AssertionError("\n".join(diff_trees(tree(src), tree(dst))[:20])) from None
+
+
+def only_session(node: LocalNode) -> dict[str, Any]:
+    """The status of ``node``'s one inbound session."""
+    sessions = node.status()["sessions"]
+    assert len(sessions) == 1, sessions
+    return sessions[0]  # type: ignore[no-any-return]
 
 
 def make_pair(cluster: LocalCluster, **mirror: object) -> tuple[LocalNode, LocalNode]:

@@ -6,24 +6,17 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 from replicator.blockmap import MIN_BLOCK, block_size_for
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
-from ..helpers import MiB, fill, make_pair, wait_same
+from ..helpers import MiB, fill, make_pair, only_session, wait_same
 
 SIZE = 24 * MiB
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def session(b: LocalNode) -> dict[str, Any]:
-    sessions = b.status()["sessions"]
-    assert len(sessions) == 1, sessions
-    return sessions[0]  # type: ignore[no-any-return]
 
 
 def replicated(a: LocalNode, b: LocalNode, name: str = "f.bin") -> None:
@@ -61,8 +54,8 @@ def test_append_sends_only_the_new_tail(cluster: LocalCluster) -> None:
     # the new MiB, plus the old last block if it was partial (it is not: 24 MiB)
     assert on_wire <= MiB + block_size_for(SIZE), on_wire
     assert link["delta_files"] == deltas + 1
-    assert session(b)["delta_bytes_copied"] >= SIZE - block_size_for(SIZE)
-    assert session(b)["verify_mismatches"] == 0
+    assert only_session(b)["delta_bytes_copied"] >= SIZE - block_size_for(SIZE)
+    assert only_session(b)["verify_mismatches"] == 0
 
 
 def test_in_place_write_sends_one_block(cluster: LocalCluster) -> None:
@@ -105,7 +98,7 @@ def test_editor_save_replaces_the_replica_whole(cluster: LocalCluster) -> None:
     os.rename(tmp, f)
     replicated(a, b)
     wait_same(a.mirror_path("m"), b.mirror_path("m"))
-    assert session(b)["verify_mismatches"] == 0
+    assert only_session(b)["verify_mismatches"] == 0
 
 
 def test_replica_changed_locally_gets_the_whole_file(cluster: LocalCluster) -> None:
@@ -123,7 +116,7 @@ def test_replica_changed_locally_gets_the_whole_file(cluster: LocalCluster) -> N
         out.write(os.urandom(MiB))
     replicated(a, b)
     assert sha(replica) == sha(f)
-    assert session(b)["base_changed"] >= 1
+    assert only_session(b)["base_changed"] >= 1
     assert sent(a) - before >= SIZE  # the whole file, after the refused delta
 
 
@@ -135,5 +128,5 @@ def test_small_files_are_verified_and_never_deltas(cluster: LocalCluster) -> Non
         (src / f"s{i}").write_bytes(os.urandom(i * 997))
     fill(src / "mid.bin", MIN_BLOCK * 3 + 7)
     wait_same(src, b.mirror_path("m"))
-    s = session(b)
+    s = only_session(b)
     assert s["verify_mismatches"] == 0 and s["delta_files"] == 0

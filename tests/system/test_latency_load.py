@@ -12,14 +12,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from replicator import net, rcvqueue
 from replicator.localcluster import LocalCluster, LocalNode, wait_for
 
-from ..helpers import MiB, fill, wait_same
+from ..helpers import MiB, fill, only_session, wait_same
 from .netns import Netns
 from .test_resume import partial_size, throttled_pair
 
@@ -174,16 +173,12 @@ def test_the_receive_queue_is_kept_short_while_a_big_file_streams_on_loopback(
     os.rename(staged, src / "big.bin")
     wait_for(lambda: partial_size(b) > 32 * MiB, 60, "the big file to stream")
 
-    def session() -> dict[str, Any]:
-        (s,) = b.status()["sessions"]
-        return s  # type: ignore[no-any-return]
-
-    wait_for(lambda: session()["rcvbuf"] > 0, 30, "the receiver to size its queue")
-    size = session()["rcvbuf"]
+    wait_for(lambda: only_session(b)["rcvbuf"] > 0, 30, "the receiver to size its queue")
+    size = only_session(b)["rcvbuf"]
     assert min(rcvqueue.FLOOR, net.rmem_max()) <= size <= net.rmem_max()
     # applied to the real socket (the kernel doubles what it is given)
     wait_for(
-        lambda: _receive_buffer(b.port) == 2 * session()["rcvbuf"],
+        lambda: _receive_buffer(b.port) == 2 * only_session(b)["rcvbuf"],
         30,
         "the socket's receive buffer to be the session's",
     )
